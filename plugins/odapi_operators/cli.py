@@ -1,0 +1,166 @@
+"""`odapi`: every pipeline stage on the command line, printing one JSON summary on stdout.
+
+The Airflow operators run TensorFlow stages as `python -m odapi_operators <stage> ...` in a
+child process: the same command a person debugging, or a KubernetesPodOperator, would run.
+Exit status is 0 on success, 1 when the stage fails (the reason goes to stderr), 2 on usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+
+def _pairs(text: str, cast: Callable[[str], Any]) -> dict[str, Any]:
+    """'train=0.8,val=0.2' -> {'train': 0.8, 'val': 0.2}"""
+    try:
+        return {k.strip(): cast(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected name=value[,name=value...], got {text!r}")
+
+
+def cmd_sample(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.sample_data import generate
+
+    return generate(args.out, count=args.count, seed=args.seed, max_side=args.max_side)
+
+
+def cmd_ingest(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.ingest import ingest
+
+    return ingest(args.inputs, args.out, images_root=args.images_root, fmt=args.format)
+
+
+def cmd_fetch(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.fetch import fetch_images
+
+    return fetch_images(args.manifest, args.out)
+
+
+def cmd_verify(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.verify import verify_images
+
+    return verify_images(args.manifest, args.out)
+
+
+def cmd_label_map(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.label_map import build_label_map
+
+    return build_label_map(args.manifest, args.out, previous=args.previous)
+
+
+def cmd_shard(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.shard import write_shards
+
+    return write_shards(args.manifest, args.label_map, args.out, args.split, args.shards)
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.train import train
+
+    return train(args.config, args.data, args.model_dir, args.steps, args.batch_size)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.evaluate import evaluate
+
+    return evaluate(args.model, args.data, args.out)
+
+
+def cmd_gate(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.gate import gate
+
+    return gate(args.metrics, args.out, args.min_ap50)
+
+
+def cmd_export(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.export import export
+
+    return export(args.model_dir, args.data, args.out, args.input_type)
+
+
+def cmd_push(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.push import push
+
+    return push(args.saved_model, args.serving_base, args.model_name, args.run_id)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="odapi", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    def stage(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = stage("sample", cmd_sample, "write the synthetic shapes dataset as a Pascal VOC export")
+    p.add_argument("--out", required=True)
+    p.add_argument("--count", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-side", type=int, default=160)
+
+    p = stage("ingest", cmd_ingest, "parse annotation exports into a canonical manifest")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="auto")
+    p.add_argument("--images-root")
+
+    for name, func, help in (("fetch", cmd_fetch, "copy/download the manifest's images"),
+                             ("verify", cmd_verify, "fully decode every image; quarantine bad ones"),
+                             ("label-map", cmd_label_map, "write label_map.pbtxt (append-only ids)")):
+        p = stage(name, func, help)
+        p.add_argument("--manifest", required=True)
+        p.add_argument("--out", required=True)
+        if name == "label-map":
+            p.add_argument("--previous", help="existing label_map.pbtxt whose ids are kept")
+
+    p = stage("shard", cmd_shard, "write sharded TFRecords per split")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--label-map", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", type=lambda t: _pairs(t, float), default={"train": 0.8, "val": 0.2})
+    p.add_argument("--shards", type=lambda t: _pairs(t, int), default={"train": 2, "val": 1})
+
+    p = stage("train", cmd_train, "train a TF-Vision detector (resumes from the model dir)")
+    p.add_argument("--config", required=True, help="model config YAML (include/configs/models)")
+    p.add_argument("--data", required=True, help="records folder written by `odapi shard`")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+
+    p = stage("evaluate", cmd_evaluate, "COCO metrics of a checkpoint on the val split")
+    p.add_argument("--model", required=True, help="model (checkpoint) dir written by train")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="metrics.json to write")
+
+    p = stage("gate", cmd_gate, "decide promotion; always writes decision.json")
+    p.add_argument("--metrics", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--min-ap50", type=float)
+
+    p = stage("export", cmd_export, "export a checked SavedModel")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--input-type", default="image_tensor")
+
+    p = stage("push", cmd_push, "push a SavedModel as the next TF Serving version")
+    p.add_argument("--saved-model", required=True)
+    p.add_argument("--serving-base", required=True)
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--run-id", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = args.func(args)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"odapi {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, sort_keys=True))
+    return 0

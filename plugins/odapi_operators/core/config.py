@@ -1,0 +1,161 @@
+"""The one pipeline config loader: YAML in, validated typed config out, errors name the key.
+
+Relative paths resolve against `home`: the YAML's `home` key, else `$ODAPI_HOME`, else the
+project root (two levels above a config in `include/configs/`, the config's folder
+otherwise). A run freezes its resolved config into `<runs>/<run_id>/config/pipeline.json`, and
+every later stage reads that file, so a run never sees a config edited halfway through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from odapi_operators.core import storage
+
+
+class ConfigError(ValueError):
+    """The config is invalid; the message names the file and every bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExportsConfig(_Strict):
+    path: str = Field(description="export folder, or a folder of export folders, to watch")
+    format: Literal["auto", "voc"] = "auto"
+    marker: str | None = "_SUCCESS"
+    images_root: str | None = None
+
+
+class RecordsConfig(_Strict):
+    split: dict[str, float] = {"train": 0.8, "val": 0.2}
+    shards: dict[str, int] = {"train": 2, "val": 1}
+
+    @field_validator("split")
+    @classmethod
+    def _has_train_and_val(cls, value: dict[str, float]) -> dict[str, float]:
+        if not {"train", "val"} <= set(value) or any(v < 0 for v in value.values()):
+            raise ValueError("needs non-negative 'train' and 'val' ratios")
+        return value
+
+
+class TrainConfig(_Strict):
+    model_config_path: str = Field(alias="model_config")
+    steps: int = Field(gt=0)
+    batch_size: int = Field(default=8, gt=0)
+
+
+class GateConfig(_Strict):
+    min_ap50: float | None = Field(default=None, ge=0, le=1)
+
+
+class ExportConfig(_Strict):
+    input_type: Literal["image_tensor", "image_bytes", "tf_example"] = "image_tensor"
+
+
+class ServingConfig(_Strict):
+    base: str
+    model_name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class PipelineConfig(_Strict):
+    home: str
+    runs: str = "var/runs"
+    exports: ExportsConfig
+    records: RecordsConfig = RecordsConfig()
+    train: TrainConfig
+    gate: GateConfig = GateConfig()
+    export: ExportConfig = ExportConfig()
+    serving: ServingConfig
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(by_alias=True), indent=2)
+
+
+_PATH_KEYS = ("runs", "exports.path", "exports.images_root", "train.model_config", "serving.base")
+
+
+def default_home(config_path: Path) -> Path:
+    if os.environ.get("ODAPI_HOME"):
+        return Path(os.environ["ODAPI_HOME"])
+    parent = config_path.resolve().parent
+    if parent.name == "configs" and parent.parent.name == "include":
+        return parent.parent.parent
+    return parent
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def _get_dotted(data: dict, dotted: str) -> Any:
+    node: Any = data
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid pipeline config"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_config(data: dict, source: str) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_pipeline_config(path: str | Path,
+                         overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load, override (dotted keys, e.g. {'train.steps': 20}), resolve paths and validate."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(storage.read_text(path)) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read pipeline config: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    home = Path(data.get("home") or default_home(path))
+    if not home.is_absolute():
+        home = (path.resolve().parent / home).resolve()
+    data["home"] = str(home)
+    data.setdefault("runs", PipelineConfig.model_fields["runs"].default)
+    for key in _PATH_KEYS:
+        value = _get_dotted(data, key)
+        if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
+            _set_dotted(data, key, str(home / value))
+    return validate_config(data, str(path))
+
+
+def read_frozen_config(path: str | Path) -> PipelineConfig:
+    """Read the resolved config a run froze with `freeze_config`."""
+    return validate_config(json.loads(storage.read_text(path)), str(path))
+
+
+def freeze_config(config: PipelineConfig, out_dir: str | Path) -> str:
+    target = Path(out_dir) / "pipeline.json"
+    storage.write_text(target, config.to_json())
+    return str(target)

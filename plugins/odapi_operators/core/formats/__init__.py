@@ -1,0 +1,1 @@
+"""Annotation export parsers. Each yields canonical `ImageRecord`s and reports rejections."""

@@ -1,0 +1,17 @@
+"""Resolving paths named inside annotation files without ever leaving the allowed roots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def resolve_inside(root: str | Path, name: str) -> Path:
+    """`root/name`, refusing absolute names and `..` escapes (symlinks resolved too)."""
+    if not name or os.path.isabs(name) or "\\" in name and os.path.isabs(name.replace("\\", "/")):
+        raise ValueError(f"path {name!r} is absolute; only names relative to {root} are allowed")
+    base = Path(root).resolve()
+    candidate = (base / name).resolve()
+    if candidate != base and base not in candidate.parents:
+        raise ValueError(f"path {name!r} points outside {base}")
+    return candidate
