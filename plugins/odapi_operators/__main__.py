@@ -2,4 +2,5 @@
 
 from odapi_operators.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # Airflow's plugin loader imports every file under plugins/
+    raise SystemExit(main())

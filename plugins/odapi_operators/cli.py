@@ -87,6 +87,17 @@ def cmd_push(args: argparse.Namespace) -> dict:
     return push(args.saved_model, args.serving_base, args.model_name, args.run_id)
 
 
+def cmd_summary(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.runs import latest_run, summarize_run
+
+    run_dir = args.run_dir or latest_run(args.runs)
+    summary = summarize_run(run_dir)
+    if args.text:
+        for key, value in summary.items():
+            print(f"{key:>14}: {value}", file=sys.stderr)
+    return summary
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odapi", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
@@ -152,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serving-base", required=True)
     p.add_argument("--model-name", required=True)
     p.add_argument("--run-id", required=True)
+
+    p = stage("summary", cmd_summary, "summarize a pipeline run (default: the newest)")
+    p.add_argument("--runs", default="var/runs", help="runs folder (default: %(default)s)")
+    p.add_argument("--run-dir", help="one run's folder instead of the newest in --runs")
+    p.add_argument("--text", action="store_true", help="also print a readable table on stderr")
     return parser
 
 

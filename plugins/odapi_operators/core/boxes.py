@@ -15,7 +15,7 @@ def normalized_box(label: str, xmin: float, ymin: float, xmax: float, ymax: floa
                    width: float, height: float) -> Box:
     """Pixel box -> normalized, clipped `Box`; raises ValueError with the reason."""
     if not width or not height or width <= 0 or height <= 0:
-        raise ValueError(f"invalid image size {width}x{height}")
+        raise ValueError(f"invalid image size: {width}x{height}")
     return checked_box(label, xmin / width, ymin / height, xmax / width, ymax / height)
 
 
@@ -23,12 +23,12 @@ def checked_box(label: str, xmin: float, ymin: float, xmax: float, ymax: float) 
     """Validate a normalized box: finite, inside the image (with tolerance), not degenerate."""
     coords = (xmin, ymin, xmax, ymax)
     if not all(math.isfinite(c) for c in coords):
-        raise ValueError(f"non-finite coordinates {coords}")
+        raise ValueError(f"non-finite coordinates: {coords}")
     if min(coords) < -CLIP_TOLERANCE or max(coords) > 1 + CLIP_TOLERANCE:
-        raise ValueError(f"box outside the image {tuple(round(c, 4) for c in coords)}")
+        raise ValueError(f"box outside the image: {tuple(round(c, 4) for c in coords)}")
     xmin, ymin, xmax, ymax = (min(max(c, 0.0), 1.0) for c in coords)
     if xmax <= xmin or ymax <= ymin:
-        raise ValueError(f"degenerate box {(xmin, ymin, xmax, ymax)}")
+        raise ValueError(f"degenerate box: {(xmin, ymin, xmax, ymax)}")
     if not label.strip():
         raise ValueError("empty class name")
     return Box(label.strip(), xmin, ymin, xmax, ymax)

@@ -62,7 +62,7 @@ class ExportConfig(_Strict):
 
 class ServingConfig(_Strict):
     base: str
-    model_name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    model_name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # no '.', '..'
 
 
 class PipelineConfig(_Strict):

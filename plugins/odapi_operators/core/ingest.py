@@ -24,22 +24,25 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 MARKER_NAMES = {"_SUCCESS", ".done"}
 
 
-def _collect_files(inputs: list[str]) -> list[str]:
-    files: list[str] = []
+def _collect_files(inputs: list[str]) -> list[tuple[str, str]]:
+    """(export root, file) for every file of every input (a folder, or a single file)."""
+    files: list[tuple[str, str]] = []
     for item in inputs:
         if not storage.exists(item):
             raise StageError(f"{item}: export not found")
-        files.extend(storage.list_files(item))
+        root = item if Path(item).is_dir() else str(Path(item).parent)
+        files.extend((root, path) for path in storage.list_files(item))
     return files
 
 
-def _annotation_files(files: list[str], fmt: str) -> tuple[list[str], list[str]]:
+def _annotation_files(files: list[tuple[str, str]],
+                      fmt: str) -> tuple[list[tuple[str, str]], list[str]]:
     """Split files into annotation files for `fmt` and files that are neither those nor images."""
     annotations, other = [], []
-    for path in files:
+    for root, path in files:
         suffix = Path(path).suffix.lower()
         if suffix == ".xml" and fmt in ("auto", "voc"):
-            annotations.append(path)
+            annotations.append((root, path))
         elif suffix not in IMAGE_SUFFIXES and Path(path).name not in MARKER_NAMES:
             other.append(path)
     return annotations, other

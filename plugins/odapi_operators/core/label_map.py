@@ -1,6 +1,6 @@
 """label_map.pbtxt in the TF Object Detection API format, with append-only class ids.
 
-    item { id: 1 name: 'circle' display_name: 'circle' }
+    item { id: 1 name: "circle" display_name: "circle" }
 
 Ids start at 1 (0 is background). An existing class keeps its id forever; a new class gets
 the next free id, so a model trained last month still means the same thing by class 3.
@@ -12,11 +12,24 @@ import json
 import re
 from pathlib import Path
 
+from google.protobuf import text_encoding
+
 from odapi_operators.core import storage
 from odapi_operators.core.manifest import read_manifest
 
-_ITEM = re.compile(r"item\s*\{(?P<body>[^}]*)\}", re.S)
-_FIELD = re.compile(r"(?P<key>\w+)\s*:\s*(?P<value>'[^']*'|\"[^\"]*\"|-?\d+)")
+_QUOTED = r"'(?:[^'\\]|\\.)*'" + "|" + r'"(?:[^"\\]|\\.)*"'
+_ITEM = re.compile(rf"""item\s*\{{(?P<body>(?:{_QUOTED}|[^}}'"])*)\}}""", re.S)
+_FIELD = re.compile(rf"(?P<key>\w+)\s*:\s*(?P<value>{_QUOTED}|-?\d+)")
+
+
+def _unquote(value: str) -> str:
+    if value[:1] in "'\"":
+        return text_encoding.CUnescape(value[1:-1]).decode("utf-8")
+    return value
+
+
+def _quote(text: str) -> str:
+    return '"' + text_encoding.CEscape(text, as_utf8=True) + '"'
 
 
 class LabelMapError(ValueError):
@@ -27,7 +40,7 @@ def parse_label_map(text: str, source: str = "label_map.pbtxt") -> dict[str, int
     """Parse pbtxt text into {name: id}; refuses duplicate names/ids and ids < 1."""
     names: dict[str, int] = {}
     for match in _ITEM.finditer(text):
-        fields = {m["key"]: m["value"].strip("'\"") for m in _FIELD.finditer(match["body"])}
+        fields = {m["key"]: _unquote(m["value"]) for m in _FIELD.finditer(match["body"])}
         if "id" not in fields or "name" not in fields:
             raise LabelMapError(f"{source}: item without id or name: {match.group(0)!r}")
         name, item_id = fields["name"], int(fields["id"])
@@ -42,7 +55,7 @@ def parse_label_map(text: str, source: str = "label_map.pbtxt") -> dict[str, int
 def format_label_map(label_map: dict[str, int]) -> str:
     items = sorted(label_map.items(), key=lambda kv: kv[1])
     return "".join(
-        f"item {{\n  id: {item_id}\n  name: '{name}'\n  display_name: '{name}'\n}}\n"
+        f"item {{\n  id: {item_id}\n  name: {_quote(name)}\n  display_name: {_quote(name)}\n}}\n"
         for name, item_id in items)
 
 

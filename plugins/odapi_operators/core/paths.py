@@ -9,9 +9,9 @@ from pathlib import Path
 def resolve_inside(root: str | Path, name: str) -> Path:
     """`root/name`, refusing absolute names and `..` escapes (symlinks resolved too)."""
     if not name or os.path.isabs(name) or "\\" in name and os.path.isabs(name.replace("\\", "/")):
-        raise ValueError(f"path {name!r} is absolute; only names relative to {root} are allowed")
+        raise ValueError(f"absolute path refused: {name!r} (only names relative to {root})")
     base = Path(root).resolve()
     candidate = (base / name).resolve()
     if candidate != base and base not in candidate.parents:
-        raise ValueError(f"path {name!r} points outside {base}")
+        raise ValueError(f"path outside the allowed root: {name!r} is not inside {base}")
     return candidate

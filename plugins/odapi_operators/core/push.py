@@ -60,8 +60,11 @@ def _pushed_by(model_dir: Path, run_id: str) -> int | None:
 
 
 def push(saved_model_dir: str | Path, serving_base: str | Path, model_name: str,
-         run_id: str) -> dict:
-    """Push `saved_model_dir` as the next version of `model_name`; return version and path."""
+         run_id: str, out_dir: str | Path | None = None) -> dict:
+    """Push `saved_model_dir` as the next version of `model_name`; return version and path.
+
+    With `out_dir` (the run's push stage folder) the result is also recorded there.
+    """
     source = Path(saved_model_dir)
     if not (source / "saved_model.pb").is_file():
         raise FileNotFoundError(f"{source}: no saved_model.pb to push")
@@ -71,12 +74,29 @@ def push(saved_model_dir: str | Path, serving_base: str | Path, model_name: str,
         if version is None:
             version = _highest_issued(model_dir) + 1
             storage.write_text(model_dir / VERSIONS_FILE, str(version))
+            for stale in model_dir.glob(".tmp-*"):  # left by a push killed earlier
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = model_dir / f".tmp-{version}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(source, tmp)
-            storage.write_text(tmp / RUN_MARKER, json.dumps({"run_id": run_id,
-                                                             "source": str(source)}))
-            os.rename(tmp, model_dir / str(version))
-    path = model_dir / str(version)
-    return {"model_name": model_name, "version": version, "path": str(path),
-            "versions": versions(model_dir)}
+            try:
+                shutil.copytree(source, tmp)
+                storage.write_text(tmp / RUN_MARKER, json.dumps({"run_id": run_id,
+                                                                 "source": str(source)}))
+                os.rename(tmp, model_dir / str(version))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    summary = {"model_name": model_name, "version": version,
+               "path": str(model_dir / str(version)), "versions": versions(model_dir)}
+    if out_dir is not None:
+        storage.write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def production_label_map(serving_base: str | Path, model_name: str) -> str | None:
+    """The label map shipped with the newest served version, if any (ids must not change)."""
+    model_dir = Path(serving_base) / model_name
+    for version in reversed(versions(model_dir)):
+        path = model_dir / str(version) / "assets.extra" / "label_map.pbtxt"
+        if path.is_file():
+            return str(path)
+    return None

@@ -92,6 +92,13 @@ def list_files(path: PathLike) -> list[str]:
     return backend(path).list_files(os.fspath(path))
 
 
+def _local(path: PathLike) -> Path:
+    """`path` as a local Path; object-store paths are refused (their backends write atomically)."""
+    if _scheme(path) != "file":
+        raise StorageError(f"{os.fspath(path)}: atomic local write on a non-local path")
+    return Path(path)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -109,7 +116,7 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
 
     On any exception the temporary file is removed and `path` is left as it was.
     """
-    final = Path(path)
+    final = _local(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(final)
     try:
@@ -128,9 +135,10 @@ def atomic_directory(path: PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that becomes `path` only when the block succeeds.
 
     With `replace=True` an existing `path` is swapped out (old content removed only after the
-    new one is in place); with `replace=False` an existing `path` is an error, never overwritten.
+    new one is in place; between the two renames `path` briefly does not exist); with
+    `replace=False` an existing `path` is an error, never overwritten.
     """
-    final = Path(path)
+    final = _local(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; readers (e.g. Serving) need more

@@ -32,7 +32,7 @@ def image_key(relative_path: str) -> str:
 def _text(element: Element, path: str, file: str, record: str) -> str:
     found = element.findtext(path)
     if found is None or not found.strip():
-        raise RecordError(file, record, f"missing <{path}>")
+        raise RecordError(file, record, f"missing element: <{path}>")
     return found.strip()
 
 
@@ -41,12 +41,16 @@ def _number(element: Element, path: str, file: str, record: str) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise RecordError(file, record, f"<{path}> is not a number: {raw!r}") from None
+        raise RecordError(file, record, f"not a number: <{path}> is {raw!r}") from None
 
 
 def parse_voc_file(xml_path: str | Path, images_root: str | Path | None,
-                   log: RejectionLog) -> ImageRecord:
-    """Parse one labelImg XML; bad boxes are logged, a bad file raises `RecordError`."""
+                   log: RejectionLog, export_root: str | Path | None = None) -> ImageRecord:
+    """Parse one labelImg XML; bad boxes are logged, a bad file raises `RecordError`.
+
+    The image key is the image path relative to `images_root` (else `export_root`, else the
+    XML's folder), so `day/0001.jpg` and `night/0001.jpg` stay two images.
+    """
     file = str(xml_path)
     try:
         root = SafeET.parse(file).getroot()
@@ -55,10 +59,10 @@ def parse_voc_file(xml_path: str | Path, images_root: str | Path | None,
     except SafeET.ParseError as exc:
         raise RecordError(file, "document", f"not well-formed XML: {exc}") from None
     if root.tag != "annotation":
-        raise RecordError(file, "document", f"not a Pascal VOC annotation (root <{root.tag}>)")
+        raise RecordError(file, "document", f"not a Pascal VOC annotation: root element <{root.tag}>")
     filename = root.findtext("filename") or Path(root.findtext("path") or "").name
     if not filename.strip():
-        raise RecordError(file, "document", "no <filename> or <path> naming the image")
+        raise RecordError(file, "document", "missing element: no <filename> or <path>")
     filename = filename.strip()
     base = Path(images_root) if images_root else Path(xml_path).parent
     try:
@@ -80,8 +84,11 @@ def parse_voc_file(xml_path: str | Path, images_root: str | Path | None,
             log.add(exc.rejection)
         except ValueError as exc:
             log.add(RecordError(file, record, str(exc)).rejection)
+    key_root = Path(images_root or export_root or base).resolve()
+    if key_root not in image_path.parents:
+        key_root = base.resolve()
     return ImageRecord(
-        key=image_key(str(image_path.relative_to(base.resolve()))),
+        key=image_key(str(image_path.relative_to(key_root))),
         source=ImageSource("local", str(image_path)),
         source_id=filename,
         width=int(width),
@@ -91,11 +98,11 @@ def parse_voc_file(xml_path: str | Path, images_root: str | Path | None,
     )
 
 
-def parse_voc(paths: list[str], images_root: str | Path | None,
+def parse_voc(paths: list[tuple[str, str]], images_root: str | Path | None,
               log: RejectionLog) -> Iterator[ImageRecord]:
-    """Parse many VOC files; a bad file is logged and skipped."""
-    for path in paths:
+    """Parse (export root, XML path) pairs; a bad file is logged and skipped."""
+    for export_root, path in paths:
         try:
-            yield parse_voc_file(path, images_root, log)
+            yield parse_voc_file(path, images_root, log, export_root)
         except RecordError as exc:
             log.add(exc.rejection)

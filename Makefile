@@ -1,0 +1,65 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+SAMPLE := var/exports/shapes
+
+# Embedded Airflow for the demo and `make airflow`: SQLite under var/airflow, this project's
+# dags/ and plugins/. (Tests make their own throw-away AIRFLOW_HOME.)
+export AIRFLOW_HOME ?= $(CURDIR)/var/airflow
+export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER ?= $(CURDIR)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN ?= sqlite:///$(AIRFLOW_HOME)/airflow.db
+export TF_USE_LEGACY_KERAS := 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: venv sample demo test test-fast airflow bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(SAMPLE)/_SUCCESS: | $(VENV)/.installed
+	odapi sample --out $(SAMPLE) --count 200 --seed 0
+
+sample: $(SAMPLE)/_SUCCESS
+
+$(AIRFLOW_HOME)/airflow.db: | $(VENV)/.installed
+	mkdir -p $(AIRFLOW_HOME)
+	airflow db migrate > $(AIRFLOW_HOME)/migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/migrate.log; exit 1)
+
+# Runs odapi_retrain once in the embedded Airflow on the sample data, then summarizes the run.
+demo: venv sample $(AIRFLOW_HOME)/airflow.db
+	@start=$$(date +%s); \
+	airflow dags test odapi_retrain 2>&1 | tee var/demo.log | grep --line-buffered -E \
+	  "DAG TEST\] starting task|train \| step|AP50|promoted:|pushed|ERROR|error:|DagRun failed"; \
+	status=$${PIPESTATUS[0]}; \
+	echo "odapi_retrain finished in $$(( $$(date +%s) - start )) s (full log: var/demo.log)"; \
+	odapi summary --runs var/runs --text > /dev/null; \
+	exit $$status
+
+test: venv
+	$(BIN)/python -m pytest
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
+
+# Airflow UI on http://localhost:8080 with this project's DAGs (admin password is printed, and
+# kept in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated).
+airflow: venv sample
+	airflow standalone
+
+bench: venv
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf var

@@ -1,0 +1,45 @@
+"""Reading a finished (or failed) run back from its folder: what it consumed and produced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from odapi_operators.core.layout import Stage
+
+
+def latest_run(runs: str | Path) -> Path:
+    """The most recently modified run folder under `runs`."""
+    candidates = [p for p in Path(runs).iterdir() if p.is_dir()] if Path(runs).is_dir() else []
+    if not candidates:
+        raise FileNotFoundError(f"{runs}: no runs yet")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def summarize_run(run_dir: str | Path) -> dict[str, Any]:
+    """Images, boxes, AP/AP50, the gate decision and the pushed Serving path of one run."""
+    run = Path(run_dir)
+    ingest = _read(run / Stage.INGEST.value / "summary.json")
+    verify = _read(run / Stage.VERIFY.value / "summary.json")
+    metrics = _read(run / Stage.EVALUATE.value / "metrics.json")
+    decision = _read(run / Stage.GATE.value / "decision.json")
+    pushed = _read(run / Stage.PUSH.value / "summary.json")
+    train = _read(run / Stage.TRAIN.value / "summary.json")
+    return {
+        "run": str(run),
+        "images": ingest.get("images"),
+        "boxes": ingest.get("boxes"),
+        "rejected": ingest.get("rejected"),
+        "quarantined": verify.get("failed"),
+        "train_steps": train.get("steps"),
+        "AP": metrics.get("AP"),
+        "AP50": metrics.get("AP50"),
+        "promoted": decision.get("promoted"),
+        "decision": decision.get("reason"),
+        "serving_path": pushed.get("path"),
+    }

@@ -1,0 +1,231 @@
+"""Airflow operators over the core stages: they translate context and XCom into core calls.
+
+Every operator takes `config`, the path of the run's frozen pipeline config (the output of
+`ResolvePipelineConfigOperator`), plus the upstream paths it needs; it returns a small dict of
+paths and counts (one XCom per key), never data. Core modules are imported in `execute` so
+that parsing a DAG file stays fast; TensorFlow stages run in a child process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from airflow.sdk import BaseOperator
+
+from odapi_operators.core.layout import RunLayout, Stage
+
+
+class OdapiStageOperator(BaseOperator):
+    """Base for stage operators: resolves the frozen config and this run's stage folders."""
+
+    template_fields: Sequence[str] = ("config",)
+    ui_color = "#e8f0fe"
+
+    def __init__(self, *, config: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("multiple_outputs", True)
+        super().__init__(**kwargs)
+        self.config = config
+
+    def pipeline(self):
+        from odapi_operators.core.config import read_frozen_config
+
+        return read_frozen_config(self.config)
+
+    def stage_dir(self, context: Any, stage: Stage) -> Path:
+        return RunLayout(Path(self.pipeline().runs), context["run_id"]).stage(stage)
+
+    def run_child(self, args: list[str]) -> dict:
+        from odapi_operators.core.child import run_stage
+
+        return run_stage(args, self.log.info)
+
+
+class ResolvePipelineConfigOperator(BaseOperator):
+    """Load and validate the pipeline YAML, apply DAG params, freeze it into the run folder.
+
+    `param_keys` maps DAG param names to dotted config keys; a param left at None keeps the
+    YAML's value.
+    """
+
+    template_fields: Sequence[str] = ("pipeline_config",)
+
+    def __init__(self, *, pipeline_config: str, param_keys: dict[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("multiple_outputs", True)
+        super().__init__(**kwargs)
+        self.pipeline_config = pipeline_config
+        self.param_keys = param_keys or {}
+
+    def execute(self, context: Any) -> dict:
+        from odapi_operators.core.config import freeze_config, load_pipeline_config
+
+        params = context.get("params") or {}
+        overrides = {key: params.get(name) for name, key in self.param_keys.items()}
+        config = load_pipeline_config(self.pipeline_config, overrides)
+        layout = RunLayout(Path(config.runs), context["run_id"])
+        path = freeze_config(config, layout.stage(Stage.CONFIG))
+        self.log.info("pipeline config frozen at %s", path)
+        return {"config": path, "run_dir": str(layout.root)}
+
+
+class IngestAnnotationsOperator(OdapiStageOperator):
+    template_fields = ("config", "exports")
+
+    def __init__(self, *, exports: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.exports = exports
+
+    def execute(self, context: Any) -> dict:
+        from odapi_operators.core.ingest import ingest
+
+        cfg = self.pipeline().exports
+        summary = ingest(list(self.exports), self.stage_dir(context, Stage.INGEST),
+                         images_root=cfg.images_root, fmt=cfg.format)
+        self.log.info("ingested %(images)s images, %(boxes)s boxes, %(rejected)s rejected",
+                      summary)
+        for path in summary["ignored_files"]:
+            self.log.warning("not an annotation or image file, ignored: %s", path)
+        return {k: summary[k] for k in ("manifest", "rejections", "images", "boxes", "rejected",
+                                        "fingerprint")}
+
+
+class FetchImagesOperator(OdapiStageOperator):
+    template_fields = ("config", "manifest")
+
+    def __init__(self, *, manifest: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.manifest = manifest
+
+    def execute(self, context: Any) -> dict:
+        from odapi_operators.core.fetch import fetch_images
+
+        return fetch_images(self.manifest, self.stage_dir(context, Stage.IMAGES))
+
+
+class VerifyImagesOperator(FetchImagesOperator):
+    def execute(self, context: Any) -> dict:
+        from odapi_operators.core.verify import verify_images
+
+        summary = verify_images(self.manifest, self.stage_dir(context, Stage.VERIFY))
+        if summary["failed"]:
+            self.log.warning("%(failed)s images quarantined (%(boxes_quarantined)s boxes); "
+                             "see %(quarantine)s", summary)
+        return summary
+
+
+class BuildLabelMapOperator(FetchImagesOperator):
+    """Label map for this run; ids extend the production model's label map, never renumber."""
+
+    def execute(self, context: Any) -> dict:
+        from odapi_operators.core.label_map import build_label_map
+        from odapi_operators.core.push import production_label_map
+
+        cfg = self.pipeline().serving
+        previous = production_label_map(cfg.base, cfg.model_name)
+        summary = build_label_map(self.manifest, self.stage_dir(context, Stage.LABEL_MAP),
+                                  previous=previous)
+        return {"label_map": summary["label_map"], "num_classes": len(summary["classes"])}
+
+
+class WriteTFRecordsOperator(OdapiStageOperator):
+    template_fields = ("config", "manifest", "label_map")
+
+    def __init__(self, *, manifest: Any, label_map: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.manifest = manifest
+        self.label_map = label_map
+
+    def execute(self, context: Any) -> dict:
+        from odapi_operators.core.shard import write_shards
+
+        cfg = self.pipeline().records
+        out = self.stage_dir(context, Stage.RECORDS)
+        summary = write_shards(self.manifest, self.label_map, out, cfg.split, cfg.shards)
+        return {"data": str(out), **{f"{split}_images": s["images"]
+                                     for split, s in summary["splits"].items()}}
+
+
+class TrainDetectorOperator(OdapiStageOperator):
+    """Train in a child process (`odapi train`); a retry resumes from the newest checkpoint."""
+
+    template_fields = ("config", "data")
+
+    def __init__(self, *, data: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.data = data
+
+    def execute(self, context: Any) -> dict:
+        train = self.pipeline().train
+        return self.run_child([
+            "train", "--config", train.model_config_path, "--data", str(self.data),
+            "--model-dir", str(self.stage_dir(context, Stage.TRAIN)),
+            "--steps", str(train.steps), "--batch-size", str(train.batch_size)])
+
+
+class EvaluateDetectorOperator(OdapiStageOperator):
+    template_fields = ("config", "model_dir", "data")
+
+    def __init__(self, *, model_dir: Any, data: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model_dir = model_dir
+        self.data = data
+
+    def execute(self, context: Any) -> dict:
+        out = self.stage_dir(context, Stage.EVALUATE) / "metrics.json"
+        summary = self.run_child(["evaluate", "--model", str(self.model_dir),
+                                  "--data", str(self.data), "--out", str(out)])
+        self.log.info("AP %s, AP50 %s on %s val images", summary.get("AP"), summary.get("AP50"),
+                      summary.get("eval_images"))
+        return {"metrics": summary["metrics"], "AP": summary.get("AP"),
+                "AP50": summary.get("AP50")}
+
+
+def is_promoted(promoted: bool) -> bool:
+    """Short-circuit condition for the tasks after the gate (export, push)."""
+    return bool(promoted)
+
+
+class PromotionGateOperator(OdapiStageOperator):
+    """Write decision.json; returns `promoted` for the short-circuit that guards export/push."""
+
+    template_fields = ("config", "metrics")
+
+    def __init__(self, *, metrics: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.metrics = metrics
+
+    def execute(self, context: Any) -> dict:
+        from odapi_operators.core.gate import gate
+
+        decision = gate(self.metrics, self.stage_dir(context, Stage.GATE),
+                        self.pipeline().gate.min_ap50)
+        self.log.info("promoted: %s (%s)", decision["promoted"], decision["reason"])
+        return {"promoted": decision["promoted"], "decision": decision["decision"],
+                "reason": decision["reason"]}
+
+
+class ExportSavedModelOperator(EvaluateDetectorOperator):
+    def execute(self, context: Any) -> dict:
+        summary = self.run_child([
+            "export", "--model-dir", str(self.model_dir), "--data", str(self.data),
+            "--out", str(self.stage_dir(context, Stage.EXPORT)),
+            "--input-type", self.pipeline().export.input_type])
+        return {"saved_model": summary["saved_model"]}
+
+
+class PushToServingOperator(OdapiStageOperator):
+    template_fields = ("config", "saved_model")
+
+    def __init__(self, *, saved_model: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.saved_model = saved_model
+
+    def execute(self, context: Any) -> dict:
+        from odapi_operators.core.push import push
+
+        cfg = self.pipeline().serving
+        summary = push(self.saved_model, cfg.base, cfg.model_name, context["run_id"],
+                       out_dir=self.stage_dir(context, Stage.PUSH))
+        self.log.info("pushed %(model_name)s version %(version)s to %(path)s", summary)
+        return {"version": summary["version"], "path": summary["path"]}

@@ -1,0 +1,320 @@
+"""ingest + Pascal VOC parsing: counts, provenance, hostile XML, bad paths, bad boxes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from odapi_operators.core import sample_data
+from odapi_operators.core.ingest import ingest
+from odapi_operators.core.manifest import read_manifest
+from odapi_operators.core.report import StageError
+
+
+def voc(filename: str, width: int = 100, height: int = 80, objects=(),
+        path: str | None = None) -> str:
+    objs = "".join(
+        f"<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+        f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+        for name, (x0, y0, x1, y1) in objects)
+    path = path or f"/home/annotator/Desktop/{filename}"
+    return (f"<annotation><folder>x</folder><filename>{filename}</filename><path>{path}</path>"
+            f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
+            f"{objs}</annotation>")
+
+
+def add_pair(folder: Path, stem: str, width: int = 100, height: int = 80, objects=(),
+             image: bool = True, filename: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    name = filename or f"{stem}.jpg"
+    if image:
+        Image.new("RGB", (width, height), (10, 200, 30)).save(folder / f"{stem}.jpg", "JPEG")
+    xml = folder / f"{stem}.xml"
+    xml.write_text(voc(name, width, height, objects))
+    return xml
+
+
+def rejections(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rejections.jsonl").read_text().splitlines()]
+
+
+def manifest(out: Path):
+    return list(read_manifest(out / "manifest.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    return out, sample_data.generate(out, count=12, seed=1)
+
+
+def test_sample_counts_match_generator(sample, tmp_path):
+    export, gen = sample
+    summary = ingest([str(export)], tmp_path / "ingest")
+    records = manifest(tmp_path / "ingest")
+    assert summary["images"] == len(records) == gen["images"] == 12
+    assert summary["boxes"] == sum(len(r.boxes) for r in records) == gen["boxes"]
+    assert summary["classes"] == {k: v for k, v in gen["per_class"].items() if v}
+    assert summary["rejected"] == 0 and rejections(tmp_path / "ingest") == []
+    assert summary["ignored_files"] == []  # _SUCCESS marker is not "other"
+    on_disk = json.loads((tmp_path / "ingest" / "summary.json").read_text())
+    assert on_disk["fingerprint"] == summary["fingerprint"]
+
+
+def test_sample_boxes_normalized_and_provenance(sample, tmp_path):
+    export, _ = sample
+    ingest([str(export)], tmp_path / "ingest")
+    records = manifest(tmp_path / "ingest")
+    assert [r.key for r in records] == [f"shapes_{i:05d}" for i in range(12)]
+    for r in records:
+        assert r.boxes
+        for b in r.boxes:
+            assert 0.0 <= b.xmin < b.xmax <= 1.0 and 0.0 <= b.ymin < b.ymax <= 1.0
+            assert b.label in sample_data.CLASSES
+        xml = export / f"{r.key}.xml"
+        assert r.provenance["file"] == str(xml)
+        assert r.provenance["format"] == "voc"
+        with Image.open(r.source.uri) as im:
+            assert (r.width, r.height) == im.size
+
+
+def test_sample_box_values_match_xml_pixels(sample, tmp_path):
+    export, _ = sample
+    ingest([str(export)], tmp_path / "ingest")
+    first = manifest(tmp_path / "ingest")[0]
+    xml = (export / "shapes_00000.xml").read_text()
+    x0 = int(xml.split("<xmin>")[1].split("<")[0])
+    y1 = int(xml.split("<ymax>")[1].split("<")[0])
+    assert first.boxes[0].xmin == pytest.approx(x0 / first.width)
+    assert first.boxes[0].ymax == pytest.approx(y1 / first.height)
+
+
+def test_image_resolved_from_filename_not_annotator_path(sample, tmp_path):
+    export, _ = sample
+    assert "<path>/home/annotator/" in (export / "shapes_00003.xml").read_text()
+    ingest([str(export)], tmp_path / "ingest")
+    record = manifest(tmp_path / "ingest")[3]
+    assert record.source.kind == "local"
+    assert record.source.uri == str((export / "shapes_00003.jpg").resolve())
+    assert record.source_id == "shapes_00003.jpg"
+    assert "/home/annotator" not in record.source.uri
+
+
+def test_images_resolve_relative_to_xml_in_subfolders(tmp_path):
+    export = tmp_path / "export"
+    add_pair(export / "a", "cat_img", objects=[("cat", (10, 10, 50, 50))])
+    add_pair(export / "b", "dog_img", objects=[("dog", (10, 10, 50, 50))])
+    ingest([str(export)], tmp_path / "out")
+    records = manifest(tmp_path / "out")
+    assert [(Path(r.source.uri).parent.name, r.boxes[0].label) for r in records] == [
+        ("a", "cat"), ("b", "dog")]
+
+
+def test_same_name_in_two_subfolders_of_one_export_are_distinct_images(tmp_path):
+    export = tmp_path / "export"
+    add_pair(export / "day", "0001", objects=[("cat", (10, 10, 50, 50))])
+    add_pair(export / "night", "0001", objects=[("dog", (10, 10, 50, 50))])
+    summary = ingest([str(export)], tmp_path / "out")
+    assert rejections(tmp_path / "out") == []
+    assert summary["images"] == 2
+    keys = [r.key for r in manifest(tmp_path / "out")]
+    assert len(set(keys)) == 2
+
+
+BILLION_LAUGHS = """<?xml version="1.0"?>
+<!DOCTYPE lolz [
+ <!ENTITY lol "lol">
+ <!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+ <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+ <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+ <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
+ <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
+ <!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
+ <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
+ <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
+]>
+<annotation><filename>good.jpg</filename><size><width>100</width><height>80</height></size>
+<object><name>&lol9;</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>50</xmax><ymax>50</ymax>
+</bndbox></object></annotation>
+"""
+
+XXE = """<?xml version="1.0"?>
+<!DOCTYPE annotation [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
+<annotation><filename>good.jpg</filename><size><width>100</width><height>80</height></size>
+<object><name>&xxe;</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>50</xmax><ymax>50</ymax>
+</bndbox></object></annotation>
+"""
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """An export with two good records and one bad file per hostile/bad case."""
+    export = tmp_path / "export"
+    add_pair(export, "good", objects=[("cat", (10, 10, 60, 60))])
+    add_pair(export, "good2", objects=[("dog", (0, 0, 100, 80))])
+    (export / "other_root.xml").write_text("<config><filename>good.jpg</filename></config>")
+    (export / "malformed.xml").write_text("<annotation><filename>good.jpg</filename>")
+    (export / "bomb.xml").write_text(BILLION_LAUGHS)
+    (export / "xxe.xml").write_text(XXE)
+    (export / "escape.xml").write_text(voc("../../etc/passwd", objects=[("x", (1, 1, 9, 9))]))
+    (export / "absolute.xml").write_text(voc("/etc/passwd", objects=[("x", (1, 1, 9, 9))]))
+    add_pair(export, "missing", image=False, objects=[("cat", (1, 1, 9, 9))])
+    add_pair(export, "outside", objects=[("cat", (10, 10, 50, 50)), ("far", (50, 40, 130, 79))])
+    add_pair(export, "degenerate", objects=[("flat", (20, 20, 20, 40))])
+    add_pair(export, "slightly", objects=[("edge", (-1, 5, 101, 81))])
+    out = tmp_path / "ingest"
+    summary = ingest([str(export)], out)
+    by_file: dict[str, list[dict]] = {}
+    for r in rejections(out):
+        by_file.setdefault(Path(r["file"]).name, []).append(r)
+    records = {r.key: r for r in manifest(out)}
+    return export, summary, by_file, records
+
+
+@pytest.mark.parametrize("file,record,reason", [
+    ("other_root.xml", "document", "not a Pascal VOC annotation: root element <config>"),
+    ("malformed.xml", "document", "not well-formed XML"),
+    ("bomb.xml", "document", "forbidden XML construct"),
+    ("xxe.xml", "document", "forbidden XML construct"),
+    ("escape.xml", "filename", "path outside the allowed root"),
+    ("absolute.xml", "filename", "absolute path refused"),
+    ("missing.xml", "missing.jpg", "missing image"),
+    ("outside.xml", "object[1]", "box outside the image"),
+    ("degenerate.xml", "object[0]", "degenerate box"),
+])
+def test_bad_case_rejected_with_file_and_reason(hostile, file, record, reason):
+    export, _, by_file, _ = hostile
+    assert file in by_file, f"no rejection for {file}: {sorted(by_file)}"
+    [rejection] = by_file[file]
+    assert rejection["file"] == str(export / file)
+    assert rejection["record"] == record
+    assert reason in rejection["reason"]
+
+
+def test_good_records_survive_hostile_export(hostile):
+    _, summary, by_file, records = hostile
+    assert sorted(records) == ["degenerate", "good", "good2", "outside", "slightly"]
+    assert records["good"].boxes[0].label == "cat"
+    assert (records["good2"].boxes[0].xmin, records["good2"].boxes[0].xmax) == (0.0, 1.0)
+    assert summary["rejected"] == sum(len(v) for v in by_file.values()) == 9
+    assert summary["rejections_by_reason"]["forbidden XML construct"] == 2
+
+
+def test_hostile_paths_never_read(hostile):
+    _, _, _, records = hostile
+    for r in records.values():
+        assert "passwd" not in r.source.uri and "passwd" not in r.source_id
+    assert sorted(b.label for r in records.values() for b in r.boxes) == [
+        "cat", "cat", "dog", "edge"]
+
+
+def test_entity_payloads_not_expanded(hostile):
+    export, _, _, _ = hostile
+    out = export.parent / "ingest"
+    text = (out / "manifest.jsonl").read_text() + (out / "rejections.jsonl").read_text()
+    assert "lollollol" not in text
+    assert "root:x:0:0" not in text  # /etc/passwd content
+
+
+def test_bad_box_drops_box_keeps_image(hostile):
+    _, _, by_file, records = hostile
+    assert [b.label for b in records["outside"].boxes] == ["cat"]
+    assert records["degenerate"].boxes == ()
+    assert "slightly.xml" not in by_file
+
+
+def test_slightly_outside_box_is_clipped(hostile):
+    _, _, _, records = hostile
+    [box] = records["slightly"].boxes
+    assert (box.xmin, box.xmax, box.ymax) == (0.0, 1.0, 1.0)
+    assert box.ymin == pytest.approx(5 / 80)
+
+
+def test_empty_export_folder_raises_naming_it(tmp_path):
+    empty = tmp_path / "empty_export"
+    empty.mkdir()
+    with pytest.raises(StageError) as info:
+        ingest([str(empty)], tmp_path / "out")
+    assert str(empty) in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_export_raises(tmp_path):
+    with pytest.raises(StageError, match="nope"):
+        ingest([str(tmp_path / "nope")], tmp_path / "out")
+
+
+def test_all_bad_raises_and_still_writes_rejections(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "a.xml").write_text("<notvoc/>")
+    add_pair(export, "b", image=False)
+    out = tmp_path / "out"
+    with pytest.raises(StageError) as info:
+        ingest([str(export)], out)
+    assert str(export) in str(info.value)
+    assert str(out / "rejections.jsonl") in str(info.value)
+    rej = rejections(out)
+    assert sorted(Path(r["file"]).name for r in rej) == ["a.xml", "b.xml"]
+    assert manifest(out) == []
+
+
+def test_fingerprint_stable_and_sensitive(tmp_path):
+    export = tmp_path / "export"
+    sample_data.generate(export, count=4, seed=3)
+    first = ingest([str(export)], tmp_path / "o1")["fingerprint"]
+    second = ingest([str(export)], tmp_path / "o2")["fingerprint"]
+    assert first == second
+    xml = export / "shapes_00002.xml"
+    text = xml.read_text()
+    start = text.index("<xmin>") + len("<xmin>")
+    end = text.index("</xmin>")
+    xml.write_text(text[:start] + str(int(text[start:end]) + 1) + text[end:])
+    third = ingest([str(export)], tmp_path / "o3")["fingerprint"]
+    assert third != first
+
+
+def test_duplicates_across_exports_reported(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    sample_data.generate(a, count=3, seed=5)
+    shutil.copytree(a, b)
+    xml = b / "shapes_00001.xml"
+    text = xml.read_text()
+    start = text.index("<xmin>") + len("<xmin>")
+    end = text.index("</xmin>")
+    xml.write_text(text[:start] + str(int(text[start:end]) + 1) + text[end:])  # one box moves
+    summary = ingest([str(a), str(b)], tmp_path / "out")
+    assert summary["images"] == 3
+    rej = {Path(r["file"]).name: r for r in rejections(tmp_path / "out")}
+    assert all(str(b) in r["file"] for r in rejections(tmp_path / "out"))
+    assert rej["shapes_00000.xml"]["reason"].startswith("duplicate record")
+    assert rej["shapes_00001.xml"]["reason"].startswith("conflicting duplicate")
+    assert str(a / "shapes_00000.xml") in rej["shapes_00000.xml"]["reason"]
+    assert summary["rejections_by_reason"] == {"duplicate record": 2, "conflicting duplicate": 1}
+    # the first export wins
+    assert all(str(a) in r.source.uri for r in manifest(tmp_path / "out"))
+
+
+def test_rejections_by_reason_groups_box_reasons(tmp_path):
+    export = tmp_path / "export"
+    add_pair(export, "one", objects=[("a", (10, 10, 150, 50)), ("b", (30, 30, 30, 50))])
+    add_pair(export, "two", objects=[("a", (10, 10, 50, 200)), ("b", (30, 30, 60, 20))])
+    summary = ingest([str(export)], tmp_path / "out")
+    assert summary["rejections_by_reason"] == {"box outside the image": 2, "degenerate box": 2}
+
+
+def test_symlinked_image_pointing_outside_is_refused(tmp_path):
+    outside = tmp_path / "secret.jpg"
+    Image.new("RGB", (100, 80)).save(outside, "JPEG")
+    export = tmp_path / "export"
+    add_pair(export, "good", objects=[("cat", (10, 10, 60, 60))])
+    (export / "link.jpg").symlink_to(outside)
+    (export / "link.xml").write_text(voc("link.jpg", objects=[("cat", (1, 1, 9, 9))]))
+    ingest([str(export)], tmp_path / "out")
+    [rej] = rejections(tmp_path / "out")
+    assert rej["file"] == str(export / "link.xml") and "path outside the allowed root" in rej["reason"]
+    assert [r.key for r in manifest(tmp_path / "out")] == ["good"]

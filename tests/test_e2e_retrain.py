@@ -1,0 +1,98 @@
+"""End to end: `dag.test()` of odapi_retrain on a tiny generated export with real TensorFlow.
+
+The export also holds bad records (an XML that is not VOC, a file that is not an image): the
+run must report them and still push a Serving version that loads and detects.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from odapi_operators.core.sample_data import generate, voc_xml
+
+pytestmark = pytest.mark.slow
+
+
+def _load_dag():
+    spec = importlib.util.spec_from_file_location("odapi_retrain_e2e",
+                                                  ROOT / "dags" / "odapi_retrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dag
+
+
+@pytest.fixture()
+def pipeline(tmp_path, monkeypatch):
+    export = tmp_path / "exports" / "batch-1"
+    generate(export, count=24, seed=3, max_side=128)
+    (export / "notes.xml").write_text("<html><body>not an annotation</body></html>")
+    (export / "broken.jpg").write_bytes(b"<html>502 Bad Gateway</html>")
+    (export / "broken.xml").write_text(voc_xml("broken.jpg", "/x/broken.jpg", 100, 100, []))
+    config = {
+        "home": str(tmp_path),
+        "exports": {"path": "exports"},
+        "train": {"model_config": str(ROOT / "include/configs/models/"
+                                           "retinanet_mobile_sample.yaml"),
+                  "steps": 10, "batch_size": 4},
+        "gate": {"min_ap50": 0.0},
+        "serving": {"base": "serving", "model_name": "shapes"},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("ODAPI_PIPELINE_CONFIG", str(path))
+    return tmp_path
+
+
+def _task_states(dag_run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+
+
+def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
+    dag_run = _load_dag().test()
+    states = _task_states(dag_run)
+    assert str(dag_run.state) == "success", states
+    assert states["promote.push"] == "success"
+
+    run_dir = next((pipeline / "var" / "runs").iterdir())
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert {"AP", "AP50", "AP75", "ARmax100"} <= set(metrics)
+    decision = json.loads((run_dir / "gate" / "decision.json").read_text())
+    assert decision["promoted"] is True
+    assert decision["checks"][0]["metric"] == "AP50"
+
+    rejections = (run_dir / "ingest" / "rejections.jsonl").read_text()
+    assert "notes.xml" in rejections and "not a Pascal VOC annotation" in rejections
+    quarantine = (run_dir / "verify" / "quarantine.jsonl").read_text()
+    assert "broken" in quarantine and "not a readable image" in quarantine
+    assert json.loads((run_dir / "ingest" / "summary.json").read_text())["images"] == 25
+
+    version = pipeline / "serving" / "shapes" / "1"
+    assert (version / "saved_model.pb").is_file()
+    assert (version / "assets.extra" / "label_map.pbtxt").is_file()
+    assert not [p for p in version.parent.iterdir() if p.name.startswith(".tmp")]
+
+    import tensorflow as tf
+
+    model = tf.saved_model.load(str(version))
+    image = tf.io.decode_jpeg((pipeline / "exports/batch-1/shapes_00000.jpg").read_bytes())
+    out = model.signatures["serving_default"](inputs=tf.expand_dims(image, 0))
+    assert out["detection_boxes"].shape[0] == 1 and out["detection_boxes"].shape[-1] == 4
+    assert out["detection_scores"].shape[:1] == out["detection_classes"].shape[:1]
+
+
+def test_rejected_candidate_skips_export_and_push(pipeline, airflow_db):
+    dag_run = _load_dag().test(run_conf={"min_ap50": 1.0, "train_steps": 2})
+    states = _task_states(dag_run)
+    assert str(dag_run.state) == "success", states
+    assert states["promote.gate"] == "success"
+    assert states["promote.export"] == "skipped" and states["promote.push"] == "skipped"
+    run_dir = next((pipeline / "var" / "runs").iterdir())
+    decision = json.loads((run_dir / "gate" / "decision.json").read_text())
+    assert decision["promoted"] is False and "AP50" in decision["reason"]
+    assert not (pipeline / "serving" / "shapes").exists()
