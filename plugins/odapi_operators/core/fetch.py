@@ -7,6 +7,7 @@ again). Failures are reported per image and the rest go on.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,11 +17,15 @@ from odapi_operators.core.report import RecordError, RejectionLog, StageError
 
 
 def _copy_local(source: Path, target: Path) -> bool:
-    """Copy atomically; return False if an identical-size copy was already there."""
-    if target.exists() and target.stat().st_size == source.stat().st_size:
-        return False
+    """Copy atomically (keeping mtime); return False if the same copy was already there."""
+    src_stat = source.stat()
+    if target.exists():
+        stat = target.stat()
+        if (stat.st_size, stat.st_mtime_ns) == (src_stat.st_size, src_stat.st_mtime_ns):
+            return False
     with storage.atomic_write(target) as out, open(source, "rb") as src:
         shutil.copyfileobj(src, out, 1 << 20)
+    os.utime(target, ns=(src_stat.st_atime_ns, src_stat.st_mtime_ns))
     return True
 
 
