@@ -14,38 +14,57 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from odapi_operators.core import storage
-from odapi_operators.core.formats.voc import parse_voc
+from odapi_operators.core import formats, storage
 from odapi_operators.core.manifest import ImageRecord, write_manifest
 from odapi_operators.core.report import RecordError, RejectionLog, StageError
 
-FORMATS = ("auto", "voc")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 MARKER_NAMES = {"_SUCCESS", ".done"}
+SNIFF_BYTES = 4096
 
 
-def _collect_files(inputs: list[str]) -> list[tuple[str, str]]:
-    """(export root, file) for every file of every input (a folder, or a single file)."""
-    files: list[tuple[str, str]] = []
+def _classify(root: Path, fmt: str) -> tuple[dict[str, list[Path]], list[str], int]:
+    """Files of one export grouped by format, plus unclaimed non-image files and a file count."""
+    files = [Path(p) for p in storage.list_files(root)]
+    claimed: dict[str, list[Path]] = {}
+    other: list[str] = []
+    for path in files:
+        if path.suffix.lower() in IMAGE_SUFFIXES or path.name in MARKER_NAMES:
+            continue
+        with open(path, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+        if fmt == "auto":
+            name = formats.detect(path, head)
+        else:
+            module = formats.load(fmt)
+            name = fmt if path.suffix.lower() in module.SUFFIXES else None
+        if name:
+            claimed.setdefault(name, []).append(path)
+        else:
+            other.append(str(path))
+    return claimed, other, len(files)
+
+
+def _parse_exports(inputs: list[str], fmt: str, images_root: str | None,
+                   log: RejectionLog) -> tuple[list[ImageRecord], list[str]]:
+    records: list[ImageRecord] = []
+    ignored: list[str] = []
     for item in inputs:
+        path = Path(item)
         if not storage.exists(item):
             raise StageError(f"{item}: export not found")
-        root = item if Path(item).is_dir() else str(Path(item).parent)
-        files.extend((root, path) for path in storage.list_files(item))
-    return files
-
-
-def _annotation_files(files: list[tuple[str, str]],
-                      fmt: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """Split files into annotation files for `fmt` and files that are neither those nor images."""
-    annotations, other = [], []
-    for root, path in files:
-        suffix = Path(path).suffix.lower()
-        if suffix == ".xml" and fmt in ("auto", "voc"):
-            annotations.append((root, path))
-        elif suffix not in IMAGE_SUFFIXES and Path(path).name not in MARKER_NAMES:
-            other.append(path)
-    return annotations, other
+        root = path if path.is_dir() else path.parent
+        claimed, other, count = _classify(path, fmt)
+        ignored.extend(other)
+        if not claimed:
+            raise StageError(f"{item}: no annotation files found ({count} files; "
+                             f"formats tried: {fmt if fmt != 'auto' else ', '.join(formats.FORMAT_MODULES)})")
+        ctx = formats.ParseContext(export_root=root,
+                                   images_root=Path(images_root) if images_root else None,
+                                   log=log)
+        for name, files in sorted(claimed.items()):
+            records.extend(formats.load(name).parse(sorted(files), ctx))
+    return records, ignored
 
 
 def _merge(records, log: RejectionLog) -> list[ImageRecord]:
@@ -80,17 +99,16 @@ def fingerprint(records: list[ImageRecord]) -> str:
 def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = None,
            fmt: str = "auto") -> dict:
     """Parse `inputs` (files or export folders) into `out_dir`; return the summary."""
-    if fmt not in FORMATS:
-        raise StageError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt != "auto":
+        try:
+            formats.load(fmt)
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
     if not inputs:
         raise StageError("no annotation exports given")
-    files = _collect_files(inputs)
-    annotations, other = _annotation_files(files, fmt)
-    if not annotations:
-        raise StageError(f"{', '.join(inputs)}: no annotation files found "
-                         f"({len(files)} files; looked for Pascal VOC *.xml)")
     log = RejectionLog()
-    records = _merge(parse_voc(annotations, images_root, log), log)
+    parsed, other = _parse_exports(inputs, fmt, images_root, log)
+    records = _merge(parsed, log)
     classes = Counter(box.label for record in records for box in record.boxes)
     summary = {
         "inputs": list(inputs),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 from xml.etree.ElementTree import Element
 
 import defusedxml.ElementTree as SafeET
@@ -17,9 +17,13 @@ from defusedxml import DefusedXmlException
 
 from odapi_operators.core.boxes import normalized_box
 from odapi_operators.core.manifest import ImageRecord, ImageSource
-from odapi_operators.core.paths import resolve_inside
-from odapi_operators.core.report import RecordError, RejectionLog
+from odapi_operators.core.report import RecordError
 
+if TYPE_CHECKING:
+    from odapi_operators.core.formats import ParseContext
+
+NAME = "voc"
+SUFFIXES = (".xml",)
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -44,12 +48,16 @@ def _number(element: Element, path: str, file: str, record: str) -> float:
         raise RecordError(file, record, f"not a number: <{path}> is {raw!r}") from None
 
 
-def parse_voc_file(xml_path: str | Path, images_root: str | Path | None,
-                   log: RejectionLog, export_root: str | Path | None = None) -> ImageRecord:
+def sniff(path: Path, head: bytes) -> bool:
+    """Any XML is offered to this parser, which reports a non-VOC root as a rejection."""
+    return True
+
+
+def parse_voc_file(xml_path: Path, ctx: ParseContext) -> ImageRecord:
     """Parse one labelImg XML; bad boxes are logged, a bad file raises `RecordError`.
 
-    The image key is the image path relative to `images_root` (else `export_root`, else the
-    XML's folder), so `day/0001.jpg` and `night/0001.jpg` stay two images.
+    The image key is the image path relative to the images root (else the export root), so
+    `day/0001.jpg` and `night/0001.jpg` stay two images.
     """
     file = str(xml_path)
     try:
@@ -64,9 +72,8 @@ def parse_voc_file(xml_path: str | Path, images_root: str | Path | None,
     if not filename.strip():
         raise RecordError(file, "document", "missing element: no <filename> or <path>")
     filename = filename.strip()
-    base = Path(images_root) if images_root else Path(xml_path).parent
     try:
-        image_path = resolve_inside(base, filename)
+        image_path = ctx.resolve_image(filename, relative_to=Path(xml_path).parent)
     except ValueError as exc:
         raise RecordError(file, "filename", str(exc)) from None
     width = _number(root, "size/width", file, "size")
@@ -81,12 +88,12 @@ def parse_voc_file(xml_path: str | Path, images_root: str | Path | None,
                         for c in ("xmin", "ymin", "xmax", "ymax")),
                 width, height))
         except RecordError as exc:
-            log.add(exc.rejection)
+            ctx.log.add(exc.rejection)
         except ValueError as exc:
-            log.add(RecordError(file, record, str(exc)).rejection)
-    key_root = Path(images_root or export_root or base).resolve()
+            ctx.log.add(RecordError(file, record, str(exc)).rejection)
+    key_root = ctx.key_root(Path(xml_path).parent)
     if key_root not in image_path.parents:
-        key_root = base.resolve()
+        key_root = Path(xml_path).parent.resolve()
     return ImageRecord(
         key=image_key(str(image_path.relative_to(key_root))),
         source=ImageSource("local", str(image_path)),
@@ -98,11 +105,10 @@ def parse_voc_file(xml_path: str | Path, images_root: str | Path | None,
     )
 
 
-def parse_voc(paths: list[tuple[str, str]], images_root: str | Path | None,
-              log: RejectionLog) -> Iterator[ImageRecord]:
-    """Parse (export root, XML path) pairs; a bad file is logged and skipped."""
-    for export_root, path in paths:
+def parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]:
+    """Parse many VOC files of one export; a bad file is logged and skipped."""
+    for path in files:
         try:
-            yield parse_voc_file(path, images_root, log, export_root)
+            yield parse_voc_file(path, ctx)
         except RecordError as exc:
-            log.add(exc.rejection)
+            ctx.log.add(exc.rejection)

@@ -1,0 +1,12 @@
+"""Run every benchmark in bench/ (each prints ratios against a baseline measured in the same run)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+for script in sorted(Path(__file__).parent.glob("*.py")):
+    if script.name != "run.py":
+        print(f"== {script.name}", flush=True)
+        subprocess.run([sys.executable, str(script)], check=True)
