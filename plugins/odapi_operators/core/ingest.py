@@ -45,8 +45,8 @@ def _classify(root: Path, fmt: str) -> tuple[dict[str, list[Path]], list[str], i
     return claimed, other, len(files)
 
 
-def _parse_exports(inputs: list[str], fmt: str, images_root: str | None,
-                   log: RejectionLog) -> tuple[list[ImageRecord], list[str]]:
+def _parse_exports(inputs: list[str], fmt: str, images_root: str | None, log: RejectionLog,
+                   inline_dir: Path, options: dict) -> tuple[list[ImageRecord], list[str]]:
     records: list[ImageRecord] = []
     ignored: list[str] = []
     for item in inputs:
@@ -58,10 +58,10 @@ def _parse_exports(inputs: list[str], fmt: str, images_root: str | None,
         ignored.extend(other)
         if not claimed:
             raise StageError(f"{item}: no annotation files found ({count} files; "
-                             f"formats tried: {fmt if fmt != 'auto' else ', '.join(formats.FORMAT_MODULES)})")
+                             f"formats tried: {fmt if fmt != 'auto' else ', '.join(formats.AVAILABLE)})")
         ctx = formats.ParseContext(export_root=root,
                                    images_root=Path(images_root) if images_root else None,
-                                   log=log)
+                                   log=log, inline_dir=inline_dir, options=options)
         for name, files in sorted(claimed.items()):
             records.extend(formats.load(name).parse(sorted(files), ctx))
     return records, ignored
@@ -97,8 +97,11 @@ def fingerprint(records: list[ImageRecord]) -> str:
 
 
 def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = None,
-           fmt: str = "auto") -> dict:
-    """Parse `inputs` (files or export folders) into `out_dir`; return the summary."""
+           fmt: str = "auto", options: dict | None = None) -> dict:
+    """Parse `inputs` (files or export folders) into `out_dir`; return the summary.
+
+    Images embedded in an export are written, by content hash, to `<out_dir>-inline/`.
+    """
     if fmt != "auto":
         try:
             formats.load(fmt)
@@ -107,7 +110,8 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
     if not inputs:
         raise StageError("no annotation exports given")
     log = RejectionLog()
-    parsed, other = _parse_exports(inputs, fmt, images_root, log)
+    inline_dir = Path(out_dir).with_name(Path(out_dir).name + "-inline")
+    parsed, other = _parse_exports(inputs, fmt, images_root, log, inline_dir, options or {})
     records = _merge(parsed, log)
     classes = Counter(box.label for record in records for box in record.boxes)
     summary = {

@@ -6,12 +6,35 @@ normalized to 0..1 so a record does not depend on how an image is later resized.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from odapi_operators.core import storage
+
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def key_from_path(relative_path: str) -> str:
+    """Stable image key from an image path relative to its export (or images) root."""
+    name = relative_path.replace("\\", "/")
+    stem = name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
+    return _KEY_UNSAFE.sub("_", stem.replace("/", "__")).strip("_")
+
+
+def key_from_url(url: str) -> str:
+    """Stable key for a remote image: its file stem plus a short hash of the full URL."""
+    stem = key_from_path(url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]) or "image"
+    return f"{stem[:64]}-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
+
+
+def key_from_id(source_id: str) -> str:
+    """Stable key from a source's own image id (e.g. an Open Images ImageID)."""
+    return _KEY_UNSAFE.sub("_", source_id).strip("_")
 
 
 @dataclass(frozen=True)
@@ -25,7 +48,10 @@ class Box:
 
 @dataclass(frozen=True)
 class ImageSource:
-    """Where the image bytes come from: kind is `local`, `url`, `gs` or `inline`."""
+    """Where the image bytes come from: kind is `local`, `url` or `gs`.
+
+    Inline images (base64 in an export) are decoded to files at ingest and become `local`.
+    """
 
     kind: str
     uri: str
@@ -40,6 +66,8 @@ class ImageRecord:
     height: int | None
     boxes: tuple[Box, ...]
     provenance: dict[str, Any] = field(default_factory=dict)
+    md5: str | None = None  # expected checksum of the image bytes (hex), when the source gives one
+    rotation: int = 0       # clockwise degrees the source says image AND boxes must be rotated
 
     def with_source(self, source: ImageSource, **changes: Any) -> "ImageRecord":
         return replace(self, source=source, **changes)
@@ -57,6 +85,8 @@ class ImageRecord:
             height=data.get("height"),
             boxes=tuple(Box(**b) for b in data.get("boxes", ())),
             provenance=data.get("provenance", {}),
+            md5=data.get("md5"),
+            rotation=data.get("rotation", 0),
         )
 
 

@@ -16,21 +16,35 @@ Open Images' class descriptions arrive together), reports bad files/lines/boxes 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from odapi_operators.core.paths import resolve_inside
 from odapi_operators.core.report import RejectionLog
 
-FORMAT_MODULES = ("voc",)
+# Detection order matters where formats share a file ending.
+FORMAT_MODULES = ("cvat", "voc", "coco", "labelstudio", "prodigy", "openimages", "csv")
+AVAILABLE = tuple(n for n in FORMAT_MODULES
+                  if importlib.util.find_spec(f"odapi_operators.core.formats.{n}") is not None)
 
 
 @dataclass(frozen=True)
 class ParseContext:
+    """What a parser may use: roots to resolve images in, where to report, its options.
+
+    `inline_dir` is where images embedded in an export (base64 data URIs) are written, by
+    content hash, so the manifest references a file instead of carrying megabytes of text.
+    `options` holds format options (e.g. {"csv_columns": {...}, "classes": [...]}).
+    """
+
     export_root: Path
     images_root: Path | None
     log: RejectionLog
+    inline_dir: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     def resolve_image(self, name: str, relative_to: Path | None = None) -> Path:
         """Image `name` inside images_root, else inside `relative_to` (default: the export)."""
@@ -41,15 +55,15 @@ class ParseContext:
 
 
 def load(name: str) -> ModuleType:
-    if name not in FORMAT_MODULES:
+    if name not in AVAILABLE:
         raise ValueError(f"unknown format {name!r}; expected auto or one of "
-                         f"{', '.join(FORMAT_MODULES)}")
+                         f"{', '.join(AVAILABLE)}")
     return importlib.import_module(f"odapi_operators.core.formats.{name}")
 
 
 def detect(path: Path, head: bytes) -> str | None:
     """The first format whose sniffer claims `path`, or None."""
-    for name in FORMAT_MODULES:
+    for name in AVAILABLE:
         module = load(name)
         if path.suffix.lower() in module.SUFFIXES and module.sniff(path, head):
             return name

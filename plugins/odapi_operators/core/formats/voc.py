@@ -7,7 +7,6 @@ never outside that root. XML is parsed with defusedxml (no entities, no external
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 from xml.etree.ElementTree import Element
@@ -16,7 +15,7 @@ import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
 from odapi_operators.core.boxes import normalized_box
-from odapi_operators.core.manifest import ImageRecord, ImageSource
+from odapi_operators.core.manifest import ImageRecord, ImageSource, key_from_path
 from odapi_operators.core.report import RecordError
 
 if TYPE_CHECKING:
@@ -24,13 +23,6 @@ if TYPE_CHECKING:
 
 NAME = "voc"
 SUFFIXES = (".xml",)
-_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def image_key(relative_path: str) -> str:
-    """Stable image key from the image path relative to its export root."""
-    stem = relative_path.rsplit(".", 1)[0] if "." in Path(relative_path).name else relative_path
-    return _KEY_UNSAFE.sub("_", stem.replace("/", "__")).strip("_")
 
 
 def _text(element: Element, path: str, file: str, record: str) -> str:
@@ -49,8 +41,8 @@ def _number(element: Element, path: str, file: str, record: str) -> float:
 
 
 def sniff(path: Path, head: bytes) -> bool:
-    """Any XML is offered to this parser, which reports a non-VOC root as a rejection."""
-    return True
+    """Any XML but CVAT's `<annotations>` is offered here; a non-VOC root is then reported."""
+    return b"<annotations" not in head
 
 
 def parse_voc_file(xml_path: Path, ctx: ParseContext) -> ImageRecord:
@@ -95,7 +87,7 @@ def parse_voc_file(xml_path: Path, ctx: ParseContext) -> ImageRecord:
     if key_root not in image_path.parents:
         key_root = Path(xml_path).parent.resolve()
     return ImageRecord(
-        key=image_key(str(image_path.relative_to(key_root))),
+        key=key_from_path(str(image_path.relative_to(key_root))),
         source=ImageSource("local", str(image_path)),
         source_id=filename,
         width=int(width),
