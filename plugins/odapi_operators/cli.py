@@ -30,7 +30,12 @@ def cmd_sample(args: argparse.Namespace) -> dict:
 def cmd_ingest(args: argparse.Namespace) -> dict:
     from odapi_operators.core.ingest import ingest
 
-    return ingest(args.inputs, args.out, images_root=args.images_root, fmt=args.format)
+    options = {"classes": args.classes, "csv_columns": args.csv_columns,
+               "csv_normalized": args.csv_normalized or None}
+    return ingest(args.inputs, args.out, images_root=args.images_root, fmt=args.format,
+                  options={k: v for k, v in options.items() if v},
+                  label_map=args.label_map, unknown_classes=args.unknown_classes,
+                  datasets_dir=args.datasets)
 
 
 def cmd_fetch(args: argparse.Namespace) -> dict:
@@ -114,10 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-side", type=int, default=160)
 
     p = stage("ingest", cmd_ingest, "parse annotation exports into a canonical manifest")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="export folders or files (companion files are just more inputs)")
     p.add_argument("--out", required=True)
-    p.add_argument("--format", default="auto")
-    p.add_argument("--images-root")
+    p.add_argument("--format", default="auto", choices=("auto", "voc", "cvat", "coco",
+                   "labelstudio", "prodigy", "openimages", "csv"))
+    p.add_argument("--images-root", help="resolve image names here (never outside it)")
+    p.add_argument("--label-map", help="existing label_map.pbtxt whose ids are kept")
+    p.add_argument("--unknown-classes", default="add", choices=("add", "skip", "reject"),
+                   help="classes not in --label-map: add them, skip their boxes, or reject "
+                        "the image (default: %(default)s)")
+    p.add_argument("--classes", type=lambda t: [c for c in t.split(",") if c],
+                   help="train only these classes (comma-separated names or MIDs)")
+    p.add_argument("--csv-columns", type=lambda t: _pairs(t, str),
+                   help="CSV layout: image=COL,label=COL,xmin=COL,ymin=COL,xmax=COL,ymax=COL"
+                        "[,width=COL,height=COL]")
+    p.add_argument("--csv-normalized", action="store_true",
+                   help="CSV coordinates are 0..1 instead of pixels")
+    p.add_argument("--datasets", help="publish the result as a dataset version here")
 
     for name, func, help in (("fetch", cmd_fetch, "copy/download the manifest's images"),
                              ("verify", cmd_verify, "fully decode every image; quarantine bad ones"),

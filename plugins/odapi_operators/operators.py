@@ -78,16 +78,22 @@ class IngestAnnotationsOperator(OdapiStageOperator):
 
     def execute(self, context: Any) -> dict:
         from odapi_operators.core.ingest import ingest
+        from odapi_operators.core.push import production_label_map
 
-        cfg = self.pipeline().exports
+        pipeline = self.pipeline()
+        cfg = pipeline.exports
         summary = ingest(list(self.exports), self.stage_dir(context, Stage.INGEST),
-                         images_root=cfg.images_root, fmt=cfg.format)
+                         images_root=cfg.images_root, fmt=cfg.format,
+                         options=cfg.parser_options(),
+                         label_map=production_label_map(pipeline.serving.base,
+                                                        pipeline.serving.model_name),
+                         unknown_classes=cfg.unknown_classes, datasets_dir=pipeline.datasets)
         self.log.info("ingested %(images)s images, %(boxes)s boxes, %(rejected)s rejected",
                       summary)
         for path in summary["ignored_files"]:
             self.log.warning("not an annotation or image file, ignored: %s", path)
-        return {k: summary[k] for k in ("manifest", "rejections", "images", "boxes", "rejected",
-                                        "fingerprint")}
+        return {k: summary[k] for k in ("manifest", "label_map", "rejections", "images", "boxes",
+                                        "rejected", "fingerprint", "new_version")}
 
 
 class FetchImagesOperator(OdapiStageOperator):

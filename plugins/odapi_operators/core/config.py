@@ -27,11 +27,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+FormatName = Literal["auto", "voc", "cvat", "coco", "labelstudio", "prodigy", "openimages", "csv"]
+
+
 class ExportsConfig(_Strict):
     path: str = Field(description="export folder, or a folder of export folders, to watch")
-    format: Literal["auto", "voc"] = "auto"
+    format: FormatName = "auto"
     marker: str | None = "_SUCCESS"
     images_root: str | None = None
+    unknown_classes: Literal["add", "skip", "reject"] = "add"
+    classes: list[str] | None = None  # train only these classes (names; Open Images MIDs too)
+    csv_columns: dict[str, str] | None = None  # our name -> CSV header, for other CSV layouts
+    ledger: str = "var/exports-ledger.jsonl"
+
+    def parser_options(self) -> dict:
+        return {k: v for k, v in (("classes", self.classes), ("csv_columns", self.csv_columns))
+                if v is not None}
 
 
 class RecordsConfig(_Strict):
@@ -68,6 +79,7 @@ class ServingConfig(_Strict):
 class PipelineConfig(_Strict):
     home: str
     runs: str = "var/runs"
+    datasets: str = "var/datasets"
     exports: ExportsConfig
     records: RecordsConfig = RecordsConfig()
     train: TrainConfig
@@ -79,7 +91,7 @@ class PipelineConfig(_Strict):
         return json.dumps(self.model_dump(by_alias=True), indent=2)
 
 
-_PATH_KEYS = ("runs", "exports.path", "exports.images_root", "train.model_config", "serving.base")
+_PATH_KEYS = ("runs", "datasets", "exports.ledger", "exports.path", "exports.images_root", "train.model_config", "serving.base")
 
 
 def default_home(config_path: Path) -> Path:
@@ -142,7 +154,9 @@ def load_pipeline_config(path: str | Path,
     if not home.is_absolute():
         home = (path.resolve().parent / home).resolve()
     data["home"] = str(home)
-    data.setdefault("runs", PipelineConfig.model_fields["runs"].default)
+    for key in ("runs", "datasets"):
+        data.setdefault(key, PipelineConfig.model_fields[key].default)
+    data.setdefault("exports", {}).setdefault("ledger", ExportsConfig.model_fields["ledger"].default)
     for key in _PATH_KEYS:
         value = _get_dotted(data, key)
         if isinstance(value, str) and "://" not in value and not os.path.isabs(value):

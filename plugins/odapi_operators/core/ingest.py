@@ -1,8 +1,8 @@
 """Ingest stage: annotation exports -> canonical manifest + rejection report.
 
-Reads every export given, parses it with the matching format parser, merges records by image
-key and writes `manifest.jsonl`, `rejections.jsonl` and `summary.json` to the stage folder in
-one atomic step. Bad files and boxes are reported and skipped; only an export with nothing
+Reads every export given, parses it with the matching format parser (see `formats`), merges
+records by image key, applies the unknown-class policy and writes the manifest, label map,
+rejections and summary to the stage folder in one atomic step. Bad files and boxes are reported and skipped; only an export with nothing
 usable fails the stage.
 """
 
@@ -12,9 +12,12 @@ import hashlib
 import json
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from odapi_operators.core import formats, storage
+from odapi_operators.core.datasets import publish_version
+from odapi_operators.core.label_map import extend_label_map, format_label_map, read_label_map
 from odapi_operators.core.manifest import ImageRecord, write_manifest
 from odapi_operators.core.report import RecordError, RejectionLog, StageError
 
@@ -67,10 +70,13 @@ def _parse_exports(inputs: list[str], fmt: str, images_root: str | None, log: Re
     return records, ignored
 
 
+UNKNOWN_CLASS_POLICIES = ("add", "skip", "reject")
+
+
 def _merge(records, log: RejectionLog) -> list[ImageRecord]:
     merged: dict[str, ImageRecord] = {}
     for record in records:
-        if not os.path.isfile(record.source.uri):
+        if record.source.kind == "local" and not os.path.isfile(record.source.uri):
             log.add(RecordError(record.provenance.get("file", "?"), record.source_id,
                                 f"missing image: {record.source.uri}").rejection)
             continue
@@ -86,21 +92,55 @@ def _merge(records, log: RejectionLog) -> list[ImageRecord]:
     return [merged[key] for key in sorted(merged)]
 
 
-def fingerprint(records: list[ImageRecord]) -> str:
+def apply_class_policy(records: list[ImageRecord], known: dict[str, int] | None, policy: str,
+                       log: RejectionLog) -> list[ImageRecord]:
+    """Handle classes missing from `known`: add them, skip their boxes, or reject the image.
+
+    Skipping a box leaves an unlabeled object in the image, so it is reported per image.
+    """
+    if policy not in UNKNOWN_CLASS_POLICIES:
+        raise StageError(f"unknown_classes must be one of {UNKNOWN_CLASS_POLICIES}, got {policy!r}")
+    if known is None or policy == "add":
+        return records
+    kept = []
+    for record in records:
+        unknown = sorted({b.label for b in record.boxes if b.label not in known})
+        if not unknown:
+            kept.append(record)
+            continue
+        file = record.provenance.get("file", "?")
+        if policy == "reject":
+            log.add(RecordError(file, record.source_id, f"unknown class: {', '.join(unknown)} "
+                                "(image rejected)").rejection)
+            continue
+        boxes = tuple(b for b in record.boxes if b.label in known)
+        log.add(RecordError(file, record.source_id, f"unknown class skipped: "
+                            f"{len(record.boxes) - len(boxes)} boxes of "
+                            f"{', '.join(unknown)}").rejection)
+        kept.append(replace(record, boxes=boxes))
+    return kept
+
+
+def fingerprint(records: list[ImageRecord], label_map: dict[str, int] | None = None) -> str:
     """Content fingerprint of a dataset version: same records in, same fingerprint out."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(json.dumps(sorted((label_map or {}).items())).encode())
     for record in records:
         content = {"key": record.key, "boxes": [list(b.__dict__.values()) for b in record.boxes],
-                   "size": [record.width, record.height], "source": record.source.uri}
+                   "size": [record.width, record.height], "source": record.source.uri,
+                   "md5": record.md5, "rotation": record.rotation}
         digest.update(json.dumps(content, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
 def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = None,
-           fmt: str = "auto", options: dict | None = None) -> dict:
+           fmt: str = "auto", options: dict | None = None, label_map: str | None = None,
+           unknown_classes: str = "add", datasets_dir: str | None = None) -> dict:
     """Parse `inputs` (files or export folders) into `out_dir`; return the summary.
 
+    Writes `manifest.jsonl`, `label_map.pbtxt` (the given `label_map` extended append-only
+    when `unknown_classes` is "add"), `rejections.jsonl` and `summary.json` atomically.
     Images embedded in an export are written, by content hash, to `<out_dir>-inline/`.
+    With `datasets_dir`, the result is also published as an immutable dataset version.
     """
     if fmt != "auto":
         try:
@@ -109,11 +149,13 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
             raise StageError(str(exc)) from None
     if not inputs:
         raise StageError("no annotation exports given")
+    known = read_label_map(label_map) if label_map and storage.exists(label_map) else None
     log = RejectionLog()
     inline_dir = Path(out_dir).with_name(Path(out_dir).name + "-inline")
     parsed, other = _parse_exports(inputs, fmt, images_root, log, inline_dir, options or {})
-    records = _merge(parsed, log)
+    records = apply_class_policy(_merge(parsed, log), known, unknown_classes, log)
     classes = Counter(box.label for record in records for box in record.boxes)
+    ids = extend_label_map(known or {}, list(classes))
     summary = {
         "inputs": list(inputs),
         "images": len(records),
@@ -122,16 +164,20 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
         "rejected": len(log),
         "rejections_by_reason": log.by_reason(),
         "ignored_files": other,
-        "fingerprint": fingerprint(records),
+        "fingerprint": fingerprint(records, ids),
+        "manifest": str(Path(out_dir) / "manifest.jsonl"),
+        "label_map": str(Path(out_dir) / "label_map.pbtxt"),
+        "rejections": str(Path(out_dir) / "rejections.jsonl"),
     }
     with storage.atomic_directory(out_dir) as tmp:
         write_manifest(tmp / "manifest.jsonl", records)
+        storage.write_text(tmp / "label_map.pbtxt", format_label_map(ids))
         log.write(tmp / "rejections.jsonl")
-        summary_with_paths = {**summary, "manifest": str(Path(out_dir) / "manifest.jsonl"),
-                              "rejections": str(Path(out_dir) / "rejections.jsonl")}
-        storage.write_text(tmp / "summary.json", json.dumps(summary_with_paths, indent=2))
+        storage.write_text(tmp / "summary.json", json.dumps(summary, indent=2))
     if not records:
         first = "; ".join(str(r) for r in log.items[:3])
         raise StageError(f"no usable records in {', '.join(inputs)}: {len(log)} rejected "
-                         f"(e.g. {first}); see {summary_with_paths['rejections']}")
-    return summary_with_paths
+                         f"(e.g. {first}); see {summary['rejections']}")
+    if datasets_dir:
+        summary["new_version"] = publish_version(datasets_dir, out_dir, summary)
+    return summary

@@ -27,8 +27,14 @@ from odapi_operators.core.report import RejectionLog
 
 # Detection order matters where formats share a file ending.
 FORMAT_MODULES = ("cvat", "voc", "coco", "labelstudio", "prodigy", "openimages", "csv")
-AVAILABLE = tuple(n for n in FORMAT_MODULES
-                  if importlib.util.find_spec(f"odapi_operators.core.formats.{n}") is not None)
+_MODULE_NAMES = {"csv": "csvboxes"}  # a module named csv would shadow the stdlib's
+
+
+def _module_path(name: str) -> str:
+    return f"odapi_operators.core.formats.{_MODULE_NAMES.get(name, name)}"
+
+
+AVAILABLE = tuple(n for n in FORMAT_MODULES if importlib.util.find_spec(_module_path(n)))
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ def load(name: str) -> ModuleType:
     if name not in AVAILABLE:
         raise ValueError(f"unknown format {name!r}; expected auto or one of "
                          f"{', '.join(AVAILABLE)}")
-    return importlib.import_module(f"odapi_operators.core.formats.{name}")
+    return importlib.import_module(_module_path(name))
 
 
 def detect(path: Path, head: bytes) -> str | None:
