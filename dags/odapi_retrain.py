@@ -14,6 +14,7 @@ from pathlib import Path
 from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Param, TaskGroup
 
+from odapi_operators.assets import DATASET_VERSION, SERVED_MODEL
 from odapi_operators.operators import (BuildLabelMapOperator, EvaluateDetectorOperator,
                                        ExportSavedModelOperator, FetchImagesOperator,
                                        IngestAnnotationsOperator, PromotionGateOperator,
@@ -54,7 +55,8 @@ with DAG(
                                   timeout=6 * 3600, mode="reschedule")
 
     with TaskGroup("prepare", tooltip="annotations -> verified images -> TFRecords"):
-        ingest = IngestAnnotationsOperator(task_id="ingest", config=cfg, exports=wait.output)
+        ingest = IngestAnnotationsOperator(task_id="ingest", config=cfg, exports=wait.output,
+                                           outlets=[DATASET_VERSION])
         fetch = FetchImagesOperator(task_id="fetch_images", config=cfg,
                                     manifest=ingest.output["manifest"])
         verify = VerifyImagesOperator(task_id="verify_images", config=cfg,
@@ -81,7 +83,8 @@ with DAG(
                                           model_dir=train.output["model_dir"],
                                           data=records.output["data"])
         push = PushToServingOperator(task_id="push", config=cfg,
-                                     saved_model=export.output["saved_model"])
+                                     saved_model=export.output["saved_model"],
+                                     outlets=[SERVED_MODEL])
         gate >> promoted >> export >> push
 
     config >> wait

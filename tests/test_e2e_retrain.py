@@ -53,6 +53,17 @@ def _task_states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
 
 
+def _asset_events(run_id: str) -> dict[str, dict]:
+    """{source task id: event extra} of the Asset events a run published."""
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        events = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == run_id))
+        return {e.source_task_id: dict(e.extra) for e in events}
+
+
 def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
     dag_run = _load_dag().test()
     states = _task_states(dag_run)
@@ -76,6 +87,14 @@ def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
     assert (version / "saved_model.pb").is_file()
     assert (version / "assets.extra" / "label_map.pbtxt").is_file()
     assert not [p for p in version.parent.iterdir() if p.name.startswith(".tmp")]
+
+    events = _asset_events(dag_run.run_id)
+    ingest_summary = json.loads((run_dir / "ingest" / "summary.json").read_text())
+    assert events["prepare.ingest"]["fingerprint"] == ingest_summary["fingerprint"]
+    assert events["prepare.ingest"]["new_version"] is True
+    assert events["promote.push"]["version"] == 1
+    datasets = pipeline / "var" / "datasets"
+    assert (datasets / ingest_summary["fingerprint"] / "manifest.jsonl").is_file()
 
     import tensorflow as tf
 

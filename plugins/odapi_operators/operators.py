@@ -35,6 +35,11 @@ class OdapiStageOperator(BaseOperator):
     def stage_dir(self, context: Any, stage: Stage) -> Path:
         return RunLayout(Path(self.pipeline().runs), context["run_id"]).stage(stage)
 
+    def publish(self, context: Any, **extra: Any) -> None:
+        """Attach `extra` to the events of this task's outlet Assets."""
+        for outlet in self.outlets:
+            context["outlet_events"][outlet].extra = extra
+
     def run_child(self, args: list[str]) -> dict:
         from odapi_operators.core.child import run_stage
 
@@ -92,6 +97,9 @@ class IngestAnnotationsOperator(OdapiStageOperator):
                       summary)
         for path in summary["ignored_files"]:
             self.log.warning("not an annotation or image file, ignored: %s", path)
+        self.publish(context, fingerprint=summary["fingerprint"],
+                     new_version=summary.get("new_version"), images=summary["images"],
+                     boxes=summary["boxes"])
         return {k: summary[k] for k in ("manifest", "label_map", "rejections", "images", "boxes",
                                         "rejected", "fingerprint", "new_version")}
 
@@ -234,4 +242,6 @@ class PushToServingOperator(OdapiStageOperator):
         summary = push(self.saved_model, cfg.base, cfg.model_name, context["run_id"],
                        out_dir=self.stage_dir(context, Stage.PUSH))
         self.log.info("pushed %(model_name)s version %(version)s to %(path)s", summary)
+        self.publish(context, model_name=summary["model_name"], version=summary["version"],
+                     path=summary["path"])
         return {"version": summary["version"], "path": summary["path"]}

@@ -45,11 +45,11 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
 def _place(rng: np.random.Generator, width: int, height: int, taken: list[Shape]):
     short = min(width, height)
     for _ in range(50):
-        side = int(rng.uniform(0.18, 0.45) * short)
+        side = int(rng.uniform(0.25, 0.5) * short)
         x0 = int(rng.integers(0, width - side))
         y0 = int(rng.integers(0, height - side))
         box = (x0, y0, x0 + side, y0 + side)
-        if all(_iou(box, s.box) < 0.2 for s in taken):
+        if all(_iou(box, s.box) < 0.1 for s in taken):
             return box
     return None
 

@@ -31,6 +31,7 @@ SUFFIXES = (".json",)
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _REMOTE_KINDS = {"http": "url", "https": "url", "gs": "gs"}
 _LEADING_BYTES = b"\xef\xbb\xbf \t\r\n"  # UTF-8 BOM and whitespace before the JSON value
+_HEAD_BYTES = 4096  # how much of a file ingest shows a sniffer (ingest.SNIFF_BYTES)
 
 
 def json_root_char(head: bytes) -> bytes:
@@ -46,7 +47,7 @@ def sniff(path: Path, head: bytes) -> bool:
     """
     if json_root_char(head) != b"{" or b'"images"' not in head:
         return False
-    return b'"annotations"' in head or len(head) >= 4096
+    return b'"annotations"' in head or len(head) >= _HEAD_BYTES
 
 
 def is_number(value: Any) -> bool:
