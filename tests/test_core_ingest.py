@@ -164,7 +164,8 @@ def hostile(tmp_path):
     (export / "absolute.xml").write_text(voc("/etc/passwd", objects=[("x", (1, 1, 9, 9))]))
     add_pair(export, "missing", image=False, objects=[("cat", (1, 1, 9, 9))])
     add_pair(export, "outside", objects=[("cat", (10, 10, 50, 50)), ("far", (50, 40, 130, 79))])
-    add_pair(export, "degenerate", objects=[("flat", (20, 20, 20, 40))])
+    add_pair(export, "degenerate", objects=[("flat", (20, 20, 20, 40)), ("dog", (5, 5, 15, 15))])
+    add_pair(export, "allbad", objects=[("flat", (20, 20, 20, 40)), ("far", (0, 0, 300, 10))])
     add_pair(export, "slightly", objects=[("edge", (-1, 5, 101, 81))])
     out = tmp_path / "ingest"
     summary = ingest([str(export)], out)
@@ -200,7 +201,7 @@ def test_good_records_survive_hostile_export(hostile):
     assert sorted(records) == ["degenerate", "good", "good2", "outside", "slightly"]
     assert records["good"].boxes[0].label == "cat"
     assert (records["good2"].boxes[0].xmin, records["good2"].boxes[0].xmax) == (0.0, 1.0)
-    assert summary["rejected"] == sum(len(v) for v in by_file.values()) == 9
+    assert summary["rejected"] == sum(len(v) for v in by_file.values()) == 12
     assert summary["rejections_by_reason"]["forbidden XML construct"] == 2
 
 
@@ -209,7 +210,7 @@ def test_hostile_paths_never_read(hostile):
     for r in records.values():
         assert "passwd" not in r.source.uri and "passwd" not in r.source_id
     assert sorted(b.label for r in records.values() for b in r.boxes) == [
-        "cat", "cat", "dog", "edge"]
+        "cat", "cat", "dog", "dog", "edge"]
 
 
 def test_entity_payloads_not_expanded(hostile):
@@ -223,8 +224,16 @@ def test_entity_payloads_not_expanded(hostile):
 def test_bad_box_drops_box_keeps_image(hostile):
     _, _, by_file, records = hostile
     assert [b.label for b in records["outside"].boxes] == ["cat"]
-    assert records["degenerate"].boxes == ()
+    assert [b.label for b in records["degenerate"].boxes] == ["dog"]
     assert "slightly.xml" not in by_file
+
+
+def test_image_whose_boxes_all_fail_is_dropped_not_kept_as_background(hostile):
+    _, _, by_file, records = hostile
+    assert "allbad" not in records
+    reasons = [r["reason"] for r in by_file["allbad.xml"]]
+    assert "no usable box: all 2 objects rejected" in reasons
+    assert sum(r.startswith(("degenerate box", "box outside")) for r in reasons) == 2
 
 
 def test_slightly_outside_box_is_clipped(hostile):
@@ -301,8 +310,10 @@ def test_duplicates_across_exports_reported(tmp_path):
 
 def test_rejections_by_reason_groups_box_reasons(tmp_path):
     export = tmp_path / "export"
-    add_pair(export, "one", objects=[("a", (10, 10, 150, 50)), ("b", (30, 30, 30, 50))])
-    add_pair(export, "two", objects=[("a", (10, 10, 50, 200)), ("b", (30, 30, 60, 20))])
+    add_pair(export, "one", objects=[("a", (10, 10, 150, 50)), ("b", (30, 30, 30, 50)),
+                                     ("ok", (1, 1, 9, 9))])
+    add_pair(export, "two", objects=[("a", (10, 10, 50, 200)), ("b", (30, 30, 60, 20)),
+                                     ("ok", (1, 1, 9, 9))])
     summary = ingest([str(export)], tmp_path / "out")
     assert summary["rejections_by_reason"] == {"box outside the image": 2, "degenerate box": 2}
 

@@ -71,10 +71,11 @@ def parse_voc_file(xml_path: Path, ctx: ParseContext) -> ImageRecord:
     width = _number(root, "size/width", file, "size")
     height = _number(root, "size/height", file, "size")
     boxes = []
-    for index, obj in enumerate(root.iter("object")):
+    objects = list(root.iter("object"))
+    for index, obj in enumerate(objects):
         record = f"object[{index}]"
-        name = _text(obj, "name", file, record)
         try:
+            name = _text(obj, "name", file, record)
             boxes.append(normalized_box(
                 name, *(_number(obj, f"bndbox/{c}", file, record)
                         for c in ("xmin", "ymin", "xmax", "ymax")),
@@ -83,6 +84,9 @@ def parse_voc_file(xml_path: Path, ctx: ParseContext) -> ImageRecord:
             ctx.log.add(exc.rejection)
         except ValueError as exc:
             ctx.log.add(RecordError(file, record, str(exc)).rejection)
+    if objects and not boxes:  # keeping it would teach the model its objects are background
+        raise RecordError(file, "document",
+                          f"no usable box: all {len(objects)} objects rejected")
     key_root = ctx.key_root(Path(xml_path).parent)
     if key_root not in image_path.parents:
         key_root = Path(xml_path).parent.resolve()
