@@ -17,13 +17,29 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from odapi_operators.core.manifest import ImageSource, key_from_path, key_from_url
 from odapi_operators.core.paths import resolve_inside
-from odapi_operators.core.report import RejectionLog
+from odapi_operators.core.report import RecordError, RejectionLog
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+REMOTE_KINDS = {"http": "url", "https": "url", "gs": "gs"}
+
+
+def remote_kind(name: str) -> str | None:
+    """'url' or 'gs' for a remote image reference, None for a path; ValueError otherwise."""
+    scheme = _SCHEME.match(name)
+    if not scheme:
+        return None
+    kind = REMOTE_KINDS.get(scheme.group(1).lower())
+    if kind is None:
+        raise ValueError(f"unsupported image location: {name[:200]}")
+    return kind
 
 # Detection order matters where formats share a file ending.
 FORMAT_MODULES = ("cvat", "voc", "coco", "labelstudio", "prodigy", "openimages", "csv")
@@ -56,8 +72,39 @@ class ParseContext:
         """Image `name` inside images_root, else inside `relative_to` (default: the export)."""
         return resolve_inside(self.images_root or relative_to or self.export_root, name)
 
-    def key_root(self, fallback: Path) -> Path:
-        return Path(self.images_root or self.export_root or fallback).resolve()
+    def image_key(self, image_path: Path, folder: Path) -> str:
+        """Key from the image path relative to the images (else export) root, else `folder`.
+
+        So the same image named by two exports of different formats gets the same key.
+        """
+        key_root = Path(self.images_root or self.export_root or folder).resolve()
+        if key_root not in image_path.parents:
+            key_root = Path(folder).resolve()
+        return key_from_path(str(image_path.relative_to(key_root)))
+
+    def locate(self, name: object, folder: Path, file: str,
+               record: str) -> tuple[str, ImageSource]:
+        """(key, source) for an image named in an export; raises `RecordError` if refused.
+
+        http(s) and gs:// are remote sources; other schemes and data URIs are refused here;
+        anything else is a path that must stay inside the images root (else `folder`).
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise RecordError(file, record, f"no image: image reference is {name!r}")
+        name = name.strip()
+        try:
+            kind = remote_kind(name)
+        except ValueError as exc:
+            raise RecordError(file, record, str(exc)) from None
+        if kind:
+            return key_from_url(name), ImageSource(kind, name)
+        if name.startswith("data:"):
+            raise RecordError(file, record, f"unsupported image location: inline {name[:40]}...")
+        try:
+            path = self.resolve_image(name, relative_to=folder)
+        except ValueError as exc:
+            raise RecordError(file, record, str(exc)) from None
+        return self.image_key(path, folder), ImageSource("local", str(path))
 
 
 def load(name: str) -> ModuleType:

@@ -13,13 +13,12 @@ formats so one image gets one key whichever export names it.
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from odapi_operators.core.boxes import normalized_box
-from odapi_operators.core.manifest import Box, ImageRecord, ImageSource, key_from_path, key_from_url
+from odapi_operators.core.formats.common import image_size, is_number, json_root_char
+from odapi_operators.core.manifest import Box, ImageRecord
 from odapi_operators.core.report import RecordError
 
 if TYPE_CHECKING:
@@ -28,15 +27,7 @@ if TYPE_CHECKING:
 NAME = "coco"
 SUFFIXES = (".json",)
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_REMOTE_KINDS = {"http": "url", "https": "url", "gs": "gs"}
-_LEADING_BYTES = b"\xef\xbb\xbf \t\r\n"  # UTF-8 BOM and whitespace before the JSON value
 _HEAD_BYTES = 4096  # how much of a file ingest shows a sniffer (ingest.SNIFF_BYTES)
-
-
-def json_root_char(head: bytes) -> bytes:
-    """First significant byte of a JSON document (`{` or `[` for the formats here)."""
-    return head.lstrip(_LEADING_BYTES)[:1]
 
 
 def sniff(path: Path, head: bytes) -> bool:
@@ -50,53 +41,9 @@ def sniff(path: Path, head: bytes) -> bool:
     return b'"annotations"' in head or len(head) >= _HEAD_BYTES
 
 
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def is_id(value: Any) -> bool:
     """COCO ids are integers (some tools write strings); anything else cannot be looked up."""
     return isinstance(value, (int, str)) and not isinstance(value, bool)
-
-
-def image_size(width: Any, height: Any) -> tuple[int, int] | None:
-    """(width, height) if both are positive finite numbers, else None (size unknown)."""
-    if all(is_number(v) and math.isfinite(v) and v > 0 for v in (width, height)):
-        return int(width), int(height)
-    return None
-
-
-def local_key(image_path: Path, ctx: ParseContext, folder: Path) -> str:
-    """Key from the image path relative to the images (else export) root, as voc.py does."""
-    key_root = ctx.key_root(folder)
-    if key_root not in image_path.parents:
-        key_root = Path(folder).resolve()
-    return key_from_path(str(image_path.relative_to(key_root)))
-
-
-def locate_image(name: str, ctx: ParseContext, folder: Path, file: str,
-                 record: str) -> tuple[str, ImageSource]:
-    """(key, source) for an image named in an export; raises `RecordError` if refused.
-
-    http(s) and gs:// are remote sources; any other scheme is unsupported; anything else is a
-    path that must stay inside the images root (else `folder`).
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise RecordError(file, record, f"no image: image reference is {name!r}")
-    name = name.strip()
-    scheme = _SCHEME.match(name)
-    if scheme:
-        kind = _REMOTE_KINDS.get(scheme.group(1).lower())
-        if kind is None:
-            raise RecordError(file, record, f"unsupported image location: {name[:200]}")
-        return key_from_url(name), ImageSource(kind, name)
-    if name.startswith("data:"):
-        raise RecordError(file, record, f"unsupported image location: inline {name[:40]}...")
-    try:
-        path = ctx.resolve_image(name, relative_to=folder)
-    except ValueError as exc:
-        raise RecordError(file, record, str(exc)) from None
-    return local_key(path, ctx, folder), ImageSource("local", str(path))
 
 
 def _load(path: Path) -> Any:
@@ -184,7 +131,7 @@ def parse_coco_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]
         if image_id in size_missing:
             continue  # its boxes are reported; without them it would train as a negative
         try:
-            key, source = locate_image(image.get("file_name"), ctx, folder, file, record)
+            key, source = ctx.locate(image.get("file_name"), folder, file, record)
         except RecordError as exc:
             ctx.log.add(exc.rejection)
             continue

@@ -21,8 +21,6 @@ disagree about its size, or whose rows were all refused, is dropped and reported
 
 from __future__ import annotations
 
-import codecs
-import csv
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,7 +30,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 from PIL import Image
 
 from odapi_operators.core.boxes import checked_box, normalized_box
-from odapi_operators.core.manifest import Box, ImageRecord, ImageSource, key_from_path, key_from_url
+from odapi_operators.core.formats import remote_kind
+from odapi_operators.core.formats.common import first_line_fields, read_csv_lines
+from odapi_operators.core.manifest import Box, ImageRecord, ImageSource, key_from_url
 from odapi_operators.core.report import RecordError, Rejection
 
 if TYPE_CHECKING:
@@ -51,55 +51,6 @@ LAYOUTS: dict[tuple[str, ...], dict[str, str]] = {
         "image": "path", "label": "label",
         "xmin": "xmin", "ymin": "ymin", "xmax": "xmax", "ymax": "ymax"},
 }
-REMOTE_PREFIXES = {"http://": "url", "https://": "url", "gs://": "gs"}
-
-
-def split_csv_line(line: str) -> list[str]:
-    """Fields of one CSV line; raises csv.Error for a stray quote (strict quoting)."""
-    if '"' not in line:
-        return line.split(",")
-    return next(csv.reader((line,), strict=True))
-
-
-def read_csv_lines(path: str | Path) -> Iterator[tuple[int, list[str] | None, str | None]]:
-    """Stream (line number, fields, None) or (line number, None, reason) per non-blank line.
-
-    Reads bytes line by line and decodes each line itself, so a UTF-8 BOM is dropped, a bad
-    byte costs one line (not the rest of the file) and memory stays one line. Each line is
-    its own record: an unbalanced quote is reported for that line ("stray quote: ...")
-    instead of swallowing the lines after it; quoted fields may hold commas, not newlines.
-    """
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, 1):
-            if number == 1:
-                if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-                    yield number, None, "not UTF-8 text: UTF-16 file (save it as CSV UTF-8)"
-                    return
-                if raw.startswith(codecs.BOM_UTF8):
-                    raw = raw[len(codecs.BOM_UTF8):]
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                yield number, None, f"not UTF-8 text: byte {exc.start} ({exc.reason})"
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield number, split_csv_line(line), None
-            except csv.Error as exc:
-                kind = "malformed CSV line" if "NUL" in str(exc) else "stray quote"
-                yield number, None, f"{kind}: {exc}"
-
-
-def first_line_fields(head: bytes) -> list[str]:
-    """The first line of a file head, BOM stripped, as stripped fields ([] if unreadable)."""
-    if head.startswith(codecs.BOM_UTF8):
-        head = head[len(codecs.BOM_UTF8):]
-    line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
-    try:
-        return [f.strip() for f in split_csv_line(line)]
-    except csv.Error:
-        return []
 
 
 def sniff(path: Path, head: bytes) -> bool:
@@ -159,12 +110,6 @@ class _Image:
     ignored_rows: int = 0
 
 
-def _remote_kind(name: str) -> str | None:
-    lower = name.lower()
-    return next((kind for prefix, kind in REMOTE_PREFIXES.items() if lower.startswith(prefix)),
-                None)
-
-
 def _image_size(path: Path) -> tuple[int, int]:
     """Pixel size from the image header only (Pillow opens lazily, decodes nothing)."""
     try:
@@ -177,7 +122,11 @@ def _image_size(path: Path) -> tuple[int, int]:
 def _new_image(name: str, number: int, csv_path: Path, ctx: ParseContext,
                need_size: bool) -> _Image:
     image = _Image(name=name, line=number)
-    remote = _remote_kind(name)
+    try:
+        remote = remote_kind(name)
+    except ValueError as exc:
+        image.error, image.error_line = str(exc), number
+        return image
     if remote:
         image.source, image.key = ImageSource(remote, name), key_from_url(name)
         if need_size:
@@ -189,11 +138,8 @@ def _new_image(name: str, number: int, csv_path: Path, ctx: ParseContext,
     except ValueError as exc:
         image.error, image.error_line = str(exc), number
         return image
-    key_root = ctx.key_root(csv_path.parent)
-    if key_root not in path.parents:
-        key_root = csv_path.parent.resolve()
     image.source = ImageSource("local", str(path))
-    image.key = key_from_path(str(path.relative_to(key_root)))
+    image.key = ctx.image_key(path, csv_path.parent)
     if need_size:
         if not os.path.isfile(path):
             image.error, image.error_line = f"missing image: {path}", number

@@ -37,7 +37,7 @@ import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
 from odapi_operators.core.boxes import CLIP_TOLERANCE, normalized_box
-from odapi_operators.core.manifest import Box, ImageRecord, ImageSource, key_from_path
+from odapi_operators.core.manifest import Box, ImageRecord, ImageSource
 from odapi_operators.core.report import RecordError, Rejection
 
 if TYPE_CHECKING:
@@ -144,11 +144,8 @@ def _image_record(element: Element, xml_path: Path, ctx: ParseContext,
     if refused and not boxes:
         raise RecordError(file, record, f"no usable box: image dropped, all {refused} "
                                         f"shapes refused")
-    key_root = ctx.key_root(xml_path.parent)
-    if key_root not in image_path.parents:
-        key_root = xml_path.parent.resolve()
     return ImageRecord(
-        key=key_from_path(str(image_path.relative_to(key_root))),
+        key=ctx.image_key(image_path, Path(xml_path).parent),
         source=ImageSource("local", str(image_path)),
         source_id=name,
         width=int(width),

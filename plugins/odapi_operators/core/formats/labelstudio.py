@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from odapi_operators.core.boxes import checked_box, normalized_box
-from odapi_operators.core.formats.coco import (image_size, is_number, json_root_char, local_key,
-                                               locate_image)
+from odapi_operators.core.formats.common import image_size, is_number, json_root_char
 from odapi_operators.core.manifest import Box, ImageRecord, ImageSource
 from odapi_operators.core.report import RecordError
 
@@ -91,7 +90,7 @@ def _locate(image: Any, ctx: ParseContext, folder: Path, file: str,
     except ValueError as exc:
         raise RecordError(file, record, str(exc)) from None
     if not candidates:
-        return locate_image(image, ctx, folder, file, record)
+        return ctx.locate(image, folder, file, record)
     paths = []
     for name in candidates:
         try:
@@ -99,7 +98,7 @@ def _locate(image: Any, ctx: ParseContext, folder: Path, file: str,
         except ValueError as exc:  # the first refusal wins: no falling back past an escape
             raise RecordError(file, record, str(exc)) from None
     path = next((p for p in paths if os.path.isfile(p)), paths[0])
-    return local_key(path, ctx, folder), ImageSource("local", str(path))
+    return ctx.image_key(path, folder), ImageSource("local", str(path))
 
 
 def _envelope(value: dict, size: tuple[int, int] | None) -> tuple[float, float, float, float]:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from odapi_operators.core.boxes import checked_box
-from odapi_operators.core.formats.csvboxes import first_line_fields, read_csv_lines
+from odapi_operators.core.formats.common import first_line_fields, read_csv_lines
 from odapi_operators.core.manifest import Box, ImageRecord, ImageSource, key_from_id
 from odapi_operators.core.report import Rejection
 

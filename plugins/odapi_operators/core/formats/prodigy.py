@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from odapi_operators.core import storage
 from odapi_operators.core.boxes import normalized_box
-from odapi_operators.core.formats.coco import image_size, is_number, locate_image
+from odapi_operators.core.formats.common import image_size, is_number
 from odapi_operators.core.manifest import Box, ImageRecord, ImageSource
 from odapi_operators.core.report import RecordError
 
@@ -158,7 +158,7 @@ def _task_record(task: Any, number: int, file: str, folder: Path,
         name = reference
         if name and _ABSOLUTE.match(name) and "://" not in name:
             name = re.split(r"[\\/]", name)[-1]  # the annotator's machine: look up by name
-        key, source = locate_image(name, ctx, folder, file, record)
+        key, source = ctx.locate(name, folder, file, record)
         source_id = str(hashes[0]) if hashes else reference
 
     size = image_size(task.get("width"), task.get("height"))

@@ -15,7 +15,7 @@ import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
 from odapi_operators.core.boxes import normalized_box
-from odapi_operators.core.manifest import ImageRecord, ImageSource, key_from_path
+from odapi_operators.core.manifest import ImageRecord, ImageSource
 from odapi_operators.core.report import RecordError
 
 if TYPE_CHECKING:
@@ -87,11 +87,8 @@ def parse_voc_file(xml_path: Path, ctx: ParseContext) -> ImageRecord:
     if objects and not boxes:  # keeping it would teach the model its objects are background
         raise RecordError(file, "document",
                           f"no usable box: all {len(objects)} objects rejected")
-    key_root = ctx.key_root(Path(xml_path).parent)
-    if key_root not in image_path.parents:
-        key_root = Path(xml_path).parent.resolve()
     return ImageRecord(
-        key=key_from_path(str(image_path.relative_to(key_root))),
+        key=ctx.image_key(image_path, Path(xml_path).parent),
         source=ImageSource("local", str(image_path)),
         source_id=filename,
         width=int(width),

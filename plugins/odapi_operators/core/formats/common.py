@@ -1,0 +1,75 @@
+"""Small readers the format parsers share: JSON heads, sizes, numbers, CSV lines."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+_LEADING_BYTES = b"\xef\xbb\xbf \t\r\n"  # UTF-8 BOM and whitespace before a JSON value
+
+
+def json_root_char(head: bytes) -> bytes:
+    """First significant byte of a JSON document (`{` or `[` for the formats here)."""
+    return head.lstrip(_LEADING_BYTES)[:1]
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def image_size(width: Any, height: Any) -> tuple[int, int] | None:
+    """(width, height) if both are positive finite numbers, else None (size unknown)."""
+    if all(is_number(v) and math.isfinite(v) and v > 0 for v in (width, height)):
+        return int(width), int(height)
+    return None
+
+
+def split_csv_line(line: str) -> list[str]:
+    """Fields of one CSV line; raises csv.Error for a stray quote (strict quoting)."""
+    if '"' not in line:
+        return line.split(",")
+    return next(csv.reader((line,), strict=True))
+
+
+def read_csv_lines(path: str | Path) -> Iterator[tuple[int, list[str] | None, str | None]]:
+    """Stream (line number, fields, None) or (line number, None, reason) per non-blank line.
+
+    Reads bytes line by line and decodes each line itself, so a UTF-8 BOM is dropped, a bad
+    byte costs one line (not the rest of the file) and memory stays one line. Each line is
+    its own record: an unbalanced quote is reported for that line ("stray quote: ...")
+    instead of swallowing the lines after it; quoted fields may hold commas, not newlines.
+    """
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            if number == 1:
+                if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                    yield number, None, "not UTF-8 text: UTF-16 file (save it as CSV UTF-8)"
+                    return
+                if raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                yield number, None, f"not UTF-8 text: byte {exc.start} ({exc.reason})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield number, split_csv_line(line), None
+            except csv.Error as exc:
+                kind = "malformed CSV line" if "NUL" in str(exc) else "stray quote"
+                yield number, None, f"{kind}: {exc}"
+
+
+def first_line_fields(head: bytes) -> list[str]:
+    """The first line of a file head, BOM stripped, as stripped fields ([] if unreadable)."""
+    if head.startswith(codecs.BOM_UTF8):
+        head = head[len(codecs.BOM_UTF8):]
+    line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
+    try:
+        return [f.strip() for f in split_csv_line(line)]
+    except csv.Error:
+        return []
