@@ -21,6 +21,9 @@ def normalized_box(label: str, xmin: float, ymin: float, xmax: float, ymax: floa
 
 def checked_box(label: str, xmin: float, ymin: float, xmax: float, ymax: float) -> Box:
     """Validate a normalized box: finite, inside the image (with tolerance), not degenerate."""
+    if 0.0 <= xmin < xmax <= 1.0 and 0.0 <= ymin < ymax <= 1.0 and label.strip() == label \
+            and label:  # the common case, decided in one comparison chain (NaN fails it)
+        return Box(label, xmin, ymin, xmax, ymax)
     coords = (xmin, ymin, xmax, ymax)
     if not all(math.isfinite(c) for c in coords):
         raise ValueError(f"non-finite coordinates: {coords}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -72,8 +72,23 @@ class ImageRecord:
     def with_source(self, source: ImageSource, **changes: Any) -> "ImageRecord":
         return replace(self, source=source, **changes)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON (written by hand: `dataclasses.asdict` deep-copies, 4x slower)."""
+        return {
+            "key": self.key,
+            "source": {"kind": self.source.kind, "uri": self.source.uri},
+            "source_id": self.source_id,
+            "width": self.width,
+            "height": self.height,
+            "boxes": [{"label": b.label, "xmin": b.xmin, "ymin": b.ymin, "xmax": b.xmax,
+                       "ymax": b.ymax} for b in self.boxes],
+            "provenance": self.provenance,
+            "md5": self.md5,
+            "rotation": self.rotation,
+        }
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ImageRecord":
