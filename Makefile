@@ -40,7 +40,7 @@ $(AIRFLOW_HOME)/airflow.db: | $(VENV)/.installed
 # Runs odapi_retrain once in the embedded Airflow on the sample data, then summarizes the run.
 demo: venv sample $(AIRFLOW_HOME)/airflow.db
 	@start=$$(date +%s); \
-	airflow dags test odapi_retrain 2>&1 | tee var/demo.log | grep --line-buffered -E \
+	airflow dags test odapi_retrain -c '{"take_exports": "all"}' 2>&1 | tee var/demo.log | grep --line-buffered -E \
 	  "DAG TEST\] starting task|train \| step|AP50|promoted:|pushed|ERROR|error:|DagRun failed" \
 	  | grep --line-buffered -v cuInit; \
 	status=$${PIPESTATUS[0]}; \

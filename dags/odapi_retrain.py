@@ -12,13 +12,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from airflow.providers.standard.operators.python import ShortCircuitOperator
-from airflow.sdk import DAG, Param, TaskGroup
+from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TaskGroup
 
 from odapi_operators.assets import DATASET_VERSION, SERVED_MODEL
 from odapi_operators.operators import (BuildLabelMapOperator, EvaluateDetectorOperator,
                                        ExportSavedModelOperator, FetchImagesOperator,
                                        IngestAnnotationsOperator, PromotionGateOperator,
                                        PushToServingOperator, ResolvePipelineConfigOperator,
+                                       SelectExportsOperator,
                                        TrainDetectorOperator, VerifyImagesOperator,
                                        WriteTFRecordsOperator, is_promoted)
 from odapi_operators.sensors import AnnotationExportSensor
@@ -30,13 +31,18 @@ PIPELINE_CONFIG = os.environ.get(
 with DAG(
     dag_id="odapi_retrain",
     description="Retrain, evaluate, gate and push an object detector from new annotations",
-    schedule=None,
+    # Nightly; a data interval (not a zero-length trigger) so a backfill run consumes exactly
+    # the exports that landed in its interval.
+    schedule=CronDataIntervalTimetable("0 3 * * *", timezone="UTC"),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     tags=["odapi"],
     default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
     params={
+        "take_exports": Param("new", enum=["new", "all"],
+                              description="new: exports no run consumed yet; all: retrain on "
+                                          "every complete export"),
         "export_path": Param(None, type=["null", "string"],
                              description="Export folder to read instead of the configured one"),
         "train_steps": Param(None, type=["null", "integer"], minimum=1,
@@ -53,9 +59,11 @@ with DAG(
 
     wait = AnnotationExportSensor(task_id="wait_for_export", config=cfg, poke_interval=60,
                                   timeout=6 * 3600, mode="reschedule")
+    select = SelectExportsOperator(task_id="select_exports", config=cfg,
+                                   candidates=wait.output)
 
     with TaskGroup("prepare", tooltip="annotations -> verified images -> TFRecords"):
-        ingest = IngestAnnotationsOperator(task_id="ingest", config=cfg, exports=wait.output,
+        ingest = IngestAnnotationsOperator(task_id="ingest", config=cfg, exports=select.output,
                                            outlets=[DATASET_VERSION])
         fetch = FetchImagesOperator(task_id="fetch_images", config=cfg,
                                     manifest=ingest.output["manifest"])

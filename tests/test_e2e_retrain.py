@@ -95,6 +95,13 @@ def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
     datasets = pipeline / "var" / "datasets"
     assert (datasets / ingest_summary["fingerprint"] / "manifest.jsonl").is_file()
 
+    again = _load_dag().test()  # nothing new landed: the run skips instead of retraining
+    again_states = _task_states(again)
+    assert str(again.state) == "success", again_states
+    assert again_states["select_exports"] == "skipped"
+    assert again_states["model.train"] == "skipped"
+    assert not (pipeline / "serving" / "shapes" / "2").exists()
+
     import tensorflow as tf
 
     model = tf.saved_model.load(str(version))

@@ -74,6 +74,42 @@ class ResolvePipelineConfigOperator(BaseOperator):
         return {"config": path, "run_dir": str(layout.root)}
 
 
+class SelectExportsOperator(OdapiStageOperator):
+    """Pick the exports this run consumes, through the ledger (exactly once per export).
+
+    A scheduled or manual run takes the complete exports no run consumed before (or all of
+    them with the `take_exports: all` param); a backfill run takes those that landed in its
+    data interval; a re-run takes what it took before. Nothing to take skips the rest.
+    """
+
+    template_fields = ("config", "candidates")
+
+    def __init__(self, *, candidates: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("multiple_outputs", False)
+        super().__init__(**kwargs)
+        self.candidates = candidates
+
+    def execute(self, context: Any) -> list[str]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from odapi_operators.core.ledger import select_exports
+
+        exports = self.pipeline().exports
+        dag_run = context["dag_run"]
+        interval = None
+        if str(dag_run.run_type).lower().endswith("backfill"):
+            interval = (context["data_interval_start"], context["data_interval_end"])
+        take_all = (context.get("params") or {}).get("take_exports") == "all"
+        selected = select_exports(exports.ledger, context["run_id"], list(self.candidates or []),
+                                  interval=interval, marker=exports.marker,
+                                  take_all=take_all and interval is None)
+        self.log.info("run consumes %d export(s)%s: %s", len(selected),
+                      f" landed in {interval[0]} .. {interval[1]}" if interval else "", selected)
+        if not selected:
+            raise AirflowSkipException("no new complete export to consume")
+        return selected
+
+
 class IngestAnnotationsOperator(OdapiStageOperator):
     template_fields = ("config", "exports")
 

@@ -2,29 +2,84 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Sequence
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk.configuration import conf
+from airflow.sdk.exceptions import AirflowException
 
 
 class AnnotationExportSensor(BaseSensorOperator):
-    """Wait until the configured export folder holds at least one complete export.
+    """Wait until the configured export folder (local or gs://) holds a complete export.
 
-    Returns (as XCom) the list of complete export folders. Use `mode="reschedule"` for long
-    waits so no worker slot is held.
+    Returns (as XCom) the list of complete export paths. `deferrable=True` waits in the
+    triggerer (no worker slot held); otherwise poke, or `mode="reschedule"` for long waits.
+    `marker` and `inactivity_seconds` override the frozen config's `exports` section
+    (`marker=""`: no marker, wait for `inactivity_seconds` without changes instead).
     """
 
     template_fields: Sequence[str] = ("config",)
+    _SNAPSHOT_KEY = "export_snapshot"
 
-    def __init__(self, *, config: Any, **kwargs: Any) -> None:
+    def __init__(self, *, config: Any, marker: str | None = None,
+                 inactivity_seconds: float | None = None,
+                 deferrable: bool = conf.getboolean("operators", "default_deferrable",
+                                                    fallback=False),
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.config = config
+        self.marker = marker
+        self.inactivity_seconds = inactivity_seconds
+        self.deferrable = deferrable
+        self._snapshot: dict | None = None
 
-    def poke(self, context: Any) -> PokeReturnValue:
+    def watch(self) -> tuple[str, str | None, float]:
+        """(path, marker, inactivity_seconds): the constructor's overrides, else the config's."""
         from odapi_operators.core.config import read_frozen_config
-        from odapi_operators.core.exports import find_complete_exports
 
         exports = read_frozen_config(self.config).exports
-        found = find_complete_exports(exports.path, exports.marker)
-        self.log.info("%d complete export(s) in %s", len(found), exports.path)
-        return PokeReturnValue(is_done=bool(found), xcom_value=found)
+        marker = exports.marker if self.marker is None else self.marker
+        inactivity = self.inactivity_seconds
+        if inactivity is None:  # the config may not have the key (yet)
+            inactivity = getattr(exports, "inactivity_seconds", 0)
+        return exports.path, marker or None, inactivity
+
+    def poke(self, context: Any) -> PokeReturnValue:
+        from odapi_operators.core.exports import scan_exports
+
+        path, marker, inactivity = self.watch()
+        # Reschedule mode builds a new sensor per poke: keep the snapshot in the state store.
+        store = context.get("task_state_store") if self.reschedule and not marker else None
+        previous = store.get(self._SNAPSHOT_KEY) if store is not None else self._snapshot
+        found, self._snapshot = scan_exports(path, marker, inactivity, previous)
+        if store is not None:
+            store.set(self._SNAPSHOT_KEY, self._snapshot)
+        self.log.info("%d complete export(s) at %s", len(found), path)
+        return PokeReturnValue(is_done=bool(found), xcom_value=[e.path for e in found])
+
+    def execute(self, context: Any) -> Any:
+        if not self.deferrable:
+            return super().execute(context)
+        first = self.poke(context)
+        if first.is_done:
+            return first.xcom_value
+        from odapi_operators.triggers import AnnotationExportTrigger
+
+        path, marker, inactivity = self.watch()
+        self.defer(trigger=AnnotationExportTrigger(path, marker, inactivity, self.poke_interval,
+                                                   self._snapshot),
+                   method_name="execute_complete", timeout=timedelta(seconds=self.timeout))
+
+    def execute_complete(self, context: Any, event: Any = None) -> list[str]:
+        """Resume from the trigger; a missing, failed or malformed event fails the task."""
+        if not isinstance(event, dict) or event.get("status") != "success":
+            message = event.get("message") if isinstance(event, dict) else None
+            raise AirflowException(f"{self.task_id}: waiting for exports failed: "
+                                   f"{message or f'unexpected trigger event {event!r}'}")
+        exports = event.get("exports")
+        if not exports or not all(isinstance(p, str) for p in exports):
+            raise AirflowException(f"{self.task_id}: trigger reported success without export "
+                                   f"paths: {event!r}")
+        self.log.info("%d complete export(s): %s", len(exports), exports)
+        return list(exports)

@@ -34,6 +34,7 @@ class ExportsConfig(_Strict):
     path: str = Field(description="export folder, or a folder of export folders, to watch")
     format: FormatName = "auto"
     marker: str | None = "_SUCCESS"
+    inactivity_seconds: int = Field(default=0, ge=0)  # without a marker: unchanged this long
     images_root: str | None = None
     unknown_classes: Literal["add", "skip", "reject"] = "add"
     classes: list[str] | None = None  # train only these classes (names; Open Images MIDs too)

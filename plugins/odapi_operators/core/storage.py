@@ -1,20 +1,22 @@
 """One storage layer for every path the pipeline reads or writes.
 
-Paths are strings or `Path`s; a URI scheme (`gs://...`) selects a backend. Only the local
-filesystem is implemented today; an object-store backend registers itself in `_BACKENDS`
-with the same small interface, so stage code never branches on where data lives.
-Writes are atomic: a reader never sees half a file or half a directory.
+Paths are strings or `Path`s; a URI scheme selects a backend registered in `_BACKENDS`: the
+local filesystem, and Google Cloud Storage for `gs://bucket/name`. All backends share one small
+interface, so stage code never branches on where data lives.
+Writes are atomic: a reader never sees half a file or half a directory (local writes rename a
+finished temporary file; object writes are atomic by nature).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import IO, Iterator, Protocol
+from typing import IO, Any, Iterator, NamedTuple, Protocol
 
 PathLike = str | os.PathLike[str]
 
@@ -23,11 +25,25 @@ class StorageError(OSError):
     """A storage operation failed; the message names the path."""
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write lost a race: the object changed since the generation it was based on."""
+
+
+class FileStat(NamedTuple):
+    """What completeness checks compare: `generation` changes whenever the content is rewritten."""
+
+    size: int
+    mtime: float  # seconds since the epoch (UTC): local mtime, or the object's `updated`
+    generation: int  # local: mtime in ns; gs: the object generation
+
+
 class Backend(Protocol):
     def exists(self, path: str) -> bool: ...
     def read_bytes(self, path: str) -> bytes: ...
     def write_bytes(self, path: str, data: bytes) -> None: ...
     def list_files(self, path: str) -> list[str]: ...
+    def stat(self, path: str) -> FileStat: ...
+    def list_stats(self, path: str) -> dict[str, FileStat]: ...
 
 
 def _scheme(path: PathLike) -> str:
@@ -55,8 +71,128 @@ class LocalBackend:
             return [str(root)]
         return sorted(str(p) for p in root.rglob("*") if p.is_file())
 
+    def stat(self, path: str) -> FileStat:
+        st = os.stat(path)
+        return FileStat(st.st_size, st.st_mtime, st.st_mtime_ns)
 
-_BACKENDS: dict[str, Backend] = {"file": LocalBackend()}
+    def list_stats(self, path: str) -> dict[str, FileStat]:
+        stats = {}
+        for name in self.list_files(path):
+            with contextlib.suppress(FileNotFoundError):  # removed since the listing
+                stats[name] = self.stat(name)
+        return stats
+
+
+class GCSBackend:
+    """Google Cloud Storage. `gs://bucket/a/b` is object `a/b`; a "folder" is a name prefix.
+
+    The client is created on first use, once per process (a forked worker makes its own), and
+    honours STORAGE_EMULATOR_HOST; with an emulator it uses anonymous credentials.
+    """
+
+    def __init__(self) -> None:
+        self._client: Any = None
+        self._client_key: tuple | None = None
+
+    def client(self) -> Any:
+        key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
+        if self._client_key != key:
+            from google.cloud import storage as gcs
+
+            if key[1]:
+                from google.auth.credentials import AnonymousCredentials
+
+                project = os.environ.get("GOOGLE_CLOUD_PROJECT", "odapi-emulator")
+                self._client = gcs.Client(project=project, credentials=AnonymousCredentials())
+            else:
+                self._client = gcs.Client()
+            self._client_key = key
+        return self._client
+
+    @staticmethod
+    def split(path: str) -> tuple[str, str]:
+        bucket, _, name = path[len("gs://"):].partition("/")
+        if not bucket:
+            raise StorageError(f"{path}: no bucket in gs:// path")
+        return bucket, name
+
+    @contextlib.contextmanager
+    def _errors(self, path: str) -> Iterator[None]:
+        """Google, auth and transport errors become OSErrors that name the path."""
+        from google.api_core import exceptions as api
+        from google.auth.exceptions import GoogleAuthError
+        from requests.exceptions import RequestException
+
+        try:
+            yield
+        except api.NotFound:
+            raise FileNotFoundError(errno.ENOENT, "no such object", path) from None
+        except api.PreconditionFailed:
+            raise PreconditionFailed(f"{path}: changed since the generation read") from None
+        except (api.GoogleAPIError, GoogleAuthError, RequestException) as exc:
+            raise StorageError(f"{path}: {type(exc).__name__}: {exc}") from None
+
+    def _blob(self, path: str) -> Any:
+        bucket, name = self.split(path)
+        if not name:
+            raise StorageError(f"{path}: names a bucket, not an object")
+        return self.client().bucket(bucket).blob(name)
+
+    def exists(self, path: str) -> bool:
+        """An object, or a "folder" holding at least one object, or a bucket."""
+        bucket, name = self.split(path)
+        with self._errors(path):
+            if not name:
+                return self.client().bucket(bucket).exists()
+            if self._blob(path).exists():
+                return True
+            return any(self.client().list_blobs(bucket, prefix=name.rstrip("/") + "/",
+                                                max_results=1))
+
+    def read_bytes(self, path: str) -> bytes:
+        with self._errors(path):
+            return self._blob(path).download_as_bytes()
+
+    def write_bytes(self, path: str, data: bytes, if_generation_match: int | None = None) -> int:
+        """Upload `data`; returns the new generation. `if_generation_match=0`: only if absent."""
+        with self._errors(path):
+            blob = self._blob(path)
+            blob.upload_from_string(data, if_generation_match=if_generation_match)
+        return int(blob.generation)
+
+    def stat(self, path: str) -> FileStat:
+        bucket, name = self.split(path)
+        with self._errors(path):
+            blob = self.client().bucket(bucket).get_blob(name) if name else None
+        if blob is None:
+            raise FileNotFoundError(errno.ENOENT, "no such object", path)
+        return self._file_stat(blob)
+
+    def list_files(self, path: str) -> list[str]:
+        return list(self.list_stats(path))
+
+    def list_stats(self, path: str) -> dict[str, FileStat]:
+        """The object `path` itself, or every object below it, from one listing, sorted by name."""
+        bucket, name = self.split(path)
+        name = name.rstrip("/")
+        with self._errors(path):
+            blobs = list(self.client().list_blobs(bucket, prefix=name))
+        below = name + "/" if name else ""
+        return {f"gs://{bucket}/{b.name}": self._file_stat(b)
+                for b in sorted(blobs, key=lambda b: b.name)
+                if (b.name == name or b.name.startswith(below)) and not b.name.endswith("/")}
+
+    @staticmethod
+    def _file_stat(blob: Any) -> FileStat:
+        return FileStat(int(blob.size or 0), blob.updated.timestamp(), int(blob.generation))
+
+
+_BACKENDS: dict[str, Backend] = {"file": LocalBackend(), "gs": GCSBackend()}
+
+
+def is_local(path: PathLike) -> bool:
+    """True for local (or mounted) paths, where file locks and renames work."""
+    return _scheme(path) == "file"
 
 
 def backend(path: PathLike) -> Backend:
@@ -92,9 +228,31 @@ def list_files(path: PathLike) -> list[str]:
     return backend(path).list_files(os.fspath(path))
 
 
+def stat(path: PathLike) -> FileStat:
+    """Size, modification time and generation; FileNotFoundError if `path` is missing."""
+    return backend(path).stat(os.fspath(path))
+
+
+def list_stats(path: PathLike) -> dict[str, FileStat]:
+    """`list_files` with each file's stat, from one listing where the backend allows."""
+    return backend(path).list_stats(os.fspath(path))
+
+
+def write_bytes_if_generation(path: PathLike, data: bytes, generation: int) -> int:
+    """Write only if the object is still at `generation` (0: absent); returns the new one.
+
+    For read-modify-write on object stores without a lock; raises PreconditionFailed when
+    another writer got there first. Local files have no generations (use a file lock there).
+    """
+    target = backend(path)
+    if not isinstance(target, GCSBackend):
+        raise StorageError(f"{os.fspath(path)}: generation preconditions need an object store")
+    return target.write_bytes(os.fspath(path), data, if_generation_match=generation)
+
+
 def _local(path: PathLike) -> Path:
     """`path` as a local Path; object-store paths are refused (their backends write atomically)."""
-    if _scheme(path) != "file":
+    if not is_local(path):
         raise StorageError(f"{os.fspath(path)}: atomic local write on a non-local path")
     return Path(path)
 
