@@ -102,3 +102,29 @@ def test_cli_ingest_prints_summary_and_writes_outputs(tmp_path, export):
     assert summary["images"] == 16
     assert {p.name for p in out.iterdir()} >= {"manifest.jsonl", "label_map.pbtxt",
                                                "rejections.jsonl", "summary.json"}
+
+
+def test_label_map_that_renumbers_production_fails_loudly(tmp_path, export):
+    production = tmp_path / "production.pbtxt"
+    production.write_text(format_label_map({"circle": 1, "square": 2, "triangle": 3}))
+    renumbered = _known(tmp_path, {"square": 1, "circle": 2, "triangle": 3})
+    with pytest.raises(StageError, match=r"would renumber.*circle: 1 -> 2.*square: 2 -> 1"):
+        ingest([str(export)], tmp_path / "out", label_map=renumbered,
+               production_label_map=str(production))
+    extended = _known(tmp_path, {"circle": 1, "square": 2, "triangle": 3, "star": 4})
+    summary = ingest([str(export)], tmp_path / "ok", label_map=extended,
+                     production_label_map=str(production))
+    assert read_label_map(summary["label_map"])["star"] == 4
+
+
+def test_label_map_stage_rerun_refuses_to_contradict_itself(tmp_path, export):
+    from odapi_operators.core.label_map import LabelMapError, build_label_map
+
+    manifest = ingest([str(export)], tmp_path / "ingest")["manifest"]
+    out = tmp_path / "label_map"
+    first = build_label_map(manifest, out)
+    assert build_label_map(manifest, out)["classes"] == first["classes"]  # idempotent
+    (out / "label_map.pbtxt").write_text(format_label_map({"square": 1, "circle": 2,
+                                                          "triangle": 3}))
+    with pytest.raises(LabelMapError, match="would renumber"):
+        build_label_map(manifest, out)

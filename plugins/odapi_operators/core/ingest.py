@@ -17,7 +17,8 @@ from pathlib import Path
 
 from odapi_operators.core import formats, storage
 from odapi_operators.core.datasets import publish_version
-from odapi_operators.core.label_map import extend_label_map, format_label_map, read_label_map
+from odapi_operators.core.label_map import (LabelMapError, assert_no_renumbering,
+                                            extend_label_map, format_label_map, read_label_map)
 from odapi_operators.core.manifest import ImageRecord, write_manifest
 from odapi_operators.core.report import RecordError, RejectionLog, StageError
 
@@ -134,13 +135,15 @@ def fingerprint(records: list[ImageRecord], label_map: dict[str, int] | None = N
 
 def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = None,
            fmt: str = "auto", options: dict | None = None, label_map: str | None = None,
-           unknown_classes: str = "add", datasets_dir: str | None = None) -> dict:
+           unknown_classes: str = "add", datasets_dir: str | None = None,
+           production_label_map: str | None = None) -> dict:
     """Parse `inputs` (files or export folders) into `out_dir`; return the summary.
 
     Writes `manifest.jsonl`, `label_map.pbtxt` (the given `label_map` extended append-only
     when `unknown_classes` is "add"), `rejections.jsonl` and `summary.json` atomically.
     Images embedded in an export are written, by content hash, to `<out_dir>-inline/`.
-    With `datasets_dir`, the result is also published as an immutable dataset version.
+    With `datasets_dir`, the result is also published as an immutable dataset version. A
+    `label_map` that renumbers `production_label_map`'s classes is refused.
     """
     if fmt != "auto":
         try:
@@ -150,6 +153,11 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
     if not inputs:
         raise StageError("no annotation exports given")
     known = read_label_map(label_map) if label_map and storage.exists(label_map) else None
+    if known is not None and production_label_map and storage.exists(production_label_map):
+        try:
+            assert_no_renumbering(read_label_map(production_label_map), known, str(label_map))
+        except LabelMapError as exc:
+            raise StageError(str(exc)) from None
     log = RejectionLog()
     inline_dir = Path(out_dir).with_name(Path(out_dir).name + "-inline")
     parsed, other = _parse_exports(inputs, fmt, images_root, log, inline_dir, options or {})

@@ -63,6 +63,16 @@ def read_label_map(path: str | Path) -> dict[str, int]:
     return parse_label_map(storage.read_text(path), str(path))
 
 
+def assert_no_renumbering(before: dict[str, int], after: dict[str, int], source: str) -> None:
+    """Refuse a label map that gives an existing class another id or drops it."""
+    changed = {name: (item_id, after.get(name)) for name, item_id in before.items()
+               if after.get(name) != item_id}
+    if changed:
+        detail = ", ".join(f"{name}: {old} -> {new}" for name, (old, new) in sorted(changed.items()))
+        raise LabelMapError(f"{source}: would renumber or drop classes ({detail}); class ids are "
+                            "append-only so existing models keep their meaning")
+
+
 def extend_label_map(existing: dict[str, int], classes: list[str]) -> dict[str, int]:
     """Append unseen classes (sorted) after the highest existing id; never renumber."""
     result = dict(existing)
@@ -82,6 +92,8 @@ def build_label_map(manifest: str | Path, out_dir: str | Path,
     existing = read_label_map(previous) if previous and storage.exists(previous) else {}
     label_map = extend_label_map(existing, classes)
     path = Path(out_dir) / "label_map.pbtxt"
+    if storage.exists(path):  # a re-run must not contradict what it wrote before
+        assert_no_renumbering(read_label_map(path), label_map, str(path))
     storage.write_text(path, format_label_map(label_map))
     summary = {"label_map": str(path), "classes": label_map,
                "new_classes": sorted(set(label_map) - set(existing))}
