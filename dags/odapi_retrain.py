@@ -89,7 +89,9 @@ with DAG(
                                         op_args=[gate.output["promoted"]])
         export = ExportSavedModelOperator(task_id="export", config=cfg,
                                           model_dir=train.output["model_dir"],
-                                          data=records.output["data"])
+                                          data=records.output["data"],
+                                          extras=[evaluate.output["metrics"],
+                                                  gate.output["decision"]])
         push = PushToServingOperator(task_id="push", config=cfg,
                                      saved_model=export.output["saved_model"],
                                      outlets=[SERVED_MODEL])

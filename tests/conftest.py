@@ -30,3 +30,43 @@ def airflow_db() -> Path:
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True,
                    capture_output=True, env=os.environ)
     return _AIRFLOW_HOME
+
+
+def prepare_records(root: Path, count: int = 16, seed: int = 7) -> Path:
+    """Sample export -> ingest -> images -> verify -> label map -> TFRecords; the records dir."""
+    from odapi_operators.core.fetch import fetch_images
+    from odapi_operators.core.ingest import ingest
+    from odapi_operators.core.label_map import build_label_map
+    from odapi_operators.core.sample_data import generate
+    from odapi_operators.core.shard import write_shards
+    from odapi_operators.core.verify import verify_images
+
+    generate(root / "export", count=count, seed=seed, max_side=128)
+    ingest([str(root / "export")], root / "ingest")
+    fetch_images(root / "ingest" / "manifest.jsonl", root / "images")
+    verify_images(root / "images" / "manifest.jsonl", root / "verify")
+    build_label_map(root / "verify" / "manifest.jsonl", root / "label_map")
+    write_shards(root / "verify" / "manifest.jsonl", root / "label_map" / "label_map.pbtxt",
+                 root / "records", {"train": 0.6, "val": 0.4}, {"train": 1, "val": 1})
+    return root / "records"
+
+
+def odapi(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m odapi_operators ARGS` (a real child process, as the operators do)."""
+    done = subprocess.run([sys.executable, "-m", "odapi_operators", *args],
+                          capture_output=True, text=True, env=os.environ)
+    if check and done.returncode != 0:
+        raise AssertionError(f"odapi {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory) -> dict[str, Path]:
+    """A RetinaNet-mobile trained for a few real steps on tiny sample records (shared)."""
+    root = tmp_path_factory.mktemp("trained")
+    records = prepare_records(root)
+    model_dir = root / "model"
+    odapi("train", "--config", str(ROOT / "include/configs/models/retinanet_mobile_sample.yaml"),
+          "--data", str(records), "--model-dir", str(model_dir), "--steps", "4",
+          "--batch-size", "2")
+    return {"root": root, "records": records, "model_dir": model_dir}

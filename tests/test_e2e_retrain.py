@@ -84,7 +84,9 @@ def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
 
     version = pipeline / "serving" / "shapes" / "1"
     assert (version / "saved_model.pb").is_file()
-    assert (version / "assets.extra" / "label_map.pbtxt").is_file()
+    assert {p.name for p in (version / "assets.extra").iterdir()} >= {
+        "label_map.pbtxt", "params.yaml", "pipeline.json", "metrics.json", "decision.json",
+        "tf_serving_warmup_requests"}
     assert not [p for p in version.parent.iterdir() if p.name.startswith(".tmp")]
 
     events = _asset_events(dag_run.run_id)

@@ -38,16 +38,64 @@ def cmd_ingest(args: argparse.Namespace) -> dict:
                   datasets_dir=args.datasets)
 
 
-def cmd_fetch(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.fetch import fetch_images
+def _progress(args: argparse.Namespace) -> dict:
+    """A bar on a terminal; otherwise a log line on stderr at a steady cadence."""
+    if args.no_progress:
+        return {}
+    if sys.stderr.isatty():
+        return {"bar": True}
+    return {"log": lambda line: print(line, file=sys.stderr, flush=True)}
 
-    return fetch_images(args.manifest, args.out)
+
+def _policy(args: argparse.Namespace):
+    from odapi_operators.core.download import DownloadPolicy
+
+    return DownloadPolicy(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
+                          deadline=args.deadline, retries=args.retries,
+                          max_bytes=args.max_mb << 20)
+
+
+def cmd_fetch(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.fetch import fetch_images, fetch_records
+
+    options = dict(threads=args.threads, max_failed_share=args.max_failed_share,
+                   policy=_policy(args), **_progress(args))
+    if args.manifest:
+        return fetch_images(args.manifest, args.out, **options)
+    from odapi_operators.core.image_index import read_image_index
+    from odapi_operators.core.report import RejectionLog
+
+    logs: list[RejectionLog] = []
+
+    def records():
+        logs.append(RejectionLog())
+        return read_image_index(args.index, logs[-1])
+
+    try:  # images go straight into --out, named <key>.<ext>
+        summary = fetch_records(records, args.out, files_dir=args.out, **options)
+    finally:
+        if logs:
+            logs[-1].write(f"{args.out}/index-rejections.jsonl")
+    summary["index_rejected"] = len(logs[-1])
+    return summary
 
 
 def cmd_verify(args: argparse.Namespace) -> dict:
     from odapi_operators.core.verify import verify_images
 
-    return verify_images(args.manifest, args.out)
+    return verify_images(args.manifest, args.out, max_side=args.max_side, workers=args.workers,
+                         max_failed_share=args.max_failed_share, **_progress(args))
+
+
+def cmd_prepare(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.prepare import prepare
+
+    return prepare(args.manifest, args.out, ratios=args.split, shards=args.shards,
+                   target_shard_bytes=args.target_shard_mb << 20, max_side=args.max_side,
+                   threads=args.threads, workers=args.workers,
+                   max_failed_share=args.max_failed_share, policy=_policy(args),
+                   previous_label_map=args.previous_label_map, cache_dir=args.cache,
+                   **_progress(args))
 
 
 def cmd_label_map(args: argparse.Namespace) -> dict:
@@ -59,7 +107,9 @@ def cmd_label_map(args: argparse.Namespace) -> dict:
 def cmd_shard(args: argparse.Namespace) -> dict:
     from odapi_operators.core.shard import write_shards
 
-    return write_shards(args.manifest, args.label_map, args.out, args.split, args.shards)
+    return write_shards(args.manifest, args.label_map, args.out, args.split, args.shards,
+                        target_shard_bytes=args.target_shard_mb << 20, workers=args.workers,
+                        cache_dir=args.cache)
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
@@ -83,7 +133,8 @@ def cmd_gate(args: argparse.Namespace) -> dict:
 def cmd_export(args: argparse.Namespace) -> dict:
     from odapi_operators.core.export import export
 
-    return export(args.model_dir, args.data, args.out, args.input_type)
+    return export(args.model_dir, args.data, args.out, args.input_type,
+                  model_name=args.model_name, extras=args.extra)
 
 
 def cmd_push(args: argparse.Namespace) -> dict:
@@ -138,21 +189,69 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV coordinates are 0..1 instead of pixels")
     p.add_argument("--datasets", help="publish the result as a dataset version here")
 
-    for name, func, help in (("fetch", cmd_fetch, "copy/download the manifest's images"),
-                             ("verify", cmd_verify, "fully decode every image; quarantine bad ones"),
-                             ("label-map", cmd_label_map, "write label_map.pbtxt (append-only ids)")):
-        p = stage(name, func, help)
-        p.add_argument("--manifest", required=True)
-        p.add_argument("--out", required=True)
-        if name == "label-map":
-            p.add_argument("--previous", help="existing label_map.pbtxt whose ids are kept")
+    def download_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--threads", type=int, help="requests in flight (default: 64 per core)")
+        p.add_argument("--retries", type=int, default=3)
+        p.add_argument("--connect-timeout", type=float, default=10.0)
+        p.add_argument("--read-timeout", type=float, default=20.0)
+        p.add_argument("--deadline", type=float, default=90.0,
+                       help="seconds for one whole response (default: %(default)s)")
+        p.add_argument("--max-mb", type=int, default=50, help="largest image body in MiB")
+
+    def common(p: argparse.ArgumentParser, budget: float) -> None:
+        p.add_argument("--max-failed-share", type=float, default=budget,
+                       help="fail the stage above this share of failed images "
+                            "(default: %(default)s)")
+        p.add_argument("--no-progress", action="store_true")
+
+    for name in ("download", "fetch"):
+        p = stage(name, cmd_fetch, "download/copy images into a resumable image store"
+                  + (" (same as download)" if name == "fetch" else ""))
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--manifest")
+        source.add_argument("--index", help="an Open Images image index CSV (ImageID, "
+                                            "OriginalURL[, OriginalMD5, Rotation])")
+        p.add_argument("--out", required=True,
+                       help="with --index, images are stored here as <ImageID>.<ext>")
+        download_options(p)
+        common(p, 0.05)
+
+    p = stage("verify", cmd_verify, "fully decode every image; normalize; quarantine bad ones")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-side", type=int, help="shrink larger images to this longest side")
+    p.add_argument("--workers", type=int, help="decoding processes (default: one per core)")
+    common(p, 1.0)
+
+    p = stage("label-map", cmd_label_map, "write label_map.pbtxt (append-only ids)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--previous", help="existing label_map.pbtxt whose ids are kept")
+
+    def shard_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--split", type=lambda t: _pairs(t, float),
+                       default={"train": 0.8, "val": 0.2})
+        p.add_argument("--shards", type=lambda t: _pairs(t, int),
+                       help="shards per split, e.g. train=32,val=4 (default: by --target-shard-mb)")
+        p.add_argument("--target-shard-mb", type=int, default=128)
+        p.add_argument("--cache", help="reuse shards of the same content written under here")
 
     p = stage("shard", cmd_shard, "write sharded TFRecords per split")
     p.add_argument("--manifest", required=True)
     p.add_argument("--label-map", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--split", type=lambda t: _pairs(t, float), default={"train": 0.8, "val": 0.2})
-    p.add_argument("--shards", type=lambda t: _pairs(t, int), default={"train": 2, "val": 1})
+    p.add_argument("--workers", type=int, help="writer processes (default: one per core)")
+    shard_options(p)
+
+    p = stage("prepare", cmd_prepare, "download, verify, label map and shard in one go")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--previous-label-map", help="existing label_map.pbtxt whose ids are kept")
+    p.add_argument("--max-side", type=int)
+    p.add_argument("--workers", type=int)
+    download_options(p)
+    shard_options(p)
+    common(p, 0.05)
 
     p = stage("train", cmd_train, "train a TF-Vision detector (resumes from the model dir)")
     p.add_argument("--config", required=True, help="model config YAML (include/configs/models)")
@@ -175,7 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--input-type", default="image_tensor")
+    p.add_argument("--input-type", default="image_tensor",
+                   choices=("image_tensor", "image_bytes", "tf_example"))
+    p.add_argument("--model-name", default="model", help="model name in the warmup requests")
+    p.add_argument("--extra", action="append", default=[],
+                   help="file to ship in assets.extra/ (config, metrics, decision); repeatable")
 
     p = stage("push", cmd_push, "push a SavedModel as the next TF Serving version")
     p.add_argument("--saved-model", required=True)

@@ -256,11 +256,24 @@ class PromotionGateOperator(OdapiStageOperator):
 
 
 class ExportSavedModelOperator(EvaluateDetectorOperator):
+    """Export and check a SavedModel (child process); `extras` ride along in assets.extra/."""
+
+    template_fields = ("config", "model_dir", "data", "extras")
+
+    def __init__(self, *, extras: Any = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.extras = extras
+
     def execute(self, context: Any) -> dict:
-        summary = self.run_child([
-            "export", "--model-dir", str(self.model_dir), "--data", str(self.data),
-            "--out", str(self.stage_dir(context, Stage.EXPORT)),
-            "--input-type", self.pipeline().export.input_type])
+        pipeline = self.pipeline()
+        args = ["export", "--model-dir", str(self.model_dir), "--data", str(self.data),
+                "--out", str(self.stage_dir(context, Stage.EXPORT)),
+                "--input-type", pipeline.export.input_type,
+                "--model-name", pipeline.serving.model_name]
+        for path in [self.config, *self.extras]:
+            args += ["--extra", str(path)]
+        summary = self.run_child(args)
+        self.log.info("export checked: %s", summary.get("check"))
         return {"saved_model": summary["saved_model"]}
 
 

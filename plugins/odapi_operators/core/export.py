@@ -1,9 +1,11 @@
 """Export stage (TensorFlow; child process): checkpoint -> SavedModel, checked before it counts.
 
-TF-Vision's `export_inference_graph` writes into a temporary folder; the SavedModel is loaded
-back with the `serve` tag and run on a validation image before the folder is renamed into
-place, so a broken export never reaches the push stage. The label map rides along in
-`saved_model/assets.extra/`.
+TF-Vision's `export_inference_graph` writes into a temporary folder. `saved_model/assets.extra/`
+gets the label map, the run's config/metrics/decision files, and `tf_serving_warmup_requests`
+(PredictionLogs built with tensorflow-serving-api from real validation images, which Serving
+replays on load). The SavedModel is then loaded with the `serve` tag, every warmup request is
+replayed through `serving_default`, and its detections must match the checkpoint's (the same
+export module, weights restored in memory) before the folder is renamed into place.
 """
 
 from __future__ import annotations
@@ -12,59 +14,135 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from odapi_operators.core import storage, tfvision
 
 INPUT_TYPES = ("image_tensor", "image_bytes", "tf_example")
+WARMUP_FILE = "tf_serving_warmup_requests"
+INPUT_NAME = "inputs"
+MATCH_TOLERANCE = 1e-3
 
 
-def first_val_image(data_dir: str | Path) -> bytes:
-    """Encoded bytes of the first image in the val split's TFRecords."""
+def val_examples(data_dir: str | Path, count: int) -> list[bytes]:
+    """Up to `count` serialized tf.train.Examples from the val split's TFRecords."""
     import tensorflow as tf
 
     pattern = tfvision.read_data_summary(data_dir)["splits"]["val"]["pattern"]
-    dataset = tf.data.TFRecordDataset(tf.io.gfile.glob(pattern))
-    for raw in dataset.take(1):
-        example = tf.train.Example.FromString(raw.numpy())
-        return example.features.feature["image/encoded"].bytes_list.value[0]
-    raise ValueError(f"{pattern}: no validation image to check the export with")
+    dataset = tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern)))
+    examples = [raw.numpy() for raw in dataset.take(count)]
+    if not examples:
+        raise ValueError(f"{pattern}: no validation image to check the export with")
+    return examples
 
 
-def smoke_test(saved_model_dir: str | Path, encoded_image: bytes) -> dict:
-    """Load with the serve tag and run `serving_default` (image_tensor) on one image."""
+def request_input(example: bytes, input_type: str) -> np.ndarray:
+    """The `inputs` tensor a client sends for one image, per input type (batch of one)."""
+    import tensorflow as tf
+
+    if input_type == "tf_example":
+        return np.array([example], dtype=object)
+    encoded = tf.train.Example.FromString(example).features.feature[
+        "image/encoded"].bytes_list.value[0]
+    if input_type == "image_bytes":
+        return np.array([encoded], dtype=object)
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False).numpy()
+    return image[np.newaxis]
+
+
+def write_warmup(path: Path, model_name: str, inputs: list[np.ndarray]) -> int:
+    """Write PredictionLog warmup records (at most 1000, Serving's limit); return the count."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for array in inputs[:1000]:
+            request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(
+                name=model_name, signature_name="serving_default"))
+            request.inputs[INPUT_NAME].CopyFrom(tf.make_tensor_proto(array))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+    return min(len(inputs), 1000)
+
+
+def read_warmup(path: str | Path) -> list[np.ndarray]:
+    """The `inputs` arrays of a warmup file, parsed back through the Serving protos."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    arrays = []
+    for raw in tf.data.TFRecordDataset(str(path)):
+        log = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+        arrays.append(tf.make_ndarray(log.predict_log.request.inputs[INPUT_NAME]))
+    return arrays
+
+
+def _top(outputs: dict) -> dict[str, np.ndarray]:
+    count = int(np.asarray(outputs["num_detections"]).reshape(-1)[0])
+    return {key: np.asarray(outputs[key])[0][:count]
+            for key in ("detection_boxes", "detection_scores", "detection_classes")}
+
+
+def check_export(saved_model_dir: Path, module, input_type: str) -> dict:
+    """Replay the warmup requests through the loaded SavedModel and the in-memory module."""
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(saved_model_dir), tags=["serve"])
     signature = loaded.signatures["serving_default"]
-    image = tf.io.decode_image(encoded_image, channels=3, expand_animations=False)
-    outputs = signature(inputs=tf.expand_dims(image, 0))
-    boxes = outputs["detection_boxes"].numpy()
-    if boxes.ndim != 3 or boxes.shape[-1] != 4:
-        raise ValueError(f"{saved_model_dir}: detection_boxes has shape {boxes.shape}")
-    return {"num_detections": int(outputs["num_detections"].numpy()[0]),
-            "top_score": float(outputs["detection_scores"].numpy()[0].max(initial=0.0))}
+    reference = getattr(module, f"inference_from_{input_type}")
+    worst, detections = 0.0, 0
+    arrays = read_warmup(saved_model_dir / "assets.extra" / WARMUP_FILE)
+    for array in arrays:
+        tensor = tf.constant(array, dtype=tf.string if array.dtype == object else tf.uint8)
+        served, expected = _top(signature(**{INPUT_NAME: tensor})), _top(reference(tensor))
+        if served["detection_scores"].shape != expected["detection_scores"].shape:
+            raise ValueError(f"{saved_model_dir}: SavedModel returns "
+                             f"{len(served['detection_scores'])} detections, the checkpoint "
+                             f"{len(expected['detection_scores'])}")
+        for key in served:
+            if served[key].size:
+                worst = max(worst, float(np.abs(served[key] - expected[key]).max()))
+        detections += len(served["detection_scores"])
+    if worst > MATCH_TOLERANCE:
+        raise ValueError(f"{saved_model_dir}: SavedModel detections differ from the checkpoint's "
+                         f"by {worst:.2e} (> {MATCH_TOLERANCE})")
+    return {"warmup_requests": len(arrays), "detections": detections, "max_difference": worst}
 
 
 def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
-           input_type: str = "image_tensor") -> dict:
+           input_type: str = "image_tensor", model_name: str = "model",
+           extras: list[str] | None = None, warmup_images: int = 8) -> dict:
+    """Export the newest checkpoint of `model_dir`; return the checked SavedModel's summary.
+
+    `extras` are files (config, metrics, decision) copied into `assets.extra/`.
+    """
     if input_type not in INPUT_TYPES:
         raise ValueError(f"input_type {input_type!r} not one of {INPUT_TYPES}")
     tfvision.setup_tensorflow()
-    from official.vision.serving import export_saved_model_lib
+    from official.vision.serving import detection, export_saved_model_lib
 
     params = tfvision.load_params(model_dir)
     checkpoint = tfvision.latest_checkpoint(model_dir)
+    size = list(params.task.model.input_size[:2])
+    module = detection.DetectionModule(params=params, batch_size=None, input_image_size=size,
+                                       input_type=input_type, num_channels=3)
+    examples = val_examples(data_dir, warmup_images)
     label_map = tfvision.read_data_summary(data_dir)["label_map"]
     with storage.atomic_directory(out_dir) as tmp:
         export_saved_model_lib.export_inference_graph(
-            input_type=input_type, batch_size=None,
-            input_image_size=list(params.task.model.input_size[:2]), params=params,
-            checkpoint_path=checkpoint, export_dir=str(tmp),
+            input_type=input_type, batch_size=None, input_image_size=size, params=params,
+            checkpoint_path=checkpoint, export_dir=str(tmp), export_module=module,
             export_checkpoint_subdir="checkpoint", export_saved_model_subdir="saved_model")
         extra = tmp / "saved_model" / "assets.extra"
         extra.mkdir(parents=True, exist_ok=True)
         shutil.copy(label_map, extra / "label_map.pbtxt")
-        check = (smoke_test(tmp / "saved_model", first_val_image(data_dir))
-                 if input_type == "image_tensor" else {})
+        shutil.copy(Path(model_dir) / "params.yaml", extra / "params.yaml")
+        for path in extras or []:
+            shutil.copy(path, extra / Path(path).name)
+        write_warmup(extra / WARMUP_FILE, model_name,
+                     [request_input(e, input_type) for e in examples])
+        check = check_export(tmp / "saved_model", module, input_type)
         summary = {"saved_model": str(Path(out_dir) / "saved_model"), "checkpoint": checkpoint,
                    "input_type": input_type, "check": check}
         storage.write_text(tmp / "summary.json", json.dumps(summary, indent=2))

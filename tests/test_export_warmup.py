@@ -1,0 +1,53 @@
+"""Export: every input type, warmup requests from real images, checked against the checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import odapi
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("input_type", ["tf_example", "image_bytes"])
+def test_export_ships_assets_and_replayable_warmup(trained_model, tmp_path, input_type):
+    extra_file = tmp_path / "decision.json"
+    extra_file.write_text(json.dumps({"promoted": True}))
+    out = tmp_path / "export"
+    summary = json.loads(odapi(
+        "export", "--model-dir", str(trained_model["model_dir"]),
+        "--data", str(trained_model["records"]), "--out", str(out),
+        "--input-type", input_type, "--model-name", "shapes",
+        "--extra", str(extra_file)).stdout)
+    saved_model = out / "saved_model"
+    extra = saved_model / "assets.extra"
+    assert {p.name for p in extra.iterdir()} >= {
+        "label_map.pbtxt", "params.yaml", "decision.json", "tf_serving_warmup_requests"}
+    assert summary["check"]["warmup_requests"] >= 1
+    assert summary["check"]["max_difference"] <= 1e-3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
+            for r in tf.data.TFRecordDataset(str(extra / "tf_serving_warmup_requests"))]
+    assert len(logs) == summary["check"]["warmup_requests"]
+    request = logs[0].predict_log.request
+    assert request.model_spec.name == "shapes"
+    assert request.model_spec.signature_name == "serving_default"
+    assert tf.dtypes.as_dtype(request.inputs["inputs"].dtype) == tf.string
+
+    loaded = tf.saved_model.load(str(saved_model), tags=["serve"])
+    replay = loaded.signatures["serving_default"](
+        inputs=tf.constant(tf.make_ndarray(request.inputs["inputs"])))
+    assert replay["detection_boxes"].shape[0] == 1 and replay["detection_boxes"].shape[-1] == 4
+
+
+def test_export_refuses_unknown_input_type(trained_model, tmp_path):
+    done = odapi("export", "--model-dir", str(trained_model["model_dir"]), "--data",
+                 str(trained_model["records"]), "--out", str(tmp_path / "x"),
+                 "--input-type", "jpeg", check=False)
+    assert done.returncode == 2 and "invalid choice: 'jpeg'" in done.stderr
