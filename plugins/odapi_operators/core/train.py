@@ -9,8 +9,42 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from odapi_operators.core import storage, tfvision
+
+
+class ProgressLine:
+    """An Orbit train action printing one line per training loop: step, loss, steps/s, ETA.
+
+    Airflow shows the child's output in the task log as it comes, so a long run stays
+    readable without TensorBoard.
+    """
+
+    def __init__(self, start_step: int, total_steps: int, steps_per_loop: int,
+                 emit: Callable[[str], None] = print) -> None:
+        self.step, self.total, self.per_loop = start_step, total_steps, steps_per_loop
+        self.emit = emit
+        self.last = time.monotonic()
+
+    def __call__(self, output: dict[str, Any]) -> None:
+        now = time.monotonic()
+        done = min(self.per_loop, self.total - self.step)
+        self.step += done
+        rate = done / max(now - self.last, 1e-9)
+        self.last = now
+        loss = output.get("total_loss", output.get("training_loss"))
+        eta = (self.total - self.step) / rate if rate else float("inf")
+        self.emit(f"progress: step {self.step}/{self.total} | loss {float(loss):.4f} | "
+                  f"{rate:.2f} steps/s | ETA {eta:.0f} s")
+
+
+def _checkpoint_step(model_dir: str | Path) -> int:
+    """Step of the newest checkpoint in `model_dir` (0 if none): where training resumes."""
+    import tensorflow as tf
+
+    newest = tf.train.latest_checkpoint(str(model_dir))
+    return int(newest.rsplit("-", 1)[-1]) if newest else 0
 
 
 def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
@@ -26,11 +60,16 @@ def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
     started = time.monotonic()
     with strategy.scope():
         task = task_factory.get_task(params.task, logging_dir=str(model_dir))
+    resumed = _checkpoint_step(model_dir)
+    progress = ProgressLine(resumed, steps, params.trainer.steps_per_loop,
+                            emit=lambda line: print(line, flush=True))
     model, _ = train_lib.run_experiment(distribution_strategy=strategy, task=task, mode="train",
-                                        params=params, model_dir=str(model_dir))
+                                        params=params, model_dir=str(model_dir),
+                                        train_actions=[progress])
     checkpoint = tfvision.latest_checkpoint(model_dir)
     summary = {"model_dir": str(model_dir), "checkpoint": checkpoint,
-               "steps": int(checkpoint.rsplit("-", 1)[-1]), "experiment": experiment,
+               "steps": int(checkpoint.rsplit("-", 1)[-1]), "resumed_from_step": resumed,
+               "experiment": experiment,
                "seconds": round(time.monotonic() - started, 1),
                "parameters": int(model.count_params())}
     storage.write_text(Path(model_dir) / "summary.json", json.dumps(summary, indent=2))

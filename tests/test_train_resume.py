@@ -1,0 +1,55 @@
+"""Training survives being killed: the re-run continues from the newest checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, odapi, prepare_records
+
+pytestmark = pytest.mark.slow
+
+
+def test_killed_training_resumes_from_its_checkpoint(tmp_path):
+    records = prepare_records(tmp_path / "data")
+    config = yaml.safe_load((ROOT / "include/configs/models/"
+                                     "retinanet_mobile_sample.yaml").read_text())
+    config["params"]["trainer"].update(steps_per_loop=5, summary_interval=5,
+                                       checkpoint_interval=5)
+    model_config = tmp_path / "model.yaml"
+    model_config.write_text(yaml.safe_dump(config))
+    model_dir = tmp_path / "model"
+    args = [sys.executable, "-u", "-m", "odapi_operators", "train", "--config",
+            str(model_config), "--data", str(records), "--model-dir", str(model_dir),
+            "--steps", "40", "--batch-size", "2"]
+
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=os.environ)
+    progress = []
+    for line in child.stdout:
+        if line.startswith("progress: step"):
+            progress.append(line)
+            if len(progress) == 3:  # three loops done: checkpoints at 5, 10, 15 exist
+                child.send_signal(signal.SIGKILL)
+                break
+    child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert "| loss " in progress[0] and "steps/s | ETA" in progress[0]
+    killed_at = max(int(p.name.split("-")[1].split(".")[0])
+                    for p in model_dir.glob("ckpt-*.index"))
+    assert 5 <= killed_at < 40
+
+    done = odapi(*args[4:])
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from_step"] == killed_at
+    assert summary["steps"] == 40
+    first = next(line for line in done.stdout.splitlines() if line.startswith("progress: step"))
+    assert first.startswith(f"progress: step {killed_at + 5}/40")
+    kept = sorted(int(p.name.split("-")[1].split(".")[0]) for p in model_dir.glob("ckpt-*.index"))
+    assert kept[-1] == 40 and len(kept) <= 3  # max_to_keep: 3 in the model config
