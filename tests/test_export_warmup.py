@@ -11,7 +11,7 @@ from conftest import odapi
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("input_type", ["tf_example", "image_bytes"])
+@pytest.mark.parametrize("input_type", ["image_tensor", "tf_example", "image_bytes"])
 def test_export_ships_assets_and_replayable_warmup(trained_model, tmp_path, input_type):
     extra_file = tmp_path / "decision.json"
     extra_file.write_text(json.dumps({"promoted": True}))
@@ -38,7 +38,8 @@ def test_export_ships_assets_and_replayable_warmup(trained_model, tmp_path, inpu
     request = logs[0].predict_log.request
     assert request.model_spec.name == "shapes"
     assert request.model_spec.signature_name == "serving_default"
-    assert tf.dtypes.as_dtype(request.inputs["inputs"].dtype) == tf.string
+    expected_dtype = tf.uint8 if input_type == "image_tensor" else tf.string
+    assert tf.dtypes.as_dtype(request.inputs["inputs"].dtype) == expected_dtype
 
     loaded = tf.saved_model.load(str(saved_model), tags=["serve"])
     replay = loaded.signatures["serving_default"](

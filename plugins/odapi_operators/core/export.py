@@ -18,7 +18,11 @@ import numpy as np
 
 from odapi_operators.core import storage, tfvision
 
-INPUT_TYPES = ("image_tensor", "image_bytes", "tf_example")
+# The export module's inference function for each input type (TF-Vision's names).
+INFERENCE_FUNCTIONS = {"image_tensor": "inference_from_image_tensors",
+                       "image_bytes": "inference_from_image_bytes",
+                       "tf_example": "inference_from_tf_example"}
+INPUT_TYPES = tuple(INFERENCE_FUNCTIONS)
 WARMUP_FILE = "tf_serving_warmup_requests"
 INPUT_NAME = "inputs"
 MATCH_TOLERANCE = 1e-3
@@ -90,7 +94,7 @@ def check_export(saved_model_dir: Path, module, input_type: str) -> dict:
 
     loaded = tf.saved_model.load(str(saved_model_dir), tags=["serve"])
     signature = loaded.signatures["serving_default"]
-    reference = getattr(module, f"inference_from_{input_type}")
+    reference = getattr(module, INFERENCE_FUNCTIONS[input_type])
     worst, detections = 0.0, 0
     arrays = read_warmup(saved_model_dir / "assets.extra" / WARMUP_FILE)
     for array in arrays:

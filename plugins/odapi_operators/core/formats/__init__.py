@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 from odapi_operators.core.manifest import ImageSource, key_from_path, key_from_url
 from odapi_operators.core.paths import resolve_inside
@@ -105,6 +105,18 @@ class ParseContext:
         except ValueError as exc:
             raise RecordError(file, record, str(exc)) from None
         return self.image_key(path, folder), ImageSource("local", str(path))
+
+
+def parse_each(files: list[Path], ctx: ParseContext,
+               parse_file: Callable[[Path, ParseContext], Iterable[Any]]) -> Iterator[Any]:
+    """Records of every file; a bad or unreadable file is reported and the next one goes on."""
+    for path in files:
+        try:
+            yield from parse_file(Path(path), ctx)
+        except RecordError as exc:
+            ctx.log.add(exc.rejection)
+        except OSError as exc:
+            ctx.log.add(RecordError(str(path), "file", f"unreadable file: {exc}").rejection)
 
 
 def load(name: str) -> ModuleType:

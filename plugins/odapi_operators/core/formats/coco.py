@@ -149,8 +149,6 @@ def parse_coco_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]
 
 def parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]:
     """Parse the COCO files of one export; a bad file is logged and skipped."""
-    for path in files:
-        try:
-            yield from parse_coco_file(path, ctx)
-        except RecordError as exc:
-            ctx.log.add(exc.rejection)
+    from odapi_operators.core.formats import parse_each
+
+    return parse_each(files, ctx, parse_coco_file)

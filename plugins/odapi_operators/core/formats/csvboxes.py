@@ -33,7 +33,7 @@ from odapi_operators.core.boxes import checked_box, normalized_box
 from odapi_operators.core.formats import remote_kind
 from odapi_operators.core.formats.common import first_line_fields, read_csv_lines
 from odapi_operators.core.manifest import Box, ImageRecord, ImageSource, key_from_url
-from odapi_operators.core.report import RecordError, Rejection
+from odapi_operators.core.report import Rejection
 
 if TYPE_CHECKING:
     from odapi_operators.core.formats import ParseContext
@@ -252,8 +252,6 @@ def parse_csv_file(csv_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]:
 
 def parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]:
     """Parse the CSV files of one export, each on its own."""
-    for path in files:
-        try:
-            yield from parse_csv_file(Path(path), ctx)
-        except OSError as exc:
-            ctx.log.add(RecordError(str(path), "file", f"unreadable file: {exc}").rejection)
+    from odapi_operators.core.formats import parse_each
+
+    return parse_each(files, ctx, parse_csv_file)

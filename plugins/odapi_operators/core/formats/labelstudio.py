@@ -224,8 +224,6 @@ def parse_labelstudio_file(json_path: Path, ctx: ParseContext) -> Iterator[Image
 
 def parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]:
     """Parse the Label Studio exports of one export folder; a bad file is logged and skipped."""
-    for path in files:
-        try:
-            yield from parse_labelstudio_file(path, ctx)
-        except RecordError as exc:
-            ctx.log.add(exc.rejection)
+    from odapi_operators.core.formats import parse_each
+
+    return parse_each(files, ctx, parse_labelstudio_file)

@@ -100,8 +100,6 @@ def parse_voc_file(xml_path: Path, ctx: ParseContext) -> ImageRecord:
 
 def parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]:
     """Parse many VOC files of one export; a bad file is logged and skipped."""
-    for path in files:
-        try:
-            yield parse_voc_file(path, ctx)
-        except RecordError as exc:
-            ctx.log.add(exc.rejection)
+    from odapi_operators.core.formats import parse_each
+
+    return parse_each(files, ctx, lambda path, c: [parse_voc_file(path, c)])
