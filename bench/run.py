@@ -1,4 +1,7 @@
-"""Run every benchmark in bench/ (each prints ratios against a baseline measured in the same run)."""
+"""Run every benchmark in bench/ (each prints ratios against a baseline measured in the same run).
+
+Modules named `_*.py` are helpers, not benchmarks.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,6 @@ import sys
 from pathlib import Path
 
 for script in sorted(Path(__file__).parent.glob("*.py")):
-    if script.name != "run.py":
+    if script.name != "run.py" and not script.name.startswith("_"):
         print(f"== {script.name}", flush=True)
         subprocess.run([sys.executable, str(script)], check=True)

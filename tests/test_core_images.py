@@ -76,10 +76,19 @@ def test_fetch_copies_then_skips(ingested, tmp_path):
 def test_fetch_reports_missing_source(ingested, tmp_path):
     victim = next(read_manifest(ingested))
     Path(victim.source.uri).unlink()
-    summary = fetch_images(ingested, tmp_path / "images")
+    summary = fetch_images(ingested, tmp_path / "images", max_failed_share=0.2)
     assert (summary["ok"], summary["failed"]) == (4, 1)
     [failure] = lines(tmp_path / "images" / "failures.jsonl")
     assert failure["record"] == victim.key and "fetch failed" in failure["reason"]
+
+
+def test_fetch_over_failure_budget_fails_naming_report(ingested, tmp_path):
+    victim = next(read_manifest(ingested))
+    Path(victim.source.uri).unlink()  # 1 of 5 = 20% > the default 5%
+    with pytest.raises(StageError, match=r"1 of 5 images failed .*failures.jsonl"):
+        fetch_images(ingested, tmp_path / "images")
+    [failure] = lines(tmp_path / "images" / "failures.jsonl")
+    assert failure["record"] == victim.key
 
 
 # --- verify ------------------------------------------------------------------------------
@@ -189,15 +198,32 @@ def test_rgb_png_passes_through(tmp_path):
     assert out.source.uri == str(src)
 
 
-def test_disallowed_format_quarantined(tmp_path):
+@pytest.mark.parametrize("fmt,allowed,reason", [
+    ("TIFF", None, "not a readable image"),  # no web-image magic bytes: never handed to Pillow
+    ("BMP", frozenset({"JPEG", "PNG"}), "format BMP not allowed (allowed: JPEG, PNG)"),
+])
+def test_disallowed_format_quarantined(tmp_path, fmt, allowed, reason):
+    from odapi_operators.core.normalize import NormalizeOptions
+
     src = tmp_path / "img.jpg"
-    noise((32, 32)).save(src, "BMP")
-    write_manifest(tmp_path / "m.jsonl", [record("bmp", src, size=(32, 32)),
+    noise((32, 32)).save(src, fmt)
+    write_manifest(tmp_path / "m.jsonl", [record("bad", src, size=(32, 32)),
                                           record("ok", tmp_path / "ok.jpg", size=(32, 32))])
     (tmp_path / "ok.jpg").write_bytes(jpeg_bytes(noise((32, 32))))
-    verify_images(tmp_path / "m.jsonl", tmp_path / "verify")
+    options = NormalizeOptions(allowed_formats=allowed) if allowed else None
+    verify_images(tmp_path / "m.jsonl", tmp_path / "verify", options=options)
     [entry] = lines(tmp_path / "verify" / "quarantine.jsonl")
-    assert entry["record"] == "bmp" and "format BMP not allowed" in entry["reason"]
+    assert entry["record"] == "bad" and reason in entry["reason"]
+
+
+def test_bmp_allowed_by_default_and_reencoded(tmp_path):
+    src = tmp_path / "img.bmp"
+    noise((32, 32)).save(src, "BMP")
+    write_manifest(tmp_path / "m.jsonl", [record("bmp", src, size=(32, 32))])
+    assert verify_images(tmp_path / "m.jsonl", tmp_path / "verify")["converted"] == 1
+    [out] = list(read_manifest(tmp_path / "verify" / "manifest.jsonl"))
+    with Image.open(out.source.uri) as im:
+        assert (im.format, im.size) == ("JPEG", (32, 32))
 
 
 @pytest.mark.parametrize("side", [100, 40], ids=["bomb-error", "bomb-warning"])

@@ -150,18 +150,26 @@ class FetchImagesOperator(OdapiStageOperator):
     def execute(self, context: Any) -> dict:
         from odapi_operators.core.fetch import fetch_images
 
-        return fetch_images(self.manifest, self.stage_dir(context, Stage.IMAGES))
+        cfg = self.pipeline().images
+        summary = fetch_images(self.manifest, self.stage_dir(context, Stage.IMAGES),
+                               threads=cfg.threads, max_failed_share=cfg.max_failed_share,
+                               policy=cfg.policy(), log=self.log.info)
+        return {k: summary[k] for k in ("manifest", "failures", "ok", "failed", "skipped")}
 
 
 class VerifyImagesOperator(FetchImagesOperator):
     def execute(self, context: Any) -> dict:
         from odapi_operators.core.verify import verify_images
 
-        summary = verify_images(self.manifest, self.stage_dir(context, Stage.VERIFY))
+        cfg = self.pipeline().images
+        summary = verify_images(self.manifest, self.stage_dir(context, Stage.VERIFY),
+                                max_side=cfg.max_side, workers=cfg.workers,
+                                max_failed_share=cfg.max_quarantined_share, log=self.log.info)
         if summary["failed"]:
             self.log.warning("%(failed)s images quarantined (%(boxes_quarantined)s boxes); "
                              "see %(quarantine)s", summary)
-        return summary
+        return {k: summary[k] for k in ("manifest", "quarantine", "ok", "failed",
+                                        "boxes_quarantined", "skipped")}
 
 
 class BuildLabelMapOperator(FetchImagesOperator):
@@ -191,7 +199,9 @@ class WriteTFRecordsOperator(OdapiStageOperator):
 
         cfg = self.pipeline().records
         out = self.stage_dir(context, Stage.RECORDS)
-        summary = write_shards(self.manifest, self.label_map, out, cfg.split, cfg.shards)
+        summary = write_shards(self.manifest, self.label_map, out, cfg.split, cfg.shards,
+                               target_shard_bytes=cfg.target_shard_mb << 20,
+                               cache_dir=cfg.cache, log=self.log.info)
         return {"data": str(out), **{f"{split}_images": s["images"]
                                      for split, s in summary["splits"].items()}}
 

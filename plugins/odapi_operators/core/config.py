@@ -46,9 +46,33 @@ class ExportsConfig(_Strict):
                 if v is not None}
 
 
+class ImagesConfig(_Strict):
+    """Download and verify settings (see core/download.py, core/verify.py)."""
+
+    max_side: int | None = Field(default=None, gt=0)  # resize larger images (draft decoding)
+    max_failed_share: float = Field(default=0.05, ge=0, le=1)  # download failure budget
+    max_quarantined_share: float = Field(default=1.0, ge=0, le=1)  # verify failure budget
+    threads: int | None = Field(default=None, gt=0)  # None: 64 per core
+    workers: int | None = Field(default=None, gt=0)  # decode processes; None: one per core
+    retries: int = Field(default=3, ge=0)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=20.0, gt=0)
+    deadline: float = Field(default=90.0, gt=0)  # per image, whole body (slow-loris guard)
+    max_mb: int = Field(default=50, gt=0)
+
+    def policy(self):
+        from odapi_operators.core.download import DownloadPolicy
+
+        return DownloadPolicy(connect_timeout=self.connect_timeout,
+                              read_timeout=self.read_timeout, deadline=self.deadline,
+                              retries=self.retries, max_bytes=self.max_mb << 20)
+
+
 class RecordsConfig(_Strict):
     split: dict[str, float] = {"train": 0.8, "val": 0.2}
-    shards: dict[str, int] = {"train": 2, "val": 1}
+    shards: dict[str, int] | None = None  # None: as many as target_shard_mb gives
+    target_shard_mb: int = Field(default=128, gt=0)
+    cache: str | None = "var/records-cache"  # same dataset version: shards reused
 
     @field_validator("split")
     @classmethod
@@ -82,6 +106,7 @@ class PipelineConfig(_Strict):
     runs: str = "var/runs"
     datasets: str = "var/datasets"
     exports: ExportsConfig
+    images: ImagesConfig = ImagesConfig()
     records: RecordsConfig = RecordsConfig()
     train: TrainConfig
     gate: GateConfig = GateConfig()
@@ -92,7 +117,7 @@ class PipelineConfig(_Strict):
         return json.dumps(self.model_dump(by_alias=True), indent=2)
 
 
-_PATH_KEYS = ("runs", "datasets", "exports.ledger", "exports.path", "exports.images_root", "train.model_config", "serving.base")
+_PATH_KEYS = ("runs", "datasets", "exports.ledger", "records.cache", "exports.path", "exports.images_root", "train.model_config", "serving.base")
 
 
 def default_home(config_path: Path) -> Path:
@@ -158,6 +183,8 @@ def load_pipeline_config(path: str | Path,
     for key in ("runs", "datasets"):
         data.setdefault(key, PipelineConfig.model_fields[key].default)
     data.setdefault("exports", {}).setdefault("ledger", ExportsConfig.model_fields["ledger"].default)
+    if isinstance(data.get("records", {}), dict):
+        data.setdefault("records", {}).setdefault("cache", RecordsConfig.model_fields["cache"].default)
     for key in _PATH_KEYS:
         value = _get_dotted(data, key)
         if isinstance(value, str) and "://" not in value and not os.path.isabs(value):

@@ -122,7 +122,7 @@ def _sorted_by_id(path: Path, column: int) -> bool:
     return True
 
 
-def _md5_hex(raw: str) -> str | None:
+def md5_hex(raw: str) -> str | None:
     raw = raw.strip()
     if not raw or raw.lower() == "nan":
         return None
@@ -138,7 +138,7 @@ def _md5_hex(raw: str) -> str | None:
     return digest.hex()
 
 
-def _rotation_clockwise(raw: str) -> int:
+def rotation_clockwise(raw: str) -> int:
     """Open Images' counterclockwise Rotation -> our clockwise degrees (unknown -> 0)."""
     raw = raw.strip()
     if not raw or raw.lower() == "nan":
@@ -364,8 +364,8 @@ class _Parser:
             index_path, index_line, url, md5_raw, rotation_raw = found
             provenance["index"] = f"{index_path}:{index_line}"
             try:
-                rotation = _rotation_clockwise(rotation_raw)
-                md5 = _md5_hex(md5_raw)
+                rotation = rotation_clockwise(rotation_raw)
+                md5 = md5_hex(md5_raw)
             except ValueError as exc:
                 self.report(index_path, f"line {index_line}: ImageID {image_id}", str(exc))
                 return None
