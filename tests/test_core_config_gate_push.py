@@ -12,7 +12,7 @@ import yaml
 from odapi_operators.core import push as push_mod
 from odapi_operators.core.config import (ConfigError, freeze_config, load_pipeline_config,
                                          read_frozen_config)
-from odapi_operators.core.gate import decide, gate
+from odapi_operators.core.gate import Baseline, GatePolicy, decide, gate
 from odapi_operators.core.push import RUN_MARKER, production_label_map, push, versions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def test_unreadable_config_is_config_error(tmp_path):
     ({}, None, False, "never promote"),
 ], ids=["pass", "equal", "fail", "missing", "nan", "no-threshold", "no-threshold-empty"])
 def test_gate_decide(metrics, bound, promoted, reason):
-    decision = decide(metrics, bound)
+    decision = decide(metrics, GatePolicy(min_ap50=bound), Baseline(version=1, metrics={}))
     assert decision["promoted"] is promoted
     assert reason in decision["reason"]
     if bound is None:
