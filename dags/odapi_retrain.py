@@ -12,13 +12,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from airflow.providers.standard.operators.python import ShortCircuitOperator
-from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TaskGroup
+from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TaskGroup, TriggerRule
 
 from odapi_operators.assets import DATASET_VERSION, SERVED_MODEL
 from odapi_operators.operators import (BuildLabelMapOperator, EvaluateDetectorOperator,
                                        ExportSavedModelOperator, FetchImagesOperator,
                                        IngestAnnotationsOperator, PromotionGateOperator,
-                                       PushToServingOperator, ResolvePipelineConfigOperator,
+                                       PushToServingOperator, RegisterRunOperator,
+                                       ResolvePipelineConfigOperator,
                                        SelectExportsOperator,
                                        TrainDetectorOperator, VerifyImagesOperator,
                                        WriteTFRecordsOperator, is_promoted)
@@ -49,6 +50,10 @@ with DAG(
                              description="Training steps (default: the pipeline config's)"),
         "min_ap50": Param(None, type=["null", "number"], minimum=0, maximum=1,
                           description="Promote only at or above this AP50"),
+        "force_promote": Param(False, type="boolean",
+                               description="Promote even if the gate says no (needs a reason)"),
+        "force_reason": Param(None, type=["null", "string"],
+                              description="Why the promotion is forced (recorded)"),
     },
 ) as dag:
     config = ResolvePipelineConfigOperator(
@@ -84,9 +89,12 @@ with DAG(
 
     with TaskGroup("promote", tooltip="gate, export, push to TF Serving"):
         gate = PromotionGateOperator(task_id="gate", config=cfg,
-                                     metrics=evaluate.output["metrics"])
+                                     metrics=evaluate.output["metrics"],
+                                     dataset_version=ingest.output["fingerprint"])
         promoted = ShortCircuitOperator(task_id="if_promoted", python_callable=is_promoted,
-                                        op_args=[gate.output["promoted"]])
+                                        op_args=[gate.output["promoted"]],
+                                        # skip export/push, but let register_run (all_done) run
+                                        ignore_downstream_trigger_rules=False)
         export = ExportSavedModelOperator(task_id="export", config=cfg,
                                           model_dir=train.output["model_dir"],
                                           data=records.output["data"],
@@ -96,5 +104,9 @@ with DAG(
                                      saved_model=export.output["saved_model"],
                                      outlets=[SERVED_MODEL])
         gate >> promoted >> export >> push
+
+    register = RegisterRunOperator(task_id="register_run", config=cfg,
+                                   trigger_rule=TriggerRule.ALL_DONE)
+    [gate, push] >> register
 
     config >> wait

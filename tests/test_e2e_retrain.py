@@ -89,6 +89,17 @@ def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
         "tf_serving_warmup_requests"}
     assert not [p for p in version.parent.iterdir() if p.name.startswith(".tmp")]
 
+    from odapi_operators.core.registry import read as read_registry
+    from odapi_operators.core.serving_config import read as read_config
+
+    models_config = read_config(pipeline / "serving" / "models.config")
+    [entry] = [c for c in models_config.model_config_list.config if c.name == "shapes"]
+    assert dict(entry.version_labels) == {"stable": 1}
+    [record] = [r for r in read_registry(pipeline / "serving" / "registry.jsonl", "shapes")
+                if r.get("run_id") == dag_run.run_id and r.get("kind") == "candidate"]
+    assert record["version"] == 1 and record["decision"]["promoted"] is True
+    assert decision["rule"] == "first_model"
+
     events = _asset_events(dag_run.run_id)
     ingest_summary = json.loads((run_dir / "ingest" / "summary.json").read_text())
     assert events["prepare.ingest"]["fingerprint"] == ingest_summary["fingerprint"]
@@ -123,3 +134,6 @@ def test_rejected_candidate_skips_export_and_push(pipeline, airflow_db):
     decision = json.loads((run_dir / "gate" / "decision.json").read_text())
     assert decision["promoted"] is False and "AP50" in decision["reason"]
     assert not (pipeline / "serving" / "shapes").exists()
+    assert states["register_run"] == "success"
+    registry = (pipeline / "serving" / "registry.jsonl").read_text()
+    assert dag_run.run_id in registry and '"promoted": false' in registry

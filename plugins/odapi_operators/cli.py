@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="var/runs", help="runs folder (default: %(default)s)")
     p.add_argument("--run-dir", help="one run's folder instead of the newest in --runs")
     p.add_argument("--text", action="store_true", help="also print a readable table on stderr")
+
+    from odapi_operators.cli_models import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -300,5 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"odapi {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, sort_keys=True))
+    if summary is not None:  # commands that print a table themselves return None
+        print(json.dumps(summary, sort_keys=True))
     return 0

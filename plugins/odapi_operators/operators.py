@@ -247,19 +247,32 @@ def is_promoted(promoted: bool) -> bool:
 
 
 class PromotionGateOperator(OdapiStageOperator):
-    """Write decision.json; returns `promoted` for the short-circuit that guards export/push."""
+    """Write decision.json; returns `promoted` for the short-circuit that guards export/push.
 
-    template_fields = ("config", "metrics")
+    The baseline is the version Serving answers with (stable, else newest). A forced
+    promotion needs the `force_promote` param and a `force_reason`, both recorded.
+    """
 
-    def __init__(self, *, metrics: Any, **kwargs: Any) -> None:
+    template_fields = ("config", "metrics", "dataset_version")
+
+    def __init__(self, *, metrics: Any, dataset_version: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.metrics = metrics
+        self.dataset_version = dataset_version
 
     def execute(self, context: Any) -> dict:
         from odapi_operators.core.gate import gate
+        from odapi_operators.core.push import production_version
 
-        decision = gate(self.metrics, self.stage_dir(context, Stage.GATE),
-                        self.pipeline().gate.min_ap50)
+        pipeline = self.pipeline()
+        params = context.get("params") or {}
+        baseline = production_version(pipeline.serving.base, pipeline.serving.model_name,
+                                      pipeline.serving)
+        decision = gate(self.metrics, self.stage_dir(context, Stage.GATE), pipeline.gate,
+                        baseline_version=baseline, dataset_version=self.dataset_version,
+                        force=bool(params.get("force_promote")),
+                        force_reason=params.get("force_reason"),
+                        forced_by=getattr(context["dag_run"], "triggering_user_name", None))
         self.log.info("promoted: %s (%s)", decision["promoted"], decision["reason"])
         return {"promoted": decision["promoted"], "decision": decision["decision"],
                 "reason": decision["reason"]}
@@ -288,6 +301,8 @@ class ExportSavedModelOperator(EvaluateDetectorOperator):
 
 
 class PushToServingOperator(OdapiStageOperator):
+    """Publish the next Serving version, then move the `stable` label to it (two steps)."""
+
     template_fields = ("config", "saved_model")
 
     def __init__(self, *, saved_model: Any, **kwargs: Any) -> None:
@@ -295,12 +310,32 @@ class PushToServingOperator(OdapiStageOperator):
         self.saved_model = saved_model
 
     def execute(self, context: Any) -> dict:
+        from odapi_operators.core.promote import promote
         from odapi_operators.core.push import push
 
         cfg = self.pipeline().serving
         summary = push(self.saved_model, cfg.base, cfg.model_name, context["run_id"],
-                       out_dir=self.stage_dir(context, Stage.PUSH))
+                       out_dir=self.stage_dir(context, Stage.PUSH), options=cfg)
         self.log.info("pushed %(model_name)s version %(version)s to %(path)s", summary)
+        promote(cfg.base, cfg.model_name, summary["version"], options=cfg,
+                reason=f"promoted by run {context['run_id']}")
+        self.log.info("stable -> version %s", summary["version"])
         self.publish(context, model_name=summary["model_name"], version=summary["version"],
                      path=summary["path"])
         return {"version": summary["version"], "path": summary["path"]}
+
+
+class RegisterRunOperator(OdapiStageOperator):
+    """Append this run's candidate record to the model registry, whatever the run's outcome."""
+
+    def execute(self, context: Any) -> dict:
+        from odapi_operators.core.layout import RunLayout
+        from odapi_operators.core.registry import register_run
+
+        pipeline = self.pipeline()
+        cfg = pipeline.serving
+        run_dir = RunLayout(Path(pipeline.runs), context["run_id"]).root
+        record = register_run(cfg.registry_path(cfg.base), run_dir, cfg.model_name,
+                              context["run_id"])
+        return {"registry": str(cfg.registry_path(cfg.base)),
+                "decision": (record or {}).get("decision")}

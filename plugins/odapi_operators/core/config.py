@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from odapi_operators.core import storage
+from odapi_operators.core.gate import GatePolicy
+from odapi_operators.core.serving_config import ServingOptions
 
 
 class ConfigError(ValueError):
@@ -88,15 +90,11 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=8, gt=0)
 
 
-class GateConfig(_Strict):
-    min_ap50: float | None = Field(default=None, ge=0, le=1)
-
-
 class ExportConfig(_Strict):
     input_type: Literal["image_tensor", "image_bytes", "tf_example"] = "image_tensor"
 
 
-class ServingConfig(_Strict):
+class ServingConfig(ServingOptions):
     base: str
     model_name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # no '.', '..'
 
@@ -109,7 +107,7 @@ class PipelineConfig(_Strict):
     images: ImagesConfig = ImagesConfig()
     records: RecordsConfig = RecordsConfig()
     train: TrainConfig
-    gate: GateConfig = GateConfig()
+    gate: GatePolicy = GatePolicy()
     export: ExportConfig = ExportConfig()
     serving: ServingConfig
 
@@ -117,7 +115,8 @@ class PipelineConfig(_Strict):
         return json.dumps(self.model_dump(by_alias=True), indent=2)
 
 
-_PATH_KEYS = ("runs", "datasets", "exports.ledger", "records.cache", "exports.path", "exports.images_root", "train.model_config", "serving.base")
+_PATH_KEYS = ("runs", "datasets", "exports.ledger", "records.cache", "serving.models_config",
+              "serving.registry", "exports.path", "exports.images_root", "train.model_config", "serving.base")
 
 
 def default_home(config_path: Path) -> Path:
