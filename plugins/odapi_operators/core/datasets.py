@@ -9,7 +9,6 @@ new version.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import shutil
 import time
@@ -36,8 +35,7 @@ def publish_version(datasets_dir: str | Path, ingest_dir: str | Path, summary: d
     line = {"fingerprint": summary["fingerprint"], "created_at": time.time(),
             "images": summary["images"], "boxes": summary["boxes"],
             "classes": summary["classes"], "inputs": summary["inputs"]}
-    with open(root / "versions.jsonl", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    with storage.file_lock(root / "versions.jsonl"), open(root / "versions.jsonl", "a") as fh:
         fh.write(json.dumps(line, sort_keys=True) + "\n")
     return True
 

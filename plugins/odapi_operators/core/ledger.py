@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from odapi_operators.core import storage
+from odapi_operators.core.jsonl import parse_json_lines
 from odapi_operators.core.exports import Export, describe_export
 
 Decide = Callable[[list[dict]], tuple[list[str], list[dict]]]
@@ -36,17 +37,14 @@ def _iso(epoch: float) -> str:
 
 
 def _parse(text: str, path: str) -> list[dict]:
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LedgerError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
-        if not isinstance(record, dict) or not {"export", "run_id", "fingerprint"} <= set(record):
-            raise LedgerError(f"{path}:{number}: needs 'export', 'run_id' and 'fingerprint'")
-        records.append(record)
+    try:
+        records = parse_json_lines(text, path)
+    except ValueError as exc:
+        raise LedgerError(str(exc)) from None
+    for number, record in enumerate(records, 1):
+        if not {"export", "run_id", "fingerprint"} <= set(record):
+            raise LedgerError(f"{path}: record {number} needs 'export', 'run_id' and "
+                              "'fingerprint'")
     return records
 
 

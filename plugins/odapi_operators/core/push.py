@@ -18,7 +18,6 @@ Pushes of one model are serialized: a lock file locally, generation precondition
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -44,9 +43,7 @@ def model_lock(model_path: str | os.PathLike) -> Iterator[None]:
     if not storage.is_local(model_path):
         yield
         return
-    Path(model_path).mkdir(parents=True, exist_ok=True)
-    with open(Path(model_path) / ".odapi-lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel even on SIGKILL
+    with storage.file_lock(Path(model_path) / "odapi"):  # .odapi.lock in the model dir
         yield
 
 

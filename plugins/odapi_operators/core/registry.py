@@ -11,15 +11,14 @@ rollbacks) are what `rollback` reads to find the previous stable version.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from odapi_operators.core import storage
+from odapi_operators.core.jsonl import parse_json_lines
 from odapi_operators.core.layout import Stage
 
 _GS_RETRIES = 20
@@ -30,26 +29,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def _parse(text: str, source: str, model: str | None = None) -> list[dict]:
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source}:{number}: not a JSON record: {exc}") from None
-        if model is None or record.get("model") == model:
-            records.append(record)
-    return records
+    return [r for r in parse_json_lines(text, source) if model is None or r.get("model") == model]
 
 
 def read(path: str | os.PathLike, model: str | None = None) -> list[dict]:
@@ -79,7 +60,7 @@ def append(path: str | os.PathLike, record: dict) -> dict:
     line = json.dumps(record, sort_keys=True) + "\n"
     if storage.is_local(path):
         local = Path(path)
-        with _locked(local):
+        with storage.file_lock(local):
             found = already(read(local))
             if found:
                 return found

@@ -13,12 +13,10 @@ object stores), so concurrent pushes of different models sharing one file lose n
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Literal
 
 from google.protobuf import text_format
 from pydantic import BaseModel, ConfigDict, Field
@@ -195,14 +193,6 @@ def read(path: str | os.PathLike) -> pb.ModelServerConfig:
     return parse(storage.read_text(path), os.fspath(path))
 
 
-@contextlib.contextmanager
-def _local_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def _write_local(path: Path, text: str) -> None:
     for stale in path.parent.glob(f".tmp-{path.name}-*"):  # from a writer killed mid-write
         stale.unlink(missing_ok=True)
@@ -223,7 +213,7 @@ def update(path: str | os.PathLike,
     """
     if storage.is_local(path):
         local = Path(path)
-        with _local_lock(local):
+        with storage.file_lock(local):
             config = read(local)
             change(config)
             _write_local(local, render(config))

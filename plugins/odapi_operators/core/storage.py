@@ -10,6 +10,7 @@ finished temporary file; object writes are atomic by nature).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import errno
 import os
 import shutil
@@ -255,6 +256,19 @@ def _local(path: PathLike) -> Path:
     if not is_local(path):
         raise StorageError(f"{os.fspath(path)}: atomic local write on a non-local path")
     return Path(path)
+
+
+@contextlib.contextmanager
+def file_lock(path: PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (via its sibling `.<name>.lock`; local paths only).
+
+    The kernel releases it when the holder dies, even by SIGKILL, so no stale locks.
+    """
+    target = _local(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _umask() -> int:
