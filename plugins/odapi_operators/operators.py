@@ -206,6 +206,70 @@ class WriteTFRecordsOperator(OdapiStageOperator):
                                      for split, s in summary["splits"].items()}}
 
 
+class PlanShardsOperator(WriteTFRecordsOperator):
+    """Shard layout for dynamic task mapping: a list with one dict per shard.
+
+    Each dict carries the whole layout (`counts`, `fingerprint`), so the plan's own return
+    value can be mapped over (Airflow maps only over a task's return value):
+    `plan >> WriteShardOperator.partial(...).expand(shard=plan.output) >> FinishShardsOperator`
+    spreads shards over workers (the records folder must be on storage they share).
+    `WriteTFRecordsOperator` does the same in one task, with processes and a content cache.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("multiple_outputs", False)
+        super().__init__(**kwargs)
+
+    def execute(self, context: Any) -> list[dict]:
+        from odapi_operators.core.shard import plan_shards
+
+        cfg = self.pipeline().records
+        plan = plan_shards(self.manifest, self.label_map, cfg.split, cfg.shards,
+                           target_shard_bytes=cfg.target_shard_mb << 20)
+        self.log.info("%d shards: %s", len(plan["shards"]), plan["counts"])
+        return [{**shard, "counts": plan["counts"], "fingerprint": plan["fingerprint"]}
+                for shard in plan["shards"]]
+
+
+class WriteShardOperator(WriteTFRecordsOperator):
+    """Write one shard of a plan (a mapped task instance); skips a shard already complete."""
+
+    template_fields = ("config", "manifest", "label_map", "shard")
+
+    def __init__(self, *, shard: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("multiple_outputs", False)
+        super().__init__(**kwargs)
+        self.shard = shard
+
+    def execute(self, context: Any) -> dict:
+        from odapi_operators.core.shard import write_shard
+
+        cfg, shard = self.pipeline().records, self.shard
+        return write_shard(self.manifest, self.label_map, self.stage_dir(context, Stage.RECORDS),
+                           cfg.split, shard["split"], shard["index"], shard["count"],
+                           counts=shard["counts"])
+
+
+class FinishShardsOperator(WriteTFRecordsOperator):
+    """After every mapped shard of `plan`: per-split stats, source ids and the summary."""
+
+    template_fields = ("config", "manifest", "label_map", "plan")
+
+    def __init__(self, *, plan: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.plan = plan
+
+    def execute(self, context: Any) -> dict:
+        from odapi_operators.core.shard import finish_shards
+
+        cfg, first = self.pipeline().records, self.plan[0]
+        out = self.stage_dir(context, Stage.RECORDS)
+        summary = finish_shards(self.manifest, self.label_map, out, cfg.split, first["counts"],
+                                fingerprint=first["fingerprint"])
+        return {"data": str(out), **{f"{split}_images": s["images"]
+                                     for split, s in summary["splits"].items()}}
+
+
 class TrainDetectorOperator(OdapiStageOperator):
     """Train in a child process (`odapi train`); a retry resumes from the newest checkpoint."""
 
