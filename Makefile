@@ -41,7 +41,7 @@ $(AIRFLOW_HOME)/airflow.db: | $(VENV)/.installed
 demo: venv sample $(AIRFLOW_HOME)/airflow.db
 	@start=$$(date +%s); \
 	airflow dags test odapi_retrain -c '{"take_exports": "all"}' 2>&1 | tee var/demo.log | grep --line-buffered -E \
-	  "DAG TEST\] starting task|train \| step|AP50|promoted:|pushed|ERROR|error:|DagRun failed" \
+	  "DAG TEST\] starting task|progress: step|AP50|promoted:|pushed|stable ->|ERROR|error:|DagRun failed" \
 	  | grep --line-buffered -v cuInit; \
 	status=$${PIPESTATUS[0]}; \
 	echo "odapi_retrain finished in $$(( $$(date +%s) - start )) s (full log: var/demo.log)"; \
