@@ -216,6 +216,7 @@ def parse_prodigy_file(path: Path, ctx: ParseContext) -> Iterator[ImageRecord]:
 
 
 def parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]:
-    """Stream the Prodigy JSONL files of one export."""
-    for path in files:
-        yield from parse_prodigy_file(path, ctx)
+    """Stream the Prodigy JSONL files of one export; an unreadable file is reported."""
+    from odapi_operators.core.formats import parse_each
+
+    return parse_each(files, ctx, parse_prodigy_file)
