@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,19 @@ def airflow_db() -> Path:
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True,
                    capture_output=True, env=os.environ)
     return _AIRFLOW_HOME
+
+
+@pytest.fixture(scope="module")
+def dag_bundle(tmp_path_factory):
+    """A DAG bundle folder for test DAGs: dag.test() runs only DAGs it finds in a bundle."""
+    folder = tmp_path_factory.mktemp("test-dags")
+    bundles = [{"name": "odapi-test-dags", "kwargs": {"path": str(folder)},
+                "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle"},
+               {"name": "dags-folder", "kwargs": {},
+                "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle"}]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps(bundles))
+        yield folder
 
 
 def prepare_records(root: Path, count: int = 16, seed: int = 7) -> Path:

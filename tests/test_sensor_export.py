@@ -59,19 +59,6 @@ with DAG({dag_id!r}, schedule=None, start_date=datetime(2026, 1, 1)) as dag:
 """
 
 
-@pytest.fixture(scope="module")
-def dag_bundle(tmp_path_factory):
-    """A DAG bundle folder of its own: dag.test() runs only DAGs it finds in a bundle."""
-    folder = tmp_path_factory.mktemp("sensor-dags")
-    bundles = [{"name": "odapi-sensor-tests", "kwargs": {"path": str(folder)},
-                "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle"},
-               {"name": "dags-folder", "kwargs": {},
-                "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle"}]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps(bundles))
-        yield folder
-
-
 def _run_sensor_dag(tmp_path: Path, bundle: Path, config: str, later=None, **sensor_kwargs):
     """dag.test() of wait (the sensor) >> record; returns what `record` received.
 

@@ -34,7 +34,7 @@ DAG_FILE = textwrap.dedent("""
 """)
 
 
-def test_mapped_shards_match_the_single_task_writer(tmp_path, airflow_db, monkeypatch):
+def test_mapped_shards_match_the_single_task_writer(tmp_path, airflow_db, dag_bundle):
     export = tmp_path / "export"
     generate(export, count=30, seed=2, max_side=96)
     config = tmp_path / "pipeline.yaml"
@@ -44,14 +44,11 @@ def test_mapped_shards_match_the_single_task_writer(tmp_path, airflow_db, monkey
         "train": {"model_config": str(ROOT / "include/configs/models/"
                                                "retinanet_mobile_sample.yaml"), "steps": 1},
         "serving": {"base": "serving", "model_name": "shapes"}}))
-    bundle = tmp_path / "dags"
-    bundle.mkdir()
-    (bundle / "mapped_shards.py").write_text(DAG_FILE.format(config=str(config),
-                                                             export=str(export)))
-    monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(bundle))
+    dag_file = dag_bundle / "mapped_shards.py"
+    dag_file.write_text(DAG_FILE.format(config=str(config), export=str(export)))
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("mapped_shards", bundle / "mapped_shards.py")
+    spec = importlib.util.spec_from_file_location("mapped_shards", dag_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     dag_run = module.dag.test()
