@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import threading
+from http import HTTPStatus
 import sys
 import tempfile
 from pathlib import Path
@@ -84,3 +87,65 @@ def trained_model(tmp_path_factory) -> dict[str, Path]:
           "--data", str(records), "--model-dir", str(model_dir), "--steps", "4",
           "--batch-size", "2")
     return {"root": root, "records": records, "model_dir": model_dir}
+
+
+GCS_BUCKET = "odapi-test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs_emulator():
+    """An in-memory emulator with bucket `odapi-test`; STORAGE_EMULATOR_HOST points at it."""
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
+    server.start()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        try:
+            yield f"gs://{GCS_BUCKET}"
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def gcs_with_preconditions(gcs_emulator):
+    """The emulator, made to honour `ifGenerationMatch` on uploads as GCS does (HTTP 412).
+
+    gcp-storage-emulator ignores the parameter, so without this every conditional write would
+    "win" and the gs:// serialization tests would prove nothing.
+    """
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    lock = threading.Lock()
+
+    def guarded(upload):
+        def handler(request, response, storage):
+            wanted = request.query.get("ifGenerationMatch")
+            with lock:  # check and create as one step, like the real service
+                if wanted is not None:
+                    name = (request.query["name"][0] if "name" in request.query
+                            else request.data["meta"]["name"])
+                    try:
+                        obj = storage.get_file_obj(request.params["bucket_name"], name)
+                        current = int(obj["generation"])
+                    except NotFound:
+                        current = 0
+                    if current != int(wanted[0]):
+                        response.status = HTTPStatus.PRECONDITION_FAILED
+                        response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+                        return None
+                return upload(request, response, storage)
+        return handler
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(objects, "_media_upload", guarded(objects._media_upload))
+        patch.setattr(objects, "_multipart_upload", guarded(objects._multipart_upload))
+        yield gcs_emulator

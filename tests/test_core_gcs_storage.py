@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 
@@ -13,29 +12,6 @@ from odapi_operators.core.exports import find_complete_exports, list_exports, sc
 from odapi_operators.core.ledger import Ledger
 from odapi_operators.core.storage import StorageError
 
-BUCKET = "odapi-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs_emulator():
-    """An in-memory emulator with bucket `odapi-test`; STORAGE_EMULATOR_HOST points at it."""
-    from gcp_storage_emulator.server import create_server
-
-    port = _free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-        try:
-            yield f"gs://{BUCKET}"
-        finally:
-            server.stop()
 
 
 @pytest.fixture()

@@ -172,3 +172,24 @@ def test_take_all_takes_consumed_exports_again_and_records_it(tmp_path):
     assert select_exports(ledger, "run-3", candidates, marker="_SUCCESS",
                           take_all=True) == candidates
     assert {r["mode"] for r in Ledger(ledger).records() if r["run_id"] == "run-3"} == {"all"}
+
+
+def test_concurrent_claims_on_gcs_never_double_consume(tmp_path, gcs_with_preconditions):
+    """The gs:// ledger: read, then write only if the generation is unchanged (GCS's 412)."""
+    exports = tmp_path / "exports"
+    paths = [_export(exports, f"e{i:02d}") for i in range(12)]
+    ledger = f"{gcs_with_preconditions}/ledger-{os.urandom(4).hex()}.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    start, out = ctx.Event(), ctx.Queue()
+    workers = [ctx.Process(target=_claim_loop, args=(ledger, str(exports), w, start, out))
+               for w in range(3)]
+    for proc in workers:
+        proc.start()
+    start.set()
+    results = [out.get(timeout=120) for _ in workers]
+    for proc in workers:
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    taken = [p for result in results for claim in result.values() for p in claim]
+    assert sorted(taken) == paths  # each export exactly once, over all processes
+    assert sorted(r["export"] for r in Ledger(ledger).records()) == paths

@@ -8,9 +8,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import threading
 import time
-from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,6 @@ from odapi_operators.core.push import (RUN_MARKER, model_lock, production_versio
 from odapi_operators.core.serving_config import ServingOptions
 from odapi_operators.core.testpoints import ENV as PAUSE_ENV, SIGNAL_ENV
 from test_core_config_gate_push import fake_saved_model
-from test_core_gcs_storage import gcs_emulator  # noqa: F401  (fixture)
 
 CHILD = ("import sys; from odapi_operators.core.push import push; "
          "push(sys.argv[1], sys.argv[2], 'shapes', sys.argv[3])")
@@ -243,43 +240,6 @@ def test_concurrent_pushes_are_serialized(tmp_path):
 
 
 # --- gs:// ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def gcs_with_preconditions(gcs_emulator):  # noqa: F811
-    """The emulator, made to honour `ifGenerationMatch` on uploads as GCS does (HTTP 412).
-
-    gcp-storage-emulator ignores the parameter, so without this every conditional write would
-    "win" and the gs:// serialization tests would prove nothing.
-    """
-    from gcp_storage_emulator.exceptions import NotFound
-    from gcp_storage_emulator.handlers import objects
-
-    lock = threading.Lock()
-
-    def guarded(upload):
-        def handler(request, response, storage):
-            wanted = request.query.get("ifGenerationMatch")
-            with lock:  # check and create as one step, like the real service
-                if wanted is not None:
-                    name = (request.query["name"][0] if "name" in request.query
-                            else request.data["meta"]["name"])
-                    try:
-                        obj = storage.get_file_obj(request.params["bucket_name"], name)
-                        current = int(obj["generation"])
-                    except NotFound:
-                        current = 0
-                    if current != int(wanted[0]):
-                        response.status = HTTPStatus.PRECONDITION_FAILED
-                        response.json({"error": {"code": 412, "message": "conditionNotMet"}})
-                        return None
-                return upload(request, response, storage)
-        return handler
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(objects, "_media_upload", guarded(objects._media_upload))
-        patch.setattr(objects, "_multipart_upload", guarded(objects._multipart_upload))
-        yield gcs_emulator
 
 
 @pytest.fixture()

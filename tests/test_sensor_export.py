@@ -17,7 +17,6 @@ from odapi_operators.core import storage
 from odapi_operators.core.config import freeze_config, load_pipeline_config
 from odapi_operators.sensors import AnnotationExportSensor
 from odapi_operators.triggers import AnnotationExportTrigger
-from test_core_gcs_storage import gcs_emulator  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
