@@ -137,29 +137,32 @@ def _claim_loop(ledger_path: str, root: str, worker: int, start, out) -> None:
     out.put(taken)
 
 
+def _claim_concurrently(ledger: str, exports: Path, workers: int, timeout: float) -> list[str]:
+    """Every export path claimed by `workers` forked processes racing on one ledger."""
+    ctx = multiprocessing.get_context("fork")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_claim_loop, args=(ledger, str(exports), w, start, out))
+             for w in range(workers)]
+    for proc in procs:
+        proc.start()
+    start.set()
+    results = [out.get(timeout=timeout) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    return [p for result in results for claim in result.values() for p in claim]
+
+
 def test_concurrent_claims_never_double_consume(tmp_path):
     exports = tmp_path / "exports"
     paths = [_export(exports, f"e{i:02d}") for i in range(40)]
-    ctx = multiprocessing.get_context("fork")
-    start, out = ctx.Event(), ctx.Queue()
-    workers = [ctx.Process(target=_claim_loop, args=(str(tmp_path / "ledger.jsonl"),
-                                                     str(exports), w, start, out))
-               for w in range(4)]
-    for proc in workers:
-        proc.start()
-    start.set()
-    results = [out.get(timeout=30) for _ in workers]
-    for proc in workers:
-        proc.join(timeout=30)
-        assert proc.exitcode == 0
-    taken = [p for result in results for claim in result.values() for p in claim]
-    assert sorted(taken) == paths  # each export exactly once, over both processes
-    assert sorted(r["export"] for r in Ledger(tmp_path / "ledger.jsonl").records()) == paths
+    ledger = str(tmp_path / "ledger.jsonl")
+    taken = _claim_concurrently(ledger, exports, workers=4, timeout=30)
+    assert sorted(taken) == paths  # each export exactly once, over all processes
+    assert sorted(r["export"] for r in Ledger(ledger).records()) == paths
 
 
 def test_take_all_takes_consumed_exports_again_and_records_it(tmp_path):
-    from odapi_operators.core.ledger import Ledger, select_exports
-
     root = tmp_path / "exports"
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
@@ -179,17 +182,6 @@ def test_concurrent_claims_on_gcs_never_double_consume(tmp_path, gcs_with_precon
     exports = tmp_path / "exports"
     paths = [_export(exports, f"e{i:02d}") for i in range(12)]
     ledger = f"{gcs_with_preconditions}/ledger-{os.urandom(4).hex()}.jsonl"
-    ctx = multiprocessing.get_context("fork")
-    start, out = ctx.Event(), ctx.Queue()
-    workers = [ctx.Process(target=_claim_loop, args=(ledger, str(exports), w, start, out))
-               for w in range(3)]
-    for proc in workers:
-        proc.start()
-    start.set()
-    results = [out.get(timeout=120) for _ in workers]
-    for proc in workers:
-        proc.join(timeout=30)
-        assert proc.exitcode == 0
-    taken = [p for result in results for claim in result.values() for p in claim]
+    taken = _claim_concurrently(ledger, exports, workers=3, timeout=120)
     assert sorted(taken) == paths  # each export exactly once, over all processes
     assert sorted(r["export"] for r in Ledger(ledger).records()) == paths

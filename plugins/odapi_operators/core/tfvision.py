@@ -133,6 +133,11 @@ def load_params(model_dir: str | Path):
                                             is_strict=True)
 
 
+def checkpoint_step(checkpoint: str) -> int:
+    """The training step a checkpoint path names (`.../ckpt-1500` -> 1500)."""
+    return int(checkpoint.rsplit("-", 1)[-1])
+
+
 def latest_checkpoint(model_dir: str | Path) -> str:
     import tensorflow as tf
 

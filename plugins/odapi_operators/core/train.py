@@ -44,7 +44,7 @@ def _checkpoint_step(model_dir: str | Path) -> int:
     import tensorflow as tf
 
     newest = tf.train.latest_checkpoint(str(model_dir))
-    return int(newest.rsplit("-", 1)[-1]) if newest else 0
+    return tfvision.checkpoint_step(newest) if newest else 0
 
 
 def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
@@ -68,7 +68,7 @@ def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
                                         train_actions=[progress])
     checkpoint = tfvision.latest_checkpoint(model_dir)
     summary = {"model_dir": str(model_dir), "checkpoint": checkpoint,
-               "steps": int(checkpoint.rsplit("-", 1)[-1]), "resumed_from_step": resumed,
+               "steps": tfvision.checkpoint_step(checkpoint), "resumed_from_step": resumed,
                "experiment": experiment,
                "seconds": round(time.monotonic() - started, 1),
                "parameters": int(model.count_params())}
