@@ -2,7 +2,9 @@
 
 Wiring only: every task is an operator from `odapi_operators`. Paths travel through XCom,
 configuration comes from one validated pipeline YAML ($ODAPI_PIPELINE_CONFIG, default
-include/configs/pipeline.yaml) plus the params below, frozen per run.
+include/configs/pipeline.yaml) plus the params below, frozen per run. Parsing reads the YAML
+too (a cheap, TensorFlow-free load) for what must be known up front: where training runs,
+notifications, and the trigger form's defaults.
 """
 
 from __future__ import annotations
@@ -15,19 +17,24 @@ from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TaskGroup, TriggerRule
 
 from odapi_operators.assets import DATASET_VERSION, SERVED_MODEL
-from odapi_operators.operators import (BuildLabelMapOperator, EvaluateDetectorOperator,
+from odapi_operators.core.config import load_pipeline_config
+from odapi_operators.notifiers import build_notifiers
+from odapi_operators.operators import (BuildLabelMapOperator, BuildReportOperator,
+                                       EvaluateDetectorOperator, EvaluateProductionOperator,
                                        ExportSavedModelOperator, FetchImagesOperator,
-                                       IngestAnnotationsOperator, PromotionGateOperator,
-                                       PushToServingOperator, RegisterRunOperator,
-                                       ResolvePipelineConfigOperator,
-                                       SelectExportsOperator,
-                                       TrainDetectorOperator, VerifyImagesOperator,
-                                       WriteTFRecordsOperator, is_promoted)
+                                       IngestAnnotationsOperator, NotifyOperator,
+                                       PromotionGateOperator, PushToServingOperator,
+                                       RegisterRunOperator, ResolvePipelineConfigOperator,
+                                       SelectExportsOperator, VerifyImagesOperator,
+                                       WriteTFRecordsOperator, is_promoted, is_rejected)
+from odapi_operators.placement import train_task
 from odapi_operators.sensors import AnnotationExportSensor
 
-PIPELINE_CONFIG = os.environ.get(
-    "ODAPI_PIPELINE_CONFIG",
-    str(Path(__file__).resolve().parents[1] / "include" / "configs" / "pipeline.yaml"))
+PROJECT = Path(__file__).resolve().parents[1]
+PIPELINE_CONFIG = os.environ.get("ODAPI_PIPELINE_CONFIG",
+                                 str(PROJECT / "include" / "configs" / "pipeline.yaml"))
+PIPELINE = load_pipeline_config(PIPELINE_CONFIG)
+MODEL_CONFIGS = sorted(Path(PIPELINE.train.model_config_path).parent.glob("*.yaml"))
 
 with DAG(
     dag_id="odapi_retrain",
@@ -39,27 +46,42 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["odapi"],
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=1),
+                  "on_failure_callback": build_notifiers(PIPELINE.notify, "failure")},
     params={
         "take_exports": Param("new", enum=["new", "all"],
                               description="new: exports no run consumed yet; all: retrain on "
                                           "every complete export"),
         "export_path": Param(None, type=["null", "string"],
                              description="Export folder to read instead of the configured one"),
-        "train_steps": Param(None, type=["null", "integer"], minimum=1,
-                             description="Training steps (default: the pipeline config's)"),
+        "model_config": Param(PIPELINE.train.model_config_path, type="string",
+                              enum=[str(p) for p in MODEL_CONFIGS] or None,
+                              values_display={str(p): p.stem for p in MODEL_CONFIGS},
+                              description="TF-Vision model config (include/configs/models)"),
+        "train_steps": Param(PIPELINE.train.steps, type="integer", minimum=1,
+                             description="Training steps"),
+        "init_checkpoint": Param(PIPELINE.train.init_checkpoint, type=["null", "string"],
+                                 description="Start from this checkpoint (folder or prefix, "
+                                             "local or gs://) instead of from scratch"),
+        "warm_start": Param(PIPELINE.train.warm_start, type="boolean",
+                            description="Start from the checkpoint of the model in production"),
         "min_ap50": Param(None, type=["null", "number"], minimum=0, maximum=1,
                           description="Promote only at or above this AP50"),
         "force_promote": Param(False, type="boolean",
                                description="Promote even if the gate says no (needs a reason)"),
         "force_reason": Param(None, type=["null", "string"],
                               description="Why the promotion is forced (recorded)"),
+        "dry_run": Param(False, type="boolean",
+                         description="Everything but the push: train, evaluate, gate, report "
+                                     "and export, leaving TF Serving untouched"),
     },
 ) as dag:
     config = ResolvePipelineConfigOperator(
         task_id="resolve_config", pipeline_config=PIPELINE_CONFIG,
         param_keys={"export_path": "exports.path", "train_steps": "train.steps",
-                    "min_ap50": "gate.min_ap50"})
+                    "model_config": "train.model_config",
+                    "init_checkpoint": "train.init_checkpoint",
+                    "warm_start": "train.warm_start", "min_ap50": "gate.min_ap50"})
     cfg = config.output["config"]
 
     wait = AnnotationExportSensor(task_id="wait_for_export", config=cfg, poke_interval=60,
@@ -80,21 +102,40 @@ with DAG(
                                          manifest=verify.output["manifest"],
                                          label_map=label_map.output["label_map"])
 
-    with TaskGroup("model", tooltip="train and evaluate"):
-        train = TrainDetectorOperator(task_id="train", config=cfg,
-                                      data=records.output["data"], pool="default_pool")
+    with TaskGroup("model", tooltip="train, evaluate candidate and production on one split"):
+        train = train_task("train", config=cfg, data=records.output["data"],
+                           placement=PIPELINE.train.placement)
         evaluate = EvaluateDetectorOperator(task_id="evaluate", config=cfg,
                                             model_dir=train.output["model_dir"],
                                             data=records.output["data"])
+        production = EvaluateProductionOperator(task_id="evaluate_production", config=cfg,
+                                                data=records.output["data"])
 
-    with TaskGroup("promote", tooltip="gate, export, push to TF Serving"):
+    with TaskGroup("promote", tooltip="gate, report, export, push to TF Serving"):
         gate = PromotionGateOperator(task_id="gate", config=cfg,
                                      metrics=evaluate.output["metrics"],
+                                     baseline_version=production.output["version"],
+                                     baseline_metrics=production.output["metrics"],
                                      dataset_version=ingest.output["fingerprint"])
+        report = BuildReportOperator(task_id="report", config=cfg,
+                                     metrics=evaluate.output["metrics"],
+                                     baseline_metrics=production.output["metrics"],
+                                     model_dir=train.output["model_dir"],
+                                     data=records.output["data"],
+                                     decision=gate.output["decision"])
         promoted = ShortCircuitOperator(task_id="if_promoted", python_callable=is_promoted,
                                         op_args=[gate.output["promoted"]],
                                         # skip export/push, but let register_run (all_done) run
                                         ignore_downstream_trigger_rules=False)
+        rejected = ShortCircuitOperator(task_id="if_not_promoted", python_callable=is_rejected,
+                                        op_args=[gate.output["promoted"]],
+                                        ignore_downstream_trigger_rules=False)
+        NotifyOperator(task_id="not_promoted", reason=gate.output["reason"],
+                       report=report.output["report"],
+                       on_success_callback=build_notifiers(
+                           PIPELINE.notify, "not_promoted",
+                           reason="{{ ti.xcom_pull(task_ids='promote.gate', key='reason') }}"),
+                       ).set_upstream([rejected, report])
         export = ExportSavedModelOperator(task_id="export", config=cfg,
                                           model_dir=train.output["model_dir"],
                                           data=records.output["data"],
@@ -102,11 +143,13 @@ with DAG(
                                                   gate.output["decision"]])
         push = PushToServingOperator(task_id="push", config=cfg,
                                      saved_model=export.output["saved_model"],
-                                     outlets=[SERVED_MODEL])
+                                     outlets=[SERVED_MODEL],
+                                     on_success_callback=build_notifiers(PIPELINE.notify,
+                                                                         "promoted"))
         gate >> promoted >> export >> push
 
     register = RegisterRunOperator(task_id="register_run", config=cfg,
                                    trigger_rule=TriggerRule.ALL_DONE)
-    [gate, push] >> register
+    [gate, report, push] >> register
 
     config >> wait

@@ -39,7 +39,7 @@ def pipeline(tmp_path, monkeypatch):
         "train": {"model_config": str(ROOT / "include/configs/models/"
                                            "retinanet_mobile_sample.yaml"),
                   "steps": 10, "batch_size": 4},
-        "gate": {"min_ap50": 0.0},
+        "gate": {"min_ap50": 0.0, "vs_production": {"AP50": {"min_delta": -1.0}}},
         "serving": {"base": "serving", "model_name": "shapes"},
     }
     path = tmp_path / "pipeline.yaml"
@@ -70,8 +70,13 @@ def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
     assert states["promote.push"] == "success"
 
     run_dir = next((pipeline / "var" / "runs").iterdir())
-    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "evaluate" / "candidate" / "metrics.json").read_text())
     assert {"AP", "AP50", "AP75", "ARmax100"} <= set(metrics)
+    assert set(metrics["per_class"]) == {"circle", "square", "triangle"}
+    assert states["model.evaluate_production"] == "success"  # nothing served: version None
+    assert not (run_dir / "evaluate" / "production").exists()
+    report = run_dir / "report" / "report.html"
+    assert report.is_file() and "no production model" in report.read_text()
     decision = json.loads((run_dir / "gate" / "decision.json").read_text())
     assert decision["promoted"] is True
     assert decision["checks"][0]["metric"] == "AP50"
@@ -115,6 +120,29 @@ def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
     assert again_states["model.train"] == "skipped"
     assert not (pipeline / "serving" / "shapes" / "2").exists()
 
+    # New labels land; a dry run warm-starts from production, evaluates production on the
+    # same split for the gate, reports both, exports, and leaves Serving alone.
+    generate(pipeline / "exports" / "batch-2", count=12, seed=11, max_side=128)
+    third = _load_dag().test(run_conf={"warm_start": True, "dry_run": True})
+    third_states = _task_states(third)
+    assert str(third.state) == "success", third_states
+    third_dir = max((pipeline / "var" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    trained = json.loads((third_dir / "train" / "summary.json").read_text())
+    assert trained["start"]["production_version"] == 1
+    assert trained["start"]["modules"] == "all"
+    baseline = json.loads((third_dir / "evaluate" / "production" / "metrics.json").read_text())
+    candidate = json.loads((third_dir / "evaluate" / "candidate" / "metrics.json").read_text())
+    assert baseline["model_kind"] == "saved_model" and baseline["model"].endswith("shapes/1")
+    assert baseline["eval_images"] == candidate["eval_images"]  # the same split
+    third_decision = json.loads((third_dir / "gate" / "decision.json").read_text())
+    assert third_decision["baseline"]["version"] == 1
+    assert any(c["kind"] == "vs_production" for c in third_decision["checks"])
+    assert "no production model" not in (third_dir / "report" / "report.html").read_text()
+    if third_decision["promoted"]:
+        assert third_states["promote.export"] == "success"
+    assert third_states["promote.push"] == "skipped"  # dry run
+    assert not (pipeline / "serving" / "shapes" / "2").exists()
+
     import tensorflow as tf
 
     model = tf.saved_model.load(str(version))
@@ -135,5 +163,7 @@ def test_rejected_candidate_skips_export_and_push(pipeline, airflow_db):
     assert decision["promoted"] is False and "AP50" in decision["reason"]
     assert not (pipeline / "serving" / "shapes").exists()
     assert states["register_run"] == "success"
+    assert states["promote.not_promoted"] == "success"
+    assert (run_dir / "report" / "report.html").is_file()
     registry = (pipeline / "serving" / "registry.jsonl").read_text()
     assert dag_run.run_id in registry and '"promoted": false' in registry

@@ -30,8 +30,8 @@ def retrain(tmp_path: Path, serving: Path, run_id: str, ap: float,
     (run.stage(Stage.INGEST)).mkdir()
     (run.stage(Stage.INGEST) / "summary.json").write_text(
         json.dumps({"fingerprint": f"fp-{run_id}-0123456789"}))
-    metrics = run.stage(Stage.EVALUATE) / "metrics.json"
-    metrics.parent.mkdir()
+    metrics = run.stage(Stage.EVALUATE) / "candidate" / "metrics.json"
+    metrics.parent.mkdir(parents=True)
     metrics.write_text(json.dumps({"AP": ap, "AP50": ap + 0.2, "eval_images": 40,
                                    "checkpoint": "ckpt-1"}))
     base_metrics = None
@@ -81,7 +81,7 @@ def test_registry_is_append_only_and_retries_do_not_grow_it(served, tmp_path):
     run = RunLayout(tmp_path / "runs", "run3").root
     registry.register_run(path, run, "shapes", "run3")  # the same record again
     assert path.read_bytes() == before
-    (run / "evaluate" / "metrics.json").write_text(json.dumps({"AP": 0.41}))
+    (run / "evaluate" / "candidate" / "metrics.json").write_text(json.dumps({"AP": 0.41}))
     registry.register_run(path, run, "shapes", "run3")  # e.g. re-evaluated on retry
     after = path.read_bytes()
     assert after.startswith(before) and after.count(b"\n") == before.count(b"\n") + 1

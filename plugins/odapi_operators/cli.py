@@ -112,16 +112,45 @@ def cmd_shard(args: argparse.Namespace) -> dict:
                         cache_dir=args.cache)
 
 
+def _train_from_pipeline(args: argparse.Namespace) -> None:
+    """Fill `odapi train` options from a run's frozen pipeline config (`--pipeline`): the
+    command the train task runs, wherever it is placed (child process, Celery, pod)."""
+    from odapi_operators.core import push
+    from odapi_operators.core.config import read_frozen_config
+    from odapi_operators.core.layout import RunLayout, Stage
+
+    pipeline = read_frozen_config(args.pipeline)
+    if not args.run_id:
+        raise ValueError("--pipeline needs --run-id (the model dir is the run's train folder)")
+    train = pipeline.train
+    args.config = args.config or train.model_config_path
+    args.model_dir = args.model_dir or str(RunLayout(pipeline.runs, args.run_id).stage(
+        Stage.TRAIN))
+    args.steps = args.steps or train.steps
+    args.batch_size = args.batch_size or train.batch_size
+    args.init_checkpoint = args.init_checkpoint or train.init_checkpoint
+    if train.warm_start and not args.warm_start_from and not args.init_checkpoint:
+        args.warm_start_from = push.model_dir(pipeline.serving.base, pipeline.serving.model_name)
+
+
 def cmd_train(args: argparse.Namespace) -> dict:
     from odapi_operators.core.train import train
 
-    return train(args.config, args.data, args.model_dir, args.steps, args.batch_size)
+    if args.pipeline:
+        _train_from_pipeline(args)
+    missing = [f"--{k.replace('_', '-')}" for k in ("config", "model_dir", "steps")
+               if not getattr(args, k)]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (or give --pipeline and --run-id)")
+    return train(args.config, args.data, args.model_dir, args.steps, args.batch_size or 8,
+                 init_checkpoint=args.init_checkpoint, warm_start_from=args.warm_start_from)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     from odapi_operators.core.evaluate import evaluate
 
-    return evaluate(args.model, args.data, args.out)
+    return evaluate(args.model, args.data, args.out, min_images=args.min_images,
+                    missing_classes=args.missing_classes)
 
 
 def cmd_gate(args: argparse.Namespace) -> dict:
@@ -156,6 +185,7 @@ def cmd_summary(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odapi", description=__doc__.splitlines()[0])
+    parser.add_argument("--summary-file", help="also write the JSON summary to this file")
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
 
     def stage(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
@@ -254,16 +284,32 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, 0.05)
 
     p = stage("train", cmd_train, "train a TF-Vision detector (resumes from the model dir)")
-    p.add_argument("--config", required=True, help="model config YAML (include/configs/models)")
+    p.add_argument("--config", help="model config YAML (include/configs/models)")
     p.add_argument("--data", required=True, help="records folder written by `odapi shard`")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model-dir", help="checkpoints, TensorBoard events, params.yaml")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size (default: 8)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--init-checkpoint",
+                       help="start from this checkpoint (prefix or folder, local or gs://): "
+                            "one of ours, or a TF-Vision backbone/zoo checkpoint")
+    start.add_argument("--warm-start-from", metavar="SERVING_DIR",
+                       help="start from the production model: <serving base>/<model name>")
+    p.add_argument("--pipeline", help="a run's frozen pipeline config: fills the options above")
+    p.add_argument("--run-id", help="with --pipeline: the run whose train folder to use")
 
-    p = stage("evaluate", cmd_evaluate, "COCO metrics of a checkpoint on the val split")
-    p.add_argument("--model", required=True, help="model (checkpoint) dir written by train")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="metrics.json to write")
+    p = stage("evaluate", cmd_evaluate,
+              "COCO metrics (overall and per class) of a model on the val split")
+    p.add_argument("--model", required=True,
+                   help="model dir written by train (newest checkpoint), or a SavedModel, "
+                        "export or TF Serving version folder")
+    p.add_argument("--data", required=True, help="records folder written by `odapi shard`")
+    p.add_argument("--out", required=True,
+                   help="metrics.json to write (detections.json, ground_truth.json beside it)")
+    p.add_argument("--min-images", type=int, default=1,
+                   help="fail if the val split has fewer images (default: %(default)s)")
+    p.add_argument("--missing-classes", choices=("fail", "warn"), default="fail",
+                   help="a class without val boxes: fail (default) or warn (its AP is -1)")
 
     p = stage("gate", cmd_gate, "decide promotion; always writes decision.json")
     p.add_argument("--metrics", required=True)
@@ -291,9 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="one run's folder instead of the newest in --runs")
     p.add_argument("--text", action="store_true", help="also print a readable table on stderr")
 
-    from odapi_operators.cli_models import add_commands
+    from odapi_operators import cli_models, cli_report
 
-    add_commands(sub)
+    cli_models.add_commands(sub)
+    cli_report.add_commands(sub)
     return parser
 
 
@@ -306,4 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if summary is not None:  # commands that print a table themselves return None
         print(json.dumps(summary, sort_keys=True))
+        if args.summary_file:  # e.g. /airflow/xcom/return.json in a KubernetesPodOperator
+            from odapi_operators.core import storage
+
+            storage.write_text(args.summary_file, json.dumps(summary, sort_keys=True))
     return 0

@@ -66,12 +66,26 @@ class ResolvePipelineConfigOperator(BaseOperator):
         from odapi_operators.core.config import freeze_config, load_pipeline_config
 
         params = context.get("params") or {}
+        check_params(params)
         overrides = {key: params.get(name) for name, key in self.param_keys.items()}
         config = load_pipeline_config(self.pipeline_config, overrides)
         layout = RunLayout(Path(config.runs), context["run_id"])
         path = freeze_config(config, layout.stage(Stage.CONFIG))
         self.log.info("pipeline config frozen at %s", path)
         return {"config": path, "run_dir": str(layout.root)}
+
+
+def check_params(params: dict) -> None:
+    """Refuse param combinations JSON schema cannot express, before any work is done."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    problems = []
+    if params.get("force_promote") and not (params.get("force_reason") or "").strip():
+        problems.append("force_promote needs a force_reason (it is recorded in decision.json)")
+    if params.get("init_checkpoint") and params.get("warm_start"):
+        problems.append("give init_checkpoint or warm_start, not both")
+    if problems:
+        raise AirflowFailException("invalid params: " + "; ".join(problems))
 
 
 class SelectExportsOperator(OdapiStageOperator):
@@ -271,7 +285,8 @@ class FinishShardsOperator(WriteTFRecordsOperator):
 
 
 class TrainDetectorOperator(OdapiStageOperator):
-    """Train in a child process (`odapi train`); a retry resumes from the newest checkpoint."""
+    """Train in a child process (`odapi train --pipeline`); a retry resumes from the newest
+    checkpoint. The same command runs in a pod when training is placed on Kubernetes."""
 
     template_fields = ("config", "data")
 
@@ -280,14 +295,22 @@ class TrainDetectorOperator(OdapiStageOperator):
         self.data = data
 
     def execute(self, context: Any) -> dict:
-        train = self.pipeline().train
-        return self.run_child([
-            "train", "--config", train.model_config_path, "--data", str(self.data),
-            "--model-dir", str(self.stage_dir(context, Stage.TRAIN)),
-            "--steps", str(train.steps), "--batch-size", str(train.batch_size)])
+        summary = self.run_child(train_command(str(self.config), str(self.data),
+                                               context["run_id"]))
+        self.log.info("trained to step %s (%s)", summary.get("steps"), summary.get("start"))
+        return {"model_dir": summary["model_dir"], "checkpoint": summary["checkpoint"],
+                "steps": summary["steps"]}
+
+
+def train_command(config: Any, data: Any, run_id: Any) -> list:
+    """`odapi` arguments of the train stage for one run (child process, Celery or pod);
+    XComArgs and templates are kept as they are, for a pod's templated `arguments`."""
+    return ["train", "--pipeline", config, "--data", data, "--run-id", run_id]
 
 
 class EvaluateDetectorOperator(OdapiStageOperator):
+    """COCO metrics of the candidate (child process): metrics.json, detections, ground truth."""
+
     template_fields = ("config", "model_dir", "data")
 
     def __init__(self, *, model_dir: Any, data: Any, **kwargs: Any) -> None:
@@ -295,19 +318,67 @@ class EvaluateDetectorOperator(OdapiStageOperator):
         self.model_dir = model_dir
         self.data = data
 
+    def evaluate(self, model: str, out: Path) -> dict:
+        cfg = self.pipeline().evaluate
+        summary = self.run_child(["evaluate", "--model", model, "--data", str(self.data),
+                                  "--out", str(out), "--min-images", str(cfg.min_images),
+                                  "--missing-classes", cfg.missing_classes])
+        self.log.info("%s: AP %s, AP50 %s on %s val images; per class: %s", model,
+                      summary.get("AP"), summary.get("AP50"), summary.get("eval_images"),
+                      summary.get("per_class"))
+        return summary
+
     def execute(self, context: Any) -> dict:
-        out = self.stage_dir(context, Stage.EVALUATE) / "metrics.json"
-        summary = self.run_child(["evaluate", "--model", str(self.model_dir),
-                                  "--data", str(self.data), "--out", str(out)])
-        self.log.info("AP %s, AP50 %s on %s val images", summary.get("AP"), summary.get("AP50"),
-                      summary.get("eval_images"))
+        out = self.stage_dir(context, Stage.EVALUATE) / "candidate" / "metrics.json"
+        summary = self.evaluate(str(self.model_dir), out)
         return {"metrics": summary["metrics"], "AP": summary.get("AP"),
                 "AP50": summary.get("AP50")}
+
+
+class EvaluateProductionOperator(EvaluateDetectorOperator):
+    """Evaluate the SavedModel Serving answers with on this run's val split: the gate's
+    baseline, measured like the candidate. Returns version None when nothing serves yet."""
+
+    template_fields = ("config", "data")
+
+    def __init__(self, *, data: Any, **kwargs: Any) -> None:
+        super().__init__(model_dir=None, data=data, **kwargs)
+
+    def execute(self, context: Any) -> dict:
+        from odapi_operators.core.push import model_dir, production_version
+
+        cfg = self.pipeline().serving
+        version = production_version(cfg.base, cfg.model_name, cfg)
+        if version is None:
+            self.log.info("no model in production yet: the gate applies the first-model rule")
+            return {"version": None, "metrics": None}
+        out = self.stage_dir(context, Stage.EVALUATE) / "production" / "metrics.json"
+        summary = self.evaluate(f"{model_dir(cfg.base, cfg.model_name)}/{version}", out)
+        return {"version": version, "metrics": summary["metrics"]}
 
 
 def is_promoted(promoted: bool) -> bool:
     """Short-circuit condition for the tasks after the gate (export, push)."""
     return bool(promoted)
+
+
+def is_rejected(promoted: bool) -> bool:
+    """Short-circuit condition for the "not promoted" notification."""
+    return not promoted
+
+
+class NotifyOperator(BaseOperator):
+    """Say in the log (and through its `on_success_callback` notifiers) that the candidate
+    was not promoted, with the gate's reason and the report to read."""
+
+    template_fields: Sequence[str] = ("reason", "report")
+
+    def __init__(self, *, reason: Any, report: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.reason, self.report = reason, report
+
+    def execute(self, context: Any) -> None:
+        self.log.warning("not promoted: %s; report: %s", self.reason, self.report)
 
 
 class PromotionGateOperator(OdapiStageOperator):
@@ -317,29 +388,59 @@ class PromotionGateOperator(OdapiStageOperator):
     promotion needs the `force_promote` param and a `force_reason`, both recorded.
     """
 
-    template_fields = ("config", "metrics", "dataset_version")
+    template_fields = ("config", "metrics", "baseline_version", "baseline_metrics",
+                       "dataset_version")
 
-    def __init__(self, *, metrics: Any, dataset_version: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *, metrics: Any, baseline_version: Any = None,
+                 baseline_metrics: Any = None, dataset_version: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.metrics = metrics
+        self.baseline_version = baseline_version
+        self.baseline_metrics = baseline_metrics
         self.dataset_version = dataset_version
 
     def execute(self, context: Any) -> dict:
         from odapi_operators.core.gate import gate
-        from odapi_operators.core.push import production_version
 
         pipeline = self.pipeline()
         params = context.get("params") or {}
-        baseline = production_version(pipeline.serving.base, pipeline.serving.model_name,
-                                      pipeline.serving)
         decision = gate(self.metrics, self.stage_dir(context, Stage.GATE), pipeline.gate,
-                        baseline_version=baseline, dataset_version=self.dataset_version,
+                        baseline_version=self.baseline_version,
+                        baseline_metrics=self.baseline_metrics,
+                        dataset_version=self.dataset_version,
                         force=bool(params.get("force_promote")),
                         force_reason=params.get("force_reason"),
                         forced_by=getattr(context["dag_run"], "triggering_user_name", None))
         self.log.info("promoted: %s (%s)", decision["promoted"], decision["reason"])
         return {"promoted": decision["promoted"], "decision": decision["decision"],
                 "reason": decision["reason"]}
+
+
+class BuildReportOperator(OdapiStageOperator):
+    """The run's HTML report (child process): candidate vs production metrics, per-class AP,
+    loss curve, validation images with boxes, the gate's decision. Returns its path."""
+
+    template_fields = ("config", "metrics", "baseline_metrics", "model_dir", "data", "decision")
+
+    def __init__(self, *, metrics: Any, data: Any, model_dir: Any = None,
+                 baseline_metrics: Any = None, decision: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.metrics, self.baseline_metrics = metrics, baseline_metrics
+        self.model_dir, self.data, self.decision = model_dir, data, decision
+
+    def execute(self, context: Any) -> dict:
+        out = RunLayout(Path(self.pipeline().runs), context["run_id"]).root / "report"
+        args = ["report", "--eval", str(Path(self.metrics).parent), "--data", str(self.data),
+                "--out", str(out), "--title", f"{context['dag'].dag_id} {context['run_id']}"]
+        for flag, value in (("--model-dir", self.model_dir), ("--decision", self.decision),
+                            ("--baseline-eval", self.baseline_metrics and
+                             str(Path(self.baseline_metrics).parent))):
+            if value:
+                args += [flag, str(value)]
+        summary = self.run_child(args)
+        self.log.info("report: %s", summary["report"])
+        return {"report": summary["report"]}
 
 
 class ExportSavedModelOperator(EvaluateDetectorOperator):
@@ -374,19 +475,38 @@ class PushToServingOperator(OdapiStageOperator):
         self.saved_model = saved_model
 
     def execute(self, context: Any) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from odapi_operators.core.promote import promote
         from odapi_operators.core.push import push
 
+        if (context.get("params") or {}).get("dry_run"):
+            raise AirflowSkipException(f"dry run: {self.saved_model} was exported and checked, "
+                                       "not pushed")
         cfg = self.pipeline().serving
         summary = push(self.saved_model, cfg.base, cfg.model_name, context["run_id"],
                        out_dir=self.stage_dir(context, Stage.PUSH), options=cfg)
         self.log.info("pushed %(model_name)s version %(version)s to %(path)s", summary)
+        self.confirm_served(cfg, summary["version"])
         promote(cfg.base, cfg.model_name, summary["version"], options=cfg,
                 reason=f"promoted by run {context['run_id']}")
         self.log.info("stable -> version %s", summary["version"])
         self.publish(context, model_name=summary["model_name"], version=summary["version"],
                      path=summary["path"])
         return {"version": summary["version"], "path": summary["path"]}
+
+    def confirm_served(self, cfg: Any, version: int) -> None:
+        """With a Serving address configured: wait until the new version is AVAILABLE and
+        answers one warmup request, before `stable` moves to it."""
+        if not (cfg.grpc_address or cfg.rest_url):
+            self.log.info("no Serving address configured: the export's contract check stands in")
+            return
+        from odapi_operators.core.serving_client import ServingClient, confirm_served
+
+        client = ServingClient(grpc_address=cfg.grpc_address, rest_url=cfg.rest_url)
+        served = confirm_served(client, cfg.model_name, version, self.saved_model,
+                                cfg.wait_available_s)
+        self.log.info("Serving answers with version %s: %s", version, served)
 
 
 class RegisterRunOperator(OdapiStageOperator):

@@ -84,10 +84,42 @@ class RecordsConfig(_Strict):
         return value
 
 
+class KubernetesPlacement(_Strict):
+    """A pod per training run, from the project image, requesting `gpus` NVIDIA GPUs."""
+
+    image: str = "odapi:latest"
+    namespace: str = "default"
+    gpus: int = Field(default=1, ge=0)
+    service_account: str | None = None
+    volume_claim: str | None = None  # PVC mounted at mount_path (runs and records live there)
+    mount_path: str = "/opt/odapi/var"
+    node_selector: dict[str, str] = {}
+    startup_timeout_seconds: int = Field(default=600, gt=0)
+
+
+class TrainPlacement(_Strict):
+    """Where the train task runs: a child process of the worker that picks it up (`local`),
+    a Celery worker listening on `queue` (`celery`), or a Kubernetes pod (`kubernetes`).
+    `pool` caps concurrent trainings (create it: `airflow pools set gpu 1 "GPU"`)."""
+
+    where: Literal["local", "celery", "kubernetes"] = "local"
+    pool: str | None = "gpu"
+    queue: str = "gpu"
+    kubernetes: KubernetesPlacement = KubernetesPlacement()
+
+
 class TrainConfig(_Strict):
     model_config_path: str = Field(alias="model_config")
     steps: int = Field(gt=0)
     batch_size: int = Field(default=8, gt=0)
+    init_checkpoint: str | None = None  # start from this checkpoint (local or gs://)
+    warm_start: bool = False  # start from the checkpoint of the model in production
+    placement: TrainPlacement = TrainPlacement()
+
+
+class EvaluateConfig(_Strict):
+    min_images: int = Field(default=1, ge=1)  # fewer val images: evaluation fails
+    missing_classes: Literal["fail", "warn"] = "fail"  # a class without val boxes
 
 
 class ExportConfig(_Strict):
@@ -107,16 +139,19 @@ class PipelineConfig(_Strict):
     images: ImagesConfig = ImagesConfig()
     records: RecordsConfig = RecordsConfig()
     train: TrainConfig
+    evaluate: EvaluateConfig = EvaluateConfig()
     gate: GatePolicy = GatePolicy()
     export: ExportConfig = ExportConfig()
     serving: ServingConfig
+    notify: dict[str, Any] = {}  # notifiers.build_notifiers; empty: no notifications
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(by_alias=True), indent=2)
 
 
 _PATH_KEYS = ("runs", "datasets", "exports.ledger", "records.cache", "serving.models_config",
-              "serving.registry", "exports.path", "exports.images_root", "train.model_config", "serving.base")
+              "serving.registry", "exports.path", "exports.images_root", "train.model_config",
+              "train.init_checkpoint", "serving.base")
 
 
 def default_home(config_path: Path) -> Path:

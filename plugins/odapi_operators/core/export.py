@@ -24,6 +24,7 @@ INFERENCE_FUNCTIONS = {"image_tensor": "inference_from_image_tensors",
                        "tf_example": "inference_from_tf_example"}
 INPUT_TYPES = tuple(INFERENCE_FUNCTIONS)
 WARMUP_FILE = "tf_serving_warmup_requests"
+EXPORT_INFO = "odapi_export.json"  # assets.extra/: the input type, read back by core/detector
 INPUT_NAME = "inputs"
 MATCH_TOLERANCE = 1e-3
 
@@ -144,6 +145,8 @@ def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         shutil.copy(Path(model_dir) / "params.yaml", extra / "params.yaml")
         for path in extras or []:
             shutil.copy(path, extra / Path(path).name)
+        storage.write_text(extra / EXPORT_INFO, json.dumps({"input_type": input_type,
+                                                            "model_name": model_name}))
         write_warmup(extra / WARMUP_FILE, model_name,
                      [request_input(e, input_type) for e in examples])
         check = check_export(tmp / "saved_model", module, input_type)

@@ -89,6 +89,10 @@ def _read_json(path: str) -> dict:
     return json.loads(storage.read_text(path)) if storage.exists(path) else {}
 
 
+def _numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, dict))}
+
+
 def register_run(path: str | os.PathLike, run_dir: str | os.PathLike, model: str,
                  run_id: str) -> dict:
     """Append the candidate record of one run, built from its stage folders.
@@ -101,7 +105,9 @@ def register_run(path: str | os.PathLike, run_dir: str | os.PathLike, model: str
     def stage(step: Stage, name: str) -> str:
         return f"{run}/{step.value}/{name}"
 
-    metrics = _read_json(stage(Stage.EVALUATE, "metrics.json"))
+    metrics = _read_json(stage(Stage.EVALUATE, "candidate/metrics.json"))
+    production = _read_json(stage(Stage.EVALUATE, "production/metrics.json"))
+    report = f"{run}/report/report.html"
     decision = _read_json(stage(Stage.GATE, "decision.json"))
     pushed = _read_json(stage(Stage.PUSH, "summary.json"))
     ingest = _read_json(stage(Stage.INGEST, "summary.json"))
@@ -110,7 +116,9 @@ def register_run(path: str | os.PathLike, run_dir: str | os.PathLike, model: str
         "kind": "candidate", "model": model, "run_id": run_id, "run_dir": run,
         "dataset_version": decision.get("dataset_version") or ingest.get("fingerprint"),
         "config": config if storage.exists(config) else None,
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, dict))},
+        "metrics": _numbers(metrics),
+        "production_metrics": _numbers(production) or None,
+        "report": report if storage.exists(report) else None,
         "decision": ({k: decision.get(k) for k in ("promoted", "rule", "reason", "forced",
                                                    "force", "baseline")}
                      | {"path": stage(Stage.GATE, "decision.json")}) if decision else None,

@@ -26,7 +26,8 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     run = Path(run_dir)
     ingest = _read(run / Stage.INGEST.value / "summary.json")
     verify = _read(run / Stage.VERIFY.value / "summary.json")
-    metrics = _read(run / Stage.EVALUATE.value / "metrics.json")
+    metrics = _read(run / Stage.EVALUATE.value / "candidate" / "metrics.json")
+    production = _read(run / Stage.EVALUATE.value / "production" / "metrics.json")
     decision = _read(run / Stage.GATE.value / "decision.json")
     pushed = _read(run / Stage.PUSH.value / "summary.json")
     train = _read(run / Stage.TRAIN.value / "summary.json")
@@ -37,9 +38,12 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
         "rejected": ingest.get("rejected"),
         "quarantined": verify.get("failed"),
         "train_steps": train.get("steps"),
+        "started_from": (train.get("start") or {}).get("reason"),
         "AP": metrics.get("AP"),
         "AP50": metrics.get("AP50"),
+        "production_AP50": production.get("AP50"),
         "promoted": decision.get("promoted"),
         "decision": decision.get("reason"),
         "serving_path": pushed.get("path"),
+        "report": str(run / "report" / "report.html"),
     }

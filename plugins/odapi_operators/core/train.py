@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from odapi_operators.core import storage, tfvision
+from odapi_operators.core import storage, tfvision, warm_start
 
 
 class ProgressLine:
@@ -48,19 +48,28 @@ def _checkpoint_step(model_dir: str | Path) -> int:
 
 
 def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
-          steps: int, batch_size: int = 8) -> dict:
+          steps: int, batch_size: int = 8, *, init_checkpoint: str | None = None,
+          warm_start_from: str | None = None) -> dict:
+    """Train (or resume) in `model_dir`; a new run starts from `init_checkpoint`, from the
+    production model under `warm_start_from` (`<serving base>/<model>`), or from scratch."""
+    start = warm_start.resolve(init_checkpoint, warm_start_from)
     tfvision.setup_tensorflow()
     from official.core import task_factory, train_lib
+
+    from odapi_operators.core.runtime import apply_runtime
 
     experiment, _ = tfvision.load_model_config(model_config)
     params = tfvision.build_params(model_config, data_dir, steps, batch_size)
     tfvision.save_params(params, experiment, model_dir, model_config=str(model_config),
                          data=str(data_dir))
+    apply_runtime(params)
     strategy = tfvision.distribution_strategy()
     started = time.monotonic()
     with strategy.scope():
         task = task_factory.get_task(params.task, logging_dir=str(model_dir))
     resumed = _checkpoint_step(model_dir)
+    started_from = ({"from": "resumed", "step": resumed} if resumed
+                    else warm_start.install(task, start["checkpoint"]))
     progress = ProgressLine(resumed, steps, params.trainer.steps_per_loop,
                             emit=lambda line: print(line, flush=True))
     model, _ = train_lib.run_experiment(distribution_strategy=strategy, task=task, mode="train",
@@ -69,6 +78,7 @@ def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
     checkpoint = tfvision.latest_checkpoint(model_dir)
     summary = {"model_dir": str(model_dir), "checkpoint": checkpoint,
                "steps": tfvision.checkpoint_step(checkpoint), "resumed_from_step": resumed,
+               "start": {**start, **started_from},
                "experiment": experiment,
                "seconds": round(time.monotonic() - started, 1),
                "parameters": int(model.count_params())}
