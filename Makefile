@@ -36,12 +36,13 @@ sample: $(SAMPLE)/_SUCCESS
 $(AIRFLOW_HOME)/airflow.db: | $(VENV)/.installed
 	mkdir -p $(AIRFLOW_HOME)
 	airflow db migrate > $(AIRFLOW_HOME)/migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/migrate.log; exit 1)
+	airflow pools set gpu 1 "GPU training: one at a time" >> $(AIRFLOW_HOME)/migrate.log 2>&1
 
 # Runs odapi_retrain once in the embedded Airflow on the sample data, then summarizes the run.
 demo: venv sample $(AIRFLOW_HOME)/airflow.db
 	@start=$$(date +%s); \
 	airflow dags test odapi_retrain -c '{"take_exports": "all"}' 2>&1 | tee var/demo.log | grep --line-buffered -E \
-	  "DAG TEST\] starting task|progress: step|AP50|promoted:|pushed|stable ->|ERROR|error:|DagRun failed" \
+	  "DAG TEST\] starting task|progress: step|AP50|promoted:|report:|pushed|stable ->|ERROR|error:|DagRun failed" \
 	  | grep --line-buffered -v cuInit; \
 	status=$${PIPESTATUS[0]}; \
 	echo "odapi_retrain finished in $$(( $$(date +%s) - start )) s (full log: var/demo.log)"; \

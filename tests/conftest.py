@@ -77,15 +77,29 @@ def odapi(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return done
 
 
+SAMPLE_MODEL = ROOT / "include/configs/models/retinanet_mobile_sample.yaml"
+
+
+def keep_all_detections_config(folder: Path) -> Path:
+    """The sample model config, but keeping every detection (no score threshold): a model
+    trained for a few steps scores below the default 0.05, and tests need its detections."""
+    import yaml
+
+    config = yaml.safe_load(SAMPLE_MODEL.read_text())
+    config["params"]["task"]["model"]["detection_generator"]["pre_nms_score_threshold"] = 0.0
+    path = folder / "retinanet_mobile_test.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory) -> dict[str, Path]:
     """A RetinaNet-mobile trained for a few real steps on tiny sample records (shared)."""
     root = tmp_path_factory.mktemp("trained")
     records = prepare_records(root)
     model_dir = root / "model"
-    odapi("train", "--config", str(ROOT / "include/configs/models/retinanet_mobile_sample.yaml"),
-          "--data", str(records), "--model-dir", str(model_dir), "--steps", "4",
-          "--batch-size", "2")
+    odapi("train", "--config", str(keep_all_detections_config(root)), "--data", str(records),
+          "--model-dir", str(model_dir), "--steps", "4", "--batch-size", "2")
     return {"root": root, "records": records, "model_dir": model_dir}
 
 
@@ -149,3 +163,32 @@ def gcs_with_preconditions(gcs_emulator):
         patch.setattr(objects, "_media_upload", guarded(objects._media_upload))
         patch.setattr(objects, "_multipart_upload", guarded(objects._multipart_upload))
         yield gcs_emulator
+
+
+@pytest.fixture(scope="session")
+def exported_model(trained_model, tmp_path_factory) -> Path:
+    """The trained model exported once (`odapi export`, image_bytes input: binary requests
+    over both Serving protocols); the SavedModel folder, shared by the Serving tests."""
+    out = tmp_path_factory.mktemp("exported") / "export"
+    odapi("export", "--model-dir", str(trained_model["model_dir"]), "--data",
+          str(trained_model["records"]), "--out", str(out), "--input-type", "image_bytes",
+          "--model-name", "shapes")
+    return out / "saved_model"
+
+
+@pytest.fixture()
+def load_dag():
+    """A loader for a DAG file of dags/ (`load_dag("odapi_retrain")`), imported afresh each
+    call: the file reads $ODAPI_PIPELINE_CONFIG at parse time, so set that first."""
+    import importlib.util
+
+    from airflow.sdk import DAG
+
+    def load(name: str) -> DAG:
+        spec = importlib.util.spec_from_file_location(f"{name}_under_test",
+                                                      ROOT / "dags" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.dag
+
+    return load

@@ -26,6 +26,7 @@ class ProgressLine:
         self.step, self.total, self.per_loop = start_step, total_steps, steps_per_loop
         self.emit = emit
         self.last = time.monotonic()
+        self.losses: list[tuple[int, float]] = []  # (step, mean loss of the loop)
 
     def __call__(self, output: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -34,6 +35,7 @@ class ProgressLine:
         rate = done / max(now - self.last, 1e-9)
         self.last = now
         loss = output.get("total_loss", output.get("training_loss"))
+        self.losses.append((self.step, float(loss)))
         eta = (self.total - self.step) / rate if rate else float("inf")
         self.emit(f"progress: step {self.step}/{self.total} | loss {float(loss):.4f} | "
                   f"{rate:.2f} steps/s | ETA {eta:.0f} s")
@@ -81,6 +83,7 @@ def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
                "start": {**start, **started_from},
                "experiment": experiment,
                "seconds": round(time.monotonic() - started, 1),
-               "parameters": int(model.count_params())}
+               "parameters": int(model.count_params()),
+               "losses": progress.losses}
     storage.write_text(Path(model_dir) / "summary.json", json.dumps(summary, indent=2))
     return summary
