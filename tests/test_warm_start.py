@@ -50,7 +50,10 @@ def test_warm_start_begins_at_a_lower_loss_than_scratch(tmp_path):
     (_, trained_loss) = base["losses"][-1]
     print(f"first 10 steps: scratch {scratch_loss:.3f}, warm {warm_loss:.3f}; "
           f"base after 60 steps {trained_loss:.3f}")
-    assert warm_loss < 0.8 * scratch_loss
+    # It picks up where the base run ended (60 steps, still in the LR warmup: its loss fell
+    # from ~2.1 to ~1.9 here), clearly below a fresh start.
+    assert warm_loss < scratch_loss - 0.1
+    assert abs(warm_loss - trained_loss) < abs(warm_loss - scratch_loss)
     # A retry of the warm-started run resumes from its own checkpoint, not the start point.
     again = _train(records, tmp_path / "warm", 20, "--init-checkpoint", str(tmp_path / "base"))
     assert again["resumed_from_step"] == 10 and again["start"]["from"] == "resumed"
