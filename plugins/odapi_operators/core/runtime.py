@@ -22,8 +22,10 @@ MIXED_PRECISION_DTYPES = ("float16", "bfloat16")
 def apply_runtime(params: ExperimentConfig) -> None:
     """Set the global Keras mixed precision policy from `params.runtime.mixed_precision_dtype`.
 
-    float32 or unset leaves the policy alone. Call it once per process, before the model is
-    built, in every stage that builds the model from these params (train, evaluate).
+    float32 or unset leaves the policy alone. Call it in the train stage before the task builds
+    the model. Evaluate and export can leave it out: the weights are float32 under either policy
+    (a mixed_float16 checkpoint restores into a float32 model unchanged), and a float32
+    evaluation scores exactly the model that export serves, also on a CPU-only worker.
     """
     dtype = params.runtime.mixed_precision_dtype
     if dtype in (None, "float32"):
