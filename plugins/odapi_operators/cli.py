@@ -12,6 +12,8 @@ import json
 import sys
 from typing import Any, Callable
 
+from odapi_operators import cli_models, cli_report
+
 
 def _pairs(text: str, cast: Callable[[str], Any]) -> dict[str, Any]:
     """'train=0.8,val=0.2' -> {'train': 0.8, 'val': 0.2}"""
@@ -167,9 +169,27 @@ def cmd_export(args: argparse.Namespace) -> dict:
 
 
 def cmd_push(args: argparse.Namespace) -> dict:
+    from odapi_operators.core.publish import push_and_promote
     from odapi_operators.core.push import push
+    from odapi_operators.core.serving_config import ServingOptions
 
-    return push(args.saved_model, args.serving_base, args.model_name, args.run_id)
+    options = ServingOptions()
+    if args.pipeline:
+        from odapi_operators.core.config import read_frozen_config
+
+        serving = read_frozen_config(args.pipeline).serving
+        args.serving_base = args.serving_base or serving.base
+        args.model_name = args.model_name or serving.model_name
+        options = ServingOptions(**{k: getattr(serving, k) for k in ServingOptions.model_fields})
+    if not (args.serving_base and args.model_name):
+        raise ValueError("give --serving-base and --model-name (or --pipeline)")
+    live = {k: getattr(args, k) for k in ("grpc_address", "rest_url", "wait_available_s")}
+    options = options.model_copy(update={k: v for k, v in live.items() if v})
+    if args.promote:
+        return push_and_promote(args.saved_model, args.serving_base, args.model_name,
+                                args.run_id, options, out_dir=args.out)
+    return push(args.saved_model, args.serving_base, args.model_name, args.run_id,
+                out_dir=args.out, options=options)
 
 
 def cmd_summary(args: argparse.Namespace) -> dict:
@@ -328,16 +348,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stage("push", cmd_push, "push a SavedModel as the next TF Serving version")
     p.add_argument("--saved-model", required=True)
-    p.add_argument("--serving-base", required=True)
-    p.add_argument("--model-name", required=True)
-    p.add_argument("--run-id", required=True)
+    p.add_argument("--serving-base")
+    p.add_argument("--model-name")
+    p.add_argument("--run-id", required=True, help="a re-run with the same id returns the "
+                                                   "version it already pushed")
+    p.add_argument("--pipeline", help="a run's frozen pipeline config: serving base, model "
+                                      "name and options")
+    p.add_argument("--promote", action="store_true", help="then move `stable` to the version")
+    p.add_argument("--out", help="also write the summary into this folder")
+    cli_models.live_serving(p)
 
     p = stage("summary", cmd_summary, "summarize a pipeline run (default: the newest)")
     p.add_argument("--runs", default="var/runs", help="runs folder (default: %(default)s)")
     p.add_argument("--run-dir", help="one run's folder instead of the newest in --runs")
     p.add_argument("--text", action="store_true", help="also print a readable table on stderr")
-
-    from odapi_operators import cli_models, cli_report
 
     cli_models.add_commands(sub)
     cli_report.add_commands(sub)

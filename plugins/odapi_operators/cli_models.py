@@ -20,8 +20,10 @@ DEFAULT_BASE = os.environ.get("ODAPI_SERVING_BASE", "var/serving")
 def _options(args: argparse.Namespace, model: str | None = None):
     from odapi_operators.core import serving_config
 
+    live = {k: getattr(args, k, None) for k in ("grpc_address", "rest_url", "wait_available_s")}
     options = serving_config.ServingOptions(models_config=args.models_config,
-                                            registry=args.registry)
+                                            registry=args.registry,
+                                            **{k: v for k, v in live.items() if v})
     if model is None:
         return options
     config = serving_config.read(options.models_config_path(args.serving_base))
@@ -29,11 +31,11 @@ def _options(args: argparse.Namespace, model: str | None = None):
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    from odapi_operators.core.rollback import rollback
+    from odapi_operators.core.publish import roll_back
 
     by = args.by or os.environ.get("USER") or os.environ.get("LOGNAME")
-    result = rollback(args.serving_base, args.model, args.to, reason=args.reason, by=by,
-                      options=_options(args, args.model))
+    result = roll_back(args.serving_base, args.model, args.to, _options(args, args.model),
+                       reason=args.reason, by=by)
     print(json.dumps(result, sort_keys=True))
 
 
@@ -61,6 +63,14 @@ def _locations(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", help="default: <serving-base>/registry.jsonl")
 
 
+def live_serving(p: argparse.ArgumentParser) -> None:
+    """Options naming a running TF Serving that must confirm a label move."""
+    p.add_argument("--grpc-address", help="TF Serving gRPC host:port: the label moves only "
+                                          "once the version is AVAILABLE and answers")
+    p.add_argument("--rest-url", help="TF Serving REST URL (http://host:8501), the same check")
+    p.add_argument("--wait-available-s", type=float, help="how long to wait (default: 300)")
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `rollback` and `models list` to the `odapi` parser's subcommands."""
     about = "move the `stable` label back to an earlier version"
@@ -71,6 +81,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reason", help="why (recorded in the registry)")
     p.add_argument("--by", help="who (default: the current user)")
     _locations(p)
+    live_serving(p)
     p.set_defaults(func=cmd_rollback)
 
     about = "the model registry: every candidate and label move"

@@ -477,36 +477,22 @@ class PushToServingOperator(OdapiStageOperator):
     def execute(self, context: Any) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from odapi_operators.core.promote import promote
-        from odapi_operators.core.push import push
+        from odapi_operators.hooks import serving_args
 
         if (context.get("params") or {}).get("dry_run"):
             raise AirflowSkipException(f"dry run: {self.saved_model} was exported and checked, "
                                        "not pushed")
         cfg = self.pipeline().serving
-        summary = push(self.saved_model, cfg.base, cfg.model_name, context["run_id"],
-                       out_dir=self.stage_dir(context, Stage.PUSH), options=cfg)
-        self.log.info("pushed %(model_name)s version %(version)s to %(path)s", summary)
-        self.confirm_served(cfg, summary["version"])
-        promote(cfg.base, cfg.model_name, summary["version"], options=cfg,
-                reason=f"promoted by run {context['run_id']}")
-        self.log.info("stable -> version %s", summary["version"])
+        summary = self.run_child([
+            "push", "--pipeline", str(self.config), "--saved-model", str(self.saved_model),
+            "--run-id", context["run_id"], "--out", str(self.stage_dir(context, Stage.PUSH)),
+            "--promote", *serving_args(cfg)])
+        self.log.info("pushed %s version %s to %s; stable -> %s (Serving check: %s)",
+                      summary["model_name"], summary["version"], summary["path"],
+                      summary["stable"], summary["serving"])
         self.publish(context, model_name=summary["model_name"], version=summary["version"],
                      path=summary["path"])
         return {"version": summary["version"], "path": summary["path"]}
-
-    def confirm_served(self, cfg: Any, version: int) -> None:
-        """With a Serving address configured: wait until the new version is AVAILABLE and
-        answers one warmup request, before `stable` moves to it."""
-        if not (cfg.grpc_address or cfg.rest_url):
-            self.log.info("no Serving address configured: the export's contract check stands in")
-            return
-        from odapi_operators.core.serving_client import ServingClient, confirm_served
-
-        client = ServingClient(grpc_address=cfg.grpc_address, rest_url=cfg.rest_url)
-        served = confirm_served(client, cfg.model_name, version, self.saved_model,
-                                cfg.wait_available_s)
-        self.log.info("Serving answers with version %s: %s", version, served)
 
 
 class RegisterRunOperator(OdapiStageOperator):

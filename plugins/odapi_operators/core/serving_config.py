@@ -51,6 +51,11 @@ class ServingOptions(BaseModel):
     keep_versions: int = Field(default=5, ge=1)
     version_policy: VersionPolicy = "labelled"
     latest_versions: int = Field(default=2, ge=1)
+    # A running Serving to confirm a version with before a label moves (serving_client.py);
+    # none: the label moves unchecked (an Airflow `tf_serving_default` connection also works).
+    grpc_address: str | None = None  # host:port (8500); preferred over REST
+    rest_url: str | None = None  # http://host:8501
+    wait_available_s: float = Field(default=300, gt=0)
 
     def models_config_path(self, base: str) -> str:
         return self.models_config or _join(base, "models.config")

@@ -1,0 +1,85 @@
+"""TFServingHook: a TF Serving address held in an Airflow connection, handed out as a client.
+
+Connection (type `tf_serving`, default id `tf_serving_default`): host and port are the gRPC
+address (port default 8500); extra `{"rest_url": "http://serving:8501", "timeout": 10}`.
+With only a REST URL, leave host empty. E.g.
+`AIRFLOW_CONN_TF_SERVING_DEFAULT='{"conn_type": "tf_serving", "host": "serving", "port": 8500}'`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseHook
+
+if TYPE_CHECKING:
+    from odapi_operators.core.serving_client import ServingClient
+    from odapi_operators.core.serving_config import ServingOptions
+
+DEFAULT_GRPC_PORT = 8500
+
+
+class TFServingHook(BaseHook):
+    """Builds a `ServingClient` (gRPC preferred, REST otherwise) from a connection."""
+
+    conn_name_attr = "tf_serving_conn_id"
+    default_conn_name = "tf_serving_default"
+    conn_type = "tf_serving"
+    hook_name = "TensorFlow Serving"
+
+    def __init__(self, tf_serving_conn_id: str = default_conn_name, timeout: float = 10,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tf_serving_conn_id = tf_serving_conn_id
+        self.timeout = timeout
+
+    def get_client(self) -> ServingClient:
+        from odapi_operators.core.serving_client import ServingClient
+
+        conn = self.get_connection(self.tf_serving_conn_id)
+        extra = conn.extra_dejson
+        grpc_address = f"{conn.host}:{conn.port or DEFAULT_GRPC_PORT}" if conn.host else None
+        if not (grpc_address or extra.get("rest_url")):
+            raise ValueError(f"connection {self.tf_serving_conn_id!r}: no host (gRPC) and no "
+                             "rest_url in extra")
+        return ServingClient(grpc_address, extra.get("rest_url"),
+                             float(extra.get("timeout", self.timeout)))
+
+    def get_conn(self) -> ServingClient:
+        return self.get_client()
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {"hidden_fields": ["schema", "login", "password"],
+                "relabeling": {"host": "gRPC host", "port": "gRPC port"},
+                "placeholders": {"port": str(DEFAULT_GRPC_PORT),
+                                 "extra": '{"rest_url": "http://serving:8501"}'}}
+
+
+def serving_addresses(options: ServingOptions,
+                      conn_id: str = TFServingHook.default_conn_name) -> dict[str, str]:
+    """The Serving to confirm label moves with: the pipeline's `serving.grpc_address` /
+    `rest_url` if set, else connection `conn_id` if it exists, else {} (no live check).
+
+    Addresses, not a client: the check runs in the stage's child process, which keeps
+    TensorFlow (the Serving protos import it) out of the worker."""
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    if options.grpc_address or options.rest_url:
+        found = {"grpc_address": options.grpc_address, "rest_url": options.rest_url}
+    else:
+        try:
+            conn = TFServingHook.get_connection(conn_id)
+        except AirflowNotFoundException:
+            return {}
+        found = {"grpc_address": (f"{conn.host}:{conn.port or DEFAULT_GRPC_PORT}"
+                                  if conn.host else None),
+                 "rest_url": conn.extra_dejson.get("rest_url")}
+    return {k: v for k, v in found.items() if v}
+
+
+def serving_args(options: ServingOptions,
+                 conn_id: str = TFServingHook.default_conn_name) -> list[str]:
+    """`--grpc-address`/`--rest-url` arguments for `odapi push`/`odapi rollback`."""
+    return [arg for key, value in serving_addresses(options, conn_id).items()
+            for arg in (f"--{key.replace('_', '-')}", value)]
