@@ -172,18 +172,27 @@ class FetchImagesOperator(OdapiStageOperator):
 
 
 class VerifyImagesOperator(FetchImagesOperator):
-    def execute(self, context: Any) -> dict:
-        from odapi_operators.core.verify import verify_images
+    """Decode every image (child process: its decoder pool needs a non-daemonic parent, which
+    a Celery prefork worker is not)."""
 
+    def execute(self, context: Any) -> dict:
         cfg = self.pipeline().images
-        summary = verify_images(self.manifest, self.stage_dir(context, Stage.VERIFY),
-                                max_side=cfg.max_side, workers=cfg.workers,
-                                max_failed_share=cfg.max_quarantined_share, log=self.log.info)
+        args = ["verify", "--manifest", str(self.manifest),
+                "--out", str(self.stage_dir(context, Stage.VERIFY)),
+                "--max-failed-share", str(cfg.max_quarantined_share)]
+        args += _options(max_side=cfg.max_side, workers=cfg.workers)
+        summary = self.run_child(args)
         if summary["failed"]:
             self.log.warning("%(failed)s images quarantined (%(boxes_quarantined)s boxes); "
                              "see %(quarantine)s", summary)
         return {k: summary[k] for k in ("manifest", "quarantine", "ok", "failed",
                                         "boxes_quarantined", "skipped")}
+
+
+def _options(**options: Any) -> list[str]:
+    """`--name value` for every option that is set."""
+    return [arg for name, value in options.items() if value is not None
+            for arg in (f"--{name.replace('_', '-')}", str(value))]
 
 
 class BuildLabelMapOperator(FetchImagesOperator):
@@ -209,13 +218,14 @@ class WriteTFRecordsOperator(OdapiStageOperator):
         self.label_map = label_map
 
     def execute(self, context: Any) -> dict:
-        from odapi_operators.core.shard import write_shards
-
         cfg = self.pipeline().records
         out = self.stage_dir(context, Stage.RECORDS)
-        summary = write_shards(self.manifest, self.label_map, out, cfg.split, cfg.shards,
-                               target_shard_bytes=cfg.target_shard_mb << 20,
-                               cache_dir=cfg.cache, log=self.log.info)
+        pairs = {"split": cfg.split, "shards": cfg.shards}
+        summary = self.run_child([  # child process: its writer pool needs a non-daemonic parent
+            "shard", "--manifest", str(self.manifest), "--label-map", str(self.label_map),
+            "--out", str(out), "--target-shard-mb", str(cfg.target_shard_mb),
+            *_options(cache=cfg.cache, **{k: ",".join(f"{n}={v}" for n, v in d.items())
+                                          for k, d in pairs.items() if d})])
         return {"data": str(out), **{f"{split}_images": s["images"]
                                      for split, s in summary["splits"].items()}}
 
