@@ -509,8 +509,13 @@ class RegisterRunOperator(OdapiStageOperator):
     """Append this run's candidate record to the model registry, whatever the run's outcome."""
 
     def execute(self, context: Any) -> dict:
-        from odapi_operators.core.layout import RunLayout
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from odapi_operators.core.registry import register_run
+
+        if not self.config:  # all_done: it also runs after resolve_config failed
+            raise AirflowSkipException("nothing to register: the run failed before its config "
+                                       "was frozen")
 
         pipeline = self.pipeline()
         cfg = pipeline.serving

@@ -1,0 +1,242 @@
+"""A real `airflow backfill create` of odapi_retrain over days with and without exports.
+
+The scheduler (with a dag-processor and the api-server's execution API) runs one backfill run
+per daily data interval. Each run must consume exactly the exports whose `_SUCCESS` marker
+landed in its interval, a day with none must skip instead of retraining, and every gate must
+compare with what Serving answered with at that point, so no backfill run promotes by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from conftest import ROOT, free_port, keep_all_detections_config
+from odapi_operators.core.layout import RunLayout
+from odapi_operators.core.sample_data import MARKER, generate
+from production import (Processes, airflow, airflow_env, postgres_database, query, require,
+                        task_logs, wait_until)
+
+# Measured: 23 min on 2 cores shared with other heavy jobs (load 4-6). The Airflow side takes
+# ~1 s per task; TensorFlow's fixed costs (import, graph tracing, SavedModel export) make each
+# of the three training runs 5-10 minutes (train ~2-3 min, export ~4 min).
+BACKFILL_TIMEOUT_S = 2400
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(BACKFILL_TIMEOUT_S + 300)]
+
+DAG_ID = "odapi_retrain"
+UTC = timezone.utc
+LANDED = {  # export -> when its marker landed; nothing lands on 03-04
+    "batch-0302": datetime(2026, 3, 2, 10, tzinfo=UTC),
+    "batch-0303": datetime(2026, 3, 3, 11, tzinfo=UTC),
+    "batch-0305": datetime(2026, 3, 5, 9, tzinfo=UTC),
+}
+FROM_DATE, TO_DATE = "2026-03-02", "2026-03-06"
+# CronDataIntervalTimetable("0 3 * * *"): the runs whose logical date (interval start) is in
+# [FROM_DATE, TO_DATE], each covering one day from 03:00.
+INTERVAL_STARTS = [datetime(2026, 3, day, 3, tzinfo=UTC) for day in (2, 3, 4, 5)]
+
+
+@pytest.fixture()
+def pipeline(tmp_path: Path) -> Path:
+    """Three small exports with backdated markers and a tiny-training pipeline YAML."""
+    for seed, (name, landed) in enumerate(LANDED.items(), start=21):
+        generate(tmp_path / "exports" / name, count=12, seed=seed, max_side=128)
+        os.utime(tmp_path / "exports" / name / MARKER, (landed.timestamp(),) * 2)
+    config = {
+        "home": str(tmp_path),
+        "exports": {"path": "exports"},
+        "records": {"split": {"train": 0.6, "val": 0.4}},
+        "train": {"model_config": str(keep_all_detections_config(tmp_path)),
+                  "steps": 3, "batch_size": 2, "placement": {"pool": None}},
+        "evaluate": {"missing_classes": "warn"},
+        "gate": {"min_ap50": 0.0, "vs_production": {"AP50": {"min_delta": 0.0}}},
+        "serving": {"base": "serving", "model_name": "shapes"},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _utc(value: datetime) -> datetime:
+    """A timestamptz from PostgreSQL (in the session's time zone) in UTC, to compare."""
+    return value.astimezone(UTC)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@pytest.fixture()
+def database() -> Iterator[str]:
+    """A fresh PostgreSQL metadata DB: SQLite locks up ("database is locked") when the
+    backfill CLI writes its runs while the scheduler already works on the first one."""
+    require("PostgreSQL")
+    with postgres_database() as name:
+        yield name
+
+
+def _run_backfill(home: Path, database: str, pipeline: Path,
+                  command: list[str]) -> dict[str, Any]:
+    """Start api-server (execution API), scheduler and dag-processor, create the backfill
+    with the CLI, wait for the scheduler to finish it; runs, task states and select_exports
+    XComs as PostgreSQL has them."""
+    api_port = free_port()
+    env = airflow_env(
+        home, database, ROOT / "dags" / f"{DAG_ID}.py",
+        ODAPI_PIPELINE_CONFIG=str(pipeline),
+        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+        AIRFLOW__CORE__PARALLELISM="2",
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
+        AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_urlsafe(32),
+        # Only the backfill's runs: no scheduled run may consume the exports behind its back.
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
+        AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False",
+    )
+    airflow(env, "db", "migrate")
+    processes = Processes(home / "process-logs")
+
+    def diagnose() -> str:
+        rows = query(database, "SELECT task_id, state FROM task_instance WHERE state IN "
+                               "('failed', 'up_for_retry', 'running', 'queued')")
+        return "\n".join([json.dumps(rows), task_logs(home, DAG_ID, {r["task_id"] for r in rows}),
+                          processes.logs()])
+
+    try:
+        processes.start("api-server", env, "api-server", "--apps", "execution", "--host",
+                        "127.0.0.1", "--port", str(api_port), "--workers", "1")
+        processes.start("scheduler", env, "scheduler")
+        processes.start("dag-processor", env, "dag-processor")
+        wait_until(lambda: processes.check_alive() or query(
+            database, "SELECT 1 FROM serialized_dag WHERE dag_id = %s", DAG_ID),
+            timeout=300, what=f"the dag-processor to serialize {DAG_ID}", diagnose=diagnose)
+        airflow(env, *command)
+        wait_until(lambda: processes.check_alive() or query(
+            database, "SELECT id FROM backfill WHERE dag_id = %s AND completed_at IS NOT NULL",
+            DAG_ID), timeout=BACKFILL_TIMEOUT_S, what="the backfill to complete",
+            diagnose=diagnose, interval=5)
+        runs = query(database, "SELECT run_id, run_type, state, logical_date, "
+                               "data_interval_start, data_interval_end FROM dag_run "
+                               "WHERE dag_id = %s ORDER BY logical_date", DAG_ID)
+        failed = [r for r in runs if r["state"] != "success"]
+        return {"runs": runs, "diagnostics": diagnose() if failed else "",
+                "states": {(r["run_id"], r["task_id"]): r["state"] for r in query(
+                    database, "SELECT run_id, task_id, state FROM task_instance "
+                              "WHERE dag_id = %s", DAG_ID)},
+                "selected": {r["run_id"]: r["value"] for r in query(
+                    database, "SELECT run_id, value FROM xcom WHERE dag_id = %s AND "
+                              "task_id = 'select_exports' AND key = 'return_value'", DAG_ID)}}
+    finally:
+        processes.stop()
+
+
+def _check_gate(run_id: str, decision: dict | None, pushed: dict | None,
+                states: dict[tuple[str, str], str], stable: int | None) -> int | None:
+    """One trained run: its gate compared with what Serving answered with (`stable`) on the
+    same split, and only a promotion pushed. Returns what Serving answers with afterwards."""
+    assert decision is not None, f"{run_id}: no gate/decision.json"
+    assert decision["baseline"]["version"] == stable, (run_id, decision["baseline"])
+    assert decision["first_model"] is (stable is None), (run_id, decision["rule"])
+    assert not decision["forced"], run_id
+    checks = {c["kind"]: c for c in decision["checks"]}
+    if stable is not None:
+        assert checks["same_split"]["verdict"] == "pass", (run_id, checks["same_split"])
+    if not decision["promoted"]:
+        assert checks["vs_production"]["verdict"] == "fail", (run_id, decision["checks"])
+        assert states[(run_id, "promote.push")] == "skipped" and pushed is None, run_id
+        return stable
+    assert decision["rule"] == ("first_model" if stable is None else "checks"), run_id
+    assert checks["vs_production"]["verdict"] == ("skipped" if stable is None else "pass")
+    assert states[(run_id, "promote.push")] == "success", run_id
+    assert pushed and pushed["version"] == (stable or 0) + 1, (run_id, pushed)
+    return pushed["version"]
+
+
+def _row(run_id: str, start: datetime, end: datetime, consumed: list[str], selected: str,
+         decision: dict | None, pushed: dict | None) -> tuple[str, ...]:
+    """One line of the table in the closing note."""
+    gate = ap50 = "-"
+    if decision is not None:
+        baseline = decision["baseline"]["version"]
+        gate = (f"{'promoted' if decision['promoted'] else 'rejected'} ({decision['rule']}), "
+                f"{f'vs v{baseline}' if baseline else 'nothing served'}")
+        check = next(c for c in decision["checks"] if c["kind"] == "vs_production")
+        ap50 = f"{check['value']:.4f}" + (f" vs {check['baseline']:.4f}" if baseline else "")
+    return (run_id, f"{start:%m-%d %H:%M} .. {end:%m-%d %H:%M}",
+            ", ".join(Path(p).name for p in consumed) or "-", selected, gate, ap50,
+            "-" if pushed is None else f"v{pushed['version']}")
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    header = ("run_id", "data interval (UTC)", "consumed", "select_exports", "gate",
+              "AP50 (vs production)", "pushed")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    print("\n".join(" | ".join(c.ljust(w) for c, w in zip(row, widths))
+                    for row in [header, *rows]))
+
+
+def test_backfill_consumes_exports_by_landing_day_and_gates_against_production(
+        pipeline: Path, database: str, tmp_path: Path) -> None:
+    from odapi_operators.core.config import load_pipeline_config
+    from odapi_operators.core.ledger import Ledger
+    from odapi_operators.core.serving_config import entry, labels, read as read_models_config
+
+    command = ["backfill", "create", "--dag-id", DAG_ID, "--from-date", FROM_DATE,
+               "--to-date", TO_DATE, "--reprocess-behavior", "none", "--max-active-runs", "1"]
+    started = time.monotonic()
+    done = _run_backfill(tmp_path / "airflow", database, pipeline, command)
+    elapsed = time.monotonic() - started
+    runs, states = done["runs"], done["states"]
+
+    # One run per daily interval, each a whole day (never the zero-length trigger interval).
+    assert [_utc(r["logical_date"]) for r in runs] == INTERVAL_STARTS, runs
+    assert all(r["run_type"] == "backfill" for r in runs), runs
+    assert all(r["state"] == "success" for r in runs), f"{runs}\n{done['diagnostics']}"
+    for run in runs:
+        assert _utc(run["data_interval_start"]) == _utc(run["logical_date"])
+        assert (_utc(run["data_interval_end"]) - _utc(run["data_interval_start"])
+                == timedelta(days=1)), run
+
+    config = load_pipeline_config(pipeline)
+    ledger = Ledger(config.exports.ledger).records()
+    assert {r["mode"] for r in ledger} == {"backfill"}, ledger
+    stable: int | None = None  # the version Serving answers with, replayed run by run
+    table = []
+    for run in runs:
+        run_id = run["run_id"]
+        start, end = _utc(run["data_interval_start"]), _utc(run["data_interval_end"])
+        landed = [str(pipeline.parent / "exports" / name) for name, at in LANDED.items()
+                  if start <= at < end]
+        consumed = [r["export"] for r in ledger if r["run_id"] == run_id]
+        assert consumed == landed, (run_id, consumed, landed)
+        run_dir = RunLayout(Path(config.runs), run_id).root
+        decision = _read_json(run_dir / "gate" / "decision.json")
+        pushed = _read_json(run_dir / "push" / "summary.json")
+        if landed:
+            assert states[(run_id, "select_exports")] == "success", run_id
+            assert done["selected"][run_id] == landed, run_id
+            stable = _check_gate(run_id, decision, pushed, states, stable)
+        else:  # nothing landed: skip, never retrain on exports other runs consumed
+            assert states[(run_id, "select_exports")] == "skipped", run_id
+            assert states[(run_id, "model.train")] == "skipped", run_id
+            assert decision is None and run_id not in done["selected"], run_id
+        table.append(_row(run_id, start, end, consumed, states[(run_id, "select_exports")],
+                          decision, pushed))
+
+    assert stable is not None, "the first interval with an export promotes (first model)"
+    serving = Path(config.serving.base) / config.serving.model_name
+    assert sorted(int(p.name) for p in serving.iterdir() if p.name.isdigit()) == list(
+        range(1, stable + 1))
+    models_config = read_models_config(config.serving.models_config_path(config.serving.base))
+    assert labels(entry(models_config, config.serving.model_name))["stable"] == stable
+
+    print(f"\n$ airflow {' '.join(command)}")
+    _print_table(table)
+    print(f"backfill test took {elapsed:.0f} s")
