@@ -5,10 +5,15 @@ restored into TF-Vision's export module in memory), an export folder, a SavedMod
 a TF Serving version folder. Both kinds run the same export-module graph, so they return the
 same detections for the same weights: that is what lets the gate compare a candidate
 checkpoint with the SavedModel in production on equal terms.
+
+`detect` takes a serialized tf.train.Example (what the records hold); `detect_images` takes
+encoded images in batches (pre-annotation). `image_batches` and `unbatch` build a batch's
+`inputs` and split its outputs, for a local model and a TF Serving answer alike.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +21,9 @@ from typing import Callable
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from odapi_operators.core import storage, tfvision
-
 
 
 @dataclass
@@ -40,20 +45,76 @@ class Detector:
 
     def detect(self, example: bytes) -> Detections:
         """Detect on one serialized tf.train.Example (its `image/encoded` image)."""
-        import tensorflow as tf
-
         from odapi_operators.core.export import request_input
 
-        array = request_input(example, self.input_type)
-        tensor = tf.constant(array, dtype=tf.string if array.dtype == object else tf.uint8)
-        outputs = self.run(tensor)
-        count = int(np.asarray(outputs["num_detections"]).reshape(-1)[0])
-        boxes = np.asarray(outputs["detection_boxes"])[0][:count].astype(np.float64)
-        if not self.normalized:
-            boxes = _normalize(boxes, np.asarray(outputs["image_info"])[0])
-        return Detections(boxes=np.clip(boxes, 0.0, 1.0),
-                          scores=np.asarray(outputs["detection_scores"])[0][:count],
-                          classes=np.asarray(outputs["detection_classes"])[0][:count].astype(int))
+        return unbatch(self.run(_tensor(request_input(example, self.input_type))),
+                       self.normalized)[0]
+
+    def detect_images(self, images: list[bytes]) -> list[Detections]:
+        """Detect on encoded images (JPEG/PNG/GIF/BMP bytes): one model call per image size
+        among them (`image_batches`), so graph and batched NMS run once for many images."""
+        results: list[Detections | None] = [None] * len(images)
+        for indices, array in image_batches(images, self.input_type):
+            for index, found in zip(indices, unbatch(self.run(_tensor(array)), self.normalized)):
+                results[index] = found
+        return results  # type: ignore[return-value]
+
+
+def _tensor(array: np.ndarray):
+    import tensorflow as tf
+
+    return tf.constant(array, dtype=tf.string if array.dtype == object else tf.uint8)
+
+
+def image_batches(images: list[bytes], input_type: str) -> list[tuple[list[int], np.ndarray]]:
+    """(indices into `images`, `inputs` array) per model call for encoded images.
+
+    One call per distinct image size (in order of first appearance): every input type of a
+    TF-Vision export decodes the batch into one stacked tensor, so a batch must share its
+    height and width. image_bytes and tf_example inputs are sized from the image header.
+    """
+    groups: dict[tuple[int, ...], tuple[list[int], list]] = {}
+    for index, data in enumerate(images):
+        if input_type == "image_tensor":
+            import tensorflow as tf
+
+            item = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+            shape = item.shape
+        else:
+            with Image.open(io.BytesIO(data)) as image:
+                shape = image.size
+            item = data if input_type == "image_bytes" else _example(data)
+        indices, items = groups.setdefault(shape, ([], []))
+        indices.append(index)
+        items.append(item)
+    if input_type == "image_tensor":
+        return [(indices, np.stack(items)) for indices, items in groups.values()]
+    return [(indices, np.array(items, dtype=object)) for indices, items in groups.values()]
+
+
+def _example(data: bytes) -> bytes:
+    """A serialized tf.train.Example holding only `image/encoded` (all the decoder needs)."""
+    import tensorflow as tf
+
+    feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
+    return tf.train.Example(features=tf.train.Features(
+        feature={"image/encoded": feature})).SerializeToString()
+
+
+def unbatch(outputs: dict, normalized: bool | None) -> list[Detections]:
+    """Per-image detections from a detection signature's batched outputs (local or Serving)."""
+    counts = np.asarray(outputs["num_detections"]).reshape(-1).astype(int)
+    boxes, scores = np.asarray(outputs["detection_boxes"]), np.asarray(outputs["detection_scores"])
+    classes = np.asarray(outputs["detection_classes"])
+    found = []
+    for index, count in enumerate(counts):
+        image_boxes = boxes[index][:count].astype(np.float64)
+        if not normalized:
+            image_boxes = _normalize(image_boxes, np.asarray(outputs["image_info"])[index])
+        found.append(Detections(boxes=np.clip(image_boxes, 0.0, 1.0),
+                                scores=scores[index][:count],
+                                classes=classes[index][:count].astype(int)))
+    return found
 
 
 def _normalize(boxes: np.ndarray, image_info: np.ndarray) -> np.ndarray:
@@ -85,14 +146,21 @@ def _load_checkpoint(model_dir: str | Path) -> Detector:
                                        input_type="image_tensor", num_channels=3)
     tf.train.Checkpoint(model=module.model).read(checkpoint).expect_partial()
 
-    def run(tensor):  # a closure: the tf.function method holds its module only weakly
-        return module.inference_from_image_tensors(tensor)
+    # One graph for every image size, as the export traces it: called as a tf.function, each
+    # new image shape would trace the whole model again (seconds per distinct size).
+    function = module.inference_from_image_tensors.get_concrete_function(
+        tf.TensorSpec([None, None, None, 3], tf.uint8))
 
+    def run(tensor):
+        return function(tensor)
+
+    run.module = module  # keep the module (and its variables) alive: the function holds it weakly
+    export_config = getattr(params.task, "export_config", None)  # Faster R-CNN has none
     return Detector("checkpoint", checkpoint, "image_tensor",
-                    bool(params.task.export_config.output_normalized_coordinates), run)
+                    bool(export_config and export_config.output_normalized_coordinates), run)
 
 
-def _saved_model_info(saved_model: Path) -> tuple[str | None, bool | None]:
+def saved_model_info(saved_model: Path) -> tuple[str | None, bool | None]:
     """(input type, normalized outputs) from our assets.extra files, when present."""
     from odapi_operators.core.export import EXPORT_INFO
 
@@ -112,7 +180,7 @@ def _load_saved_model(saved_model: Path) -> Detector:
 
     loaded = tf.saved_model.load(str(saved_model), tags=["serve"])
     signature = loaded.signatures["serving_default"]
-    input_type, normalized = _saved_model_info(saved_model)
+    input_type, normalized = saved_model_info(saved_model)
     if input_type is None:
         spec = signature.structured_input_signature[1]["inputs"]
         input_type = "image_tensor" if spec.dtype == tf.uint8 else "image_bytes"

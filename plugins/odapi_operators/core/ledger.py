@@ -6,26 +6,21 @@ of the export's listing (names + sizes), so a re-delivered export with other con
 
 Rules: a scheduled or manual run takes the exports not consumed before; a re-run of the same
 run_id takes what it took the first time; a backfill run takes the exports that landed in its
-data interval [start, end), consumed or not. Claims are atomic: locally under an fcntl lock,
-on gs:// as a read-modify-write guarded by the object generation.
+data interval [start, end), consumed or not. Claims are atomic (`append_log.AppendLog`):
+locally under an fcntl lock, on gs:// as a read-modify-write guarded by the object generation.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-from odapi_operators.core import storage
+from odapi_operators.core.append_log import AppendLog
 from odapi_operators.core.jsonl import parse_json_lines
 from odapi_operators.core.exports import Export, describe_export
 
 Decide = Callable[[list[dict]], tuple[list[str], list[dict]]]
-_GS_ATTEMPTS = 20
 
 
 class LedgerError(ValueError):
@@ -52,21 +47,15 @@ def _taken(records: list[dict], run_id: str) -> list[str]:
     return [r["export"] for r in records if r["run_id"] == run_id]
 
 
-def _lines(records: list[dict]) -> bytes:
-    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode("utf-8")
-
-
 class Ledger:
     """The ledger at `path`; every claim reads it whole, decides, and appends atomically."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
+        self.log = AppendLog(self.path, _parse)
 
     def records(self) -> list[dict]:
-        try:
-            return _parse(storage.read_text(self.path), self.path)
-        except FileNotFoundError:
-            return []
+        return self.log.records()
 
     def taken_by(self, run_id: str) -> list[str]:
         """What `run_id` claimed (a run's records are written in one go, so this is final)."""
@@ -115,49 +104,7 @@ class Ledger:
             before = _taken(records, run_id)
             return (before, []) if before else decide(records)
 
-        if storage.is_local(self.path):
-            return self._local_transaction(with_rerun)
-        return self._object_transaction(with_rerun)
-
-    def _local_transaction(self, decide: Decide) -> list[str]:
-        with self._locked() as fd:
-            size = os.fstat(fd).st_size
-            text = os.pread(fd, size, 0).decode("utf-8") if size else ""
-            taken, new = decide(_parse(text, self.path))
-            if new:
-                os.write(fd, _lines(new))  # O_APPEND: one write, after everything read
-                os.fsync(fd)
-        return taken
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[int]:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield fd
-        finally:
-            os.close(fd)  # also releases the lock
-
-    def _object_transaction(self, decide: Decide) -> list[str]:
-        for _ in range(_GS_ATTEMPTS):
-            try:
-                generation = storage.stat(self.path).generation
-                text = storage.read_text(self.path)
-            except FileNotFoundError:
-                generation, text = 0, ""
-            taken, new = decide(_parse(text, self.path))
-            if not new:
-                return taken
-            try:
-                # Read after stat: if it changed in between, the generation no longer matches.
-                storage.write_bytes_if_generation(self.path, text.encode("utf-8") + _lines(new),
-                                                  generation)
-                return taken
-            except storage.PreconditionFailed:
-                continue
-        raise storage.StorageError(f"{self.path}: ledger kept changing; gave up after "
-                                   f"{_GS_ATTEMPTS} attempts")
+        return self.log.transaction(with_rerun)
 
 
 def select_exports(ledger_path: str | os.PathLike[str], run_id: str,

@@ -5,7 +5,8 @@ anchored at the top-left corner; `rotation` turns the rectangle clockwise (degre
 corner, in pixels, so a rotated box needs `original_width/height` and becomes the axis-aligned
 envelope of its four corners. One annotation per task is used: a ground-truth one first, else
 the latest; cancelled and superseded annotations are reported. Predictions are model output,
-never labels: a task with only predictions is an unlabeled task.
+never labels: a task with only predictions is an unlabeled task. An annotation made from a
+prediction (`parent_prediction`) keeps that prediction's `model_version` in its provenance.
 
 `data.image` is where Label Studio serves the image from: `/data/upload/<project>/<name>`
 (uploads, stored as `<8 hex>-<original name>`), `/data/local-files/?d=<path>` (local storage),
@@ -164,6 +165,21 @@ def _chosen_annotation(task: dict, file: str, record: str, ctx: ParseContext) ->
     return chosen
 
 
+def _source_model_version(task: dict, annotation: dict) -> Any:
+    """The `model_version` of the prediction an annotation was made from (Label Studio sets
+    `parent_prediction` to its id, and may inline it as `prediction`), else None."""
+    inline = annotation.get("prediction")
+    if isinstance(inline, dict) and inline.get("model_version") is not None:
+        return inline["model_version"]
+    parent = annotation.get("parent_prediction")
+    if parent is None:
+        return None
+    for prediction in task.get("predictions") or []:
+        if isinstance(prediction, dict) and prediction.get("id") == parent:
+            return prediction.get("model_version")
+    return None
+
+
 def _task_record(task: dict, index: int, folder: Path, file: str,
                  ctx: ParseContext) -> ImageRecord | None:
     task_id = task.get("id")
@@ -188,6 +204,11 @@ def _task_record(task: dict, index: int, folder: Path, file: str,
             boxes.extend(_result_boxes(result))
         except ValueError as exc:
             ctx.log.add(RecordError(file, where, str(exc)).rejection)
+    provenance = {"format": NAME, "file": file, "element": f"tasks[{index}]",
+                  "task": task_id, "annotation": annotation.get("id")}
+    model_version = _source_model_version(task, annotation)
+    if model_version is not None:  # pre-annotated: which model proposed the boxes
+        provenance["model_version"] = model_version
     return ImageRecord(
         key=key,
         source=source,
@@ -195,8 +216,7 @@ def _task_record(task: dict, index: int, folder: Path, file: str,
         width=size[0] if size else None,
         height=size[1] if size else None,
         boxes=tuple(boxes),
-        provenance={"format": NAME, "file": file, "element": f"tasks[{index}]",
-                    "task": task_id, "annotation": annotation.get("id")},
+        provenance=provenance,
     )
 
 
