@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from odapi_operators import cli_models, cli_report
+from odapi_operators import cli_models, cli_preannotate, cli_report
 
 
 def _pairs(text: str, cast: Callable[[str], Any]) -> dict[str, Any]:
@@ -365,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_models.add_commands(sub)
     cli_report.add_commands(sub)
+    cli_preannotate.add_commands(sub)
     return parser
 
 
