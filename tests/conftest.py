@@ -168,11 +168,14 @@ def gcs_with_preconditions(gcs_emulator):
 @pytest.fixture(scope="session")
 def exported_model(trained_model, tmp_path_factory) -> Path:
     """The trained model exported once (`odapi export`, image_bytes input: binary requests
-    over both Serving protocols); the SavedModel folder, shared by the Serving tests."""
-    out = tmp_path_factory.mktemp("exported") / "export"
+    over both Serving protocols, a decision.json extra); the SavedModel folder (its export
+    summary is `../summary.json`), shared by the Serving and export tests."""
+    root = tmp_path_factory.mktemp("exported")
+    (root / "decision.json").write_text(json.dumps({"promoted": True}))
+    out = root / "export"
     odapi("export", "--model-dir", str(trained_model["model_dir"]), "--data",
           str(trained_model["records"]), "--out", str(out), "--input-type", "image_bytes",
-          "--model-name", "shapes")
+          "--model-name", "shapes", "--extra", str(root / "decision.json"))
     return out / "saved_model"
 
 

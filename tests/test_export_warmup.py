@@ -11,8 +11,10 @@ from conftest import odapi
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("input_type", ["tf_example", "image_bytes"])  # image_tensor: e2e
-def test_export_ships_assets_and_replayable_warmup(trained_model, tmp_path, input_type):
+def _export(trained_model, tmp_path, input_type: str, exported_model) -> tuple[dict, object]:
+    """(export summary, SavedModel folder); image_bytes is the shared session export."""
+    if input_type == "image_bytes":
+        return json.loads((exported_model.parent / "summary.json").read_text()), exported_model
     extra_file = tmp_path / "decision.json"
     extra_file.write_text(json.dumps({"promoted": True}))
     out = tmp_path / "export"
@@ -21,13 +23,19 @@ def test_export_ships_assets_and_replayable_warmup(trained_model, tmp_path, inpu
         "--data", str(trained_model["records"]), "--out", str(out),
         "--input-type", input_type, "--model-name", "shapes",
         "--extra", str(extra_file)).stdout)
-    saved_model = out / "saved_model"
+    return summary, out / "saved_model"
+
+
+@pytest.mark.parametrize("input_type", ["tf_example", "image_bytes"])  # image_tensor: e2e
+def test_export_ships_assets_and_replayable_warmup(trained_model, exported_model, tmp_path,
+                                                   input_type):
+    summary, saved_model = _export(trained_model, tmp_path, input_type, exported_model)
     extra = saved_model / "assets.extra"
     assert {p.name for p in extra.iterdir()} >= {
         "label_map.pbtxt", "params.yaml", "decision.json", "tf_serving_warmup_requests"}
     assert summary["check"]["warmup_requests"] >= 1
     assert summary["check"]["max_difference"] <= 1e-3
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in saved_model.parent.parent.iterdir() if p.name.startswith(".tmp")]
 
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2
