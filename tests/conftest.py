@@ -92,6 +92,13 @@ def keep_all_detections_config(folder: Path) -> Path:
     return path
 
 
+def join_all(processes, timeout: float) -> None:
+    """Wait for child processes that race on shared state; each must exit cleanly."""
+    for proc in processes:
+        proc.join(timeout)
+        assert proc.exitcode == 0, f"{proc.name} exited {proc.exitcode}"
+
+
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory) -> dict[str, Path]:
     """A RetinaNet-mobile trained for a few real steps on tiny sample records (shared)."""

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import join_all
+
 from odapi_operators.core.exports import list_exports
 from odapi_operators.core.ledger import Ledger, LedgerError, select_exports
 
@@ -147,9 +149,7 @@ def _claim_concurrently(ledger: str, exports: Path, workers: int, timeout: float
         proc.start()
     start.set()
     results = [out.get(timeout=timeout) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=30)
-        assert proc.exitcode == 0
+    join_all(procs, 30)
     return [p for result in results for claim in result.values() for p in claim]
 
 

@@ -15,6 +15,8 @@ import pytest
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2 as pb
 
+from conftest import join_all
+
 from odapi_operators.core import serving_config, storage
 from odapi_operators.core.promote import promote
 from odapi_operators.core.push import (RUN_MARKER, model_lock, production_version, push,
@@ -228,9 +230,7 @@ def test_concurrent_pushes_are_serialized(tmp_path):
             proc.start()
         time.sleep(0.5)
         assert versions(serving / "shapes") == []
-    for proc in procs:
-        proc.join(30)
-        assert proc.exitcode == 0
+    join_all(procs, 30)
     assert sorted(queue.get(timeout=5) for _ in procs) == [1, 2]
     by_run = {json.loads((serving / "shapes" / str(v) / RUN_MARKER).read_text())["run_id"]: v
               for v in (1, 2)}
@@ -296,9 +296,7 @@ def test_gcs_concurrent_pushes_get_distinct_versions(tmp_path, gs_base):
              for i, s in enumerate(sources)]
     for proc in procs:
         proc.start()
-    for proc in procs:
-        proc.join(60)
-        assert proc.exitcode == 0
+    join_all(procs, 60)
     assert sorted(queue.get(timeout=5) for _ in procs) == [1, 2, 3]
     assert versions(f"{gs_base}/shapes") == [1, 2, 3]
     for version in (1, 2, 3):  # each version holds exactly one push's files
@@ -333,9 +331,7 @@ def test_gcs_rollback_and_concurrent_registry_appends(tmp_path, gs_base):
     procs = [ctx.Process(target=_append_in_child, args=(path, i, start)) for i in range(3)]
     for proc in procs:
         proc.start()
-    for proc in procs:
-        proc.join(60)
-        assert proc.exitcode == 0
+    join_all(procs, 60)
     records = registry.read(path)
     assert [(r["kind"], r.get("action")) for r in records[:3]] == [
         ("label", "promote"), ("label", "promote"), ("label", "rollback")]

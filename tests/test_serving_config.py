@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+from conftest import join_all
 from google.protobuf import text_format
 from pydantic import ValidationError
 from tensorflow_serving.config import model_server_config_pb2 as pb
@@ -170,9 +172,7 @@ def test_concurrent_writers_lose_no_update(tmp_path):
     procs = [ctx.Process(target=_label_many, args=(path, name)) for name in ("a", "b", "c")]
     for proc in procs:
         proc.start()
-    for proc in procs:
-        proc.join(30)
-        assert proc.exitcode == 0
+    join_all(procs, 30)
     config = sc.read(path)
     assert {m.name: dict(m.version_labels) for m in config.model_config_list.config} == {
         name: {"stable": 10} for name in ("a", "b", "c")}
