@@ -28,7 +28,7 @@ def _encoded(examples: list[bytes]) -> list[bytes]:
 @pytest.mark.parametrize("model", ["exported", "checkpoint"])
 def test_batched_detections_match_one_image_at_a_time(model, trained_model, exported_model):
     from odapi_operators.core.detector import load_detector
-    from odapi_operators.core.export import val_examples
+    from odapi_operators.core.tfvision import val_examples
 
     path = exported_model if model == "exported" else trained_model["model_dir"]
     detector = load_detector(path)

@@ -33,17 +33,22 @@ class TFServingHook(BaseHook):
         self.tf_serving_conn_id = tf_serving_conn_id
         self.timeout = timeout
 
-    def get_client(self) -> ServingClient:
-        from odapi_operators.core.serving_client import ServingClient
-
+    def addresses(self) -> dict[str, Any]:
+        """{'grpc_address', 'rest_url', 'timeout'} from the connection (no client built)."""
         conn = self.get_connection(self.tf_serving_conn_id)
         extra = conn.extra_dejson
         grpc_address = f"{conn.host}:{conn.port or DEFAULT_GRPC_PORT}" if conn.host else None
         if not (grpc_address or extra.get("rest_url")):
             raise ValueError(f"connection {self.tf_serving_conn_id!r}: no host (gRPC) and no "
                              "rest_url in extra")
-        return ServingClient(grpc_address, extra.get("rest_url"),
-                             float(extra.get("timeout", self.timeout)))
+        return {"grpc_address": grpc_address, "rest_url": extra.get("rest_url"),
+                "timeout": float(extra.get("timeout", self.timeout))}
+
+    def get_client(self) -> ServingClient:
+        from odapi_operators.core.serving_client import ServingClient
+
+        found = self.addresses()
+        return ServingClient(found["grpc_address"], found["rest_url"], found["timeout"])
 
     def get_conn(self) -> ServingClient:
         return self.get_client()
@@ -69,12 +74,10 @@ def serving_addresses(options: ServingOptions,
         found = {"grpc_address": options.grpc_address, "rest_url": options.rest_url}
     else:
         try:
-            conn = TFServingHook.get_connection(conn_id)
+            found = TFServingHook(conn_id).addresses()
         except AirflowNotFoundException:
             return {}
-        found = {"grpc_address": (f"{conn.host}:{conn.port or DEFAULT_GRPC_PORT}"
-                                  if conn.host else None),
-                 "rest_url": conn.extra_dejson.get("rest_url")}
+        del found["timeout"]
     return {k: v for k, v in found.items() if v}
 
 

@@ -29,15 +29,10 @@ class EvaluationError(ValueError):
 
 def val_split(data_dir: str | Path) -> tuple[list[bytes], dict[str, int]]:
     """Every serialized example of the val split, and the records' label map."""
-    import tensorflow as tf
-
     summary = tfvision.read_data_summary(data_dir)
-    val = summary["splits"].get("val") or {}
-    if not val.get("images"):
+    if not (summary["splits"].get("val") or {}).get("images"):
         raise EvaluationError(f"{data_dir}: the val split is empty; nothing to evaluate on")
-    files = sorted(tf.io.gfile.glob(val["pattern"]))
-    examples = [raw.numpy() for raw in tf.data.TFRecordDataset(files)]
-    return examples, read_label_map(summary["label_map"])
+    return tfvision.val_examples(data_dir), read_label_map(summary["label_map"])
 
 
 def _check_split(gt: dict, data_dir: str | Path, min_images: int,

@@ -29,18 +29,6 @@ INPUT_NAME = "inputs"
 MATCH_TOLERANCE = 1e-3
 
 
-def val_examples(data_dir: str | Path, count: int) -> list[bytes]:
-    """Up to `count` serialized tf.train.Examples from the val split's TFRecords."""
-    import tensorflow as tf
-
-    pattern = tfvision.read_data_summary(data_dir)["splits"]["val"]["pattern"]
-    dataset = tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern)))
-    examples = [raw.numpy() for raw in dataset.take(count)]
-    if not examples:
-        raise ValueError(f"{pattern}: no validation image to check the export with")
-    return examples
-
-
 def request_input(example: bytes, input_type: str) -> np.ndarray:
     """The `inputs` tensor a client sends for one image, per input type (batch of one)."""
     import tensorflow as tf
@@ -132,7 +120,7 @@ def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
     size = list(params.task.model.input_size[:2])
     module = detection.DetectionModule(params=params, batch_size=None, input_image_size=size,
                                        input_type=input_type, num_channels=3)
-    examples = val_examples(data_dir, warmup_images)
+    examples = tfvision.val_examples(data_dir, warmup_images)
     label_map = tfvision.read_data_summary(data_dir)["label_map"]
     with storage.atomic_directory(out_dir) as tmp:
         export_saved_model_lib.export_inference_graph(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from odapi_operators.core import storage
-from odapi_operators.core.export import val_examples
+from odapi_operators.core.tfvision import val_examples
 
 METRIC_ROWS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax100", "eval_images")
 NO_PRODUCTION = "no production model"

@@ -50,6 +50,19 @@ def read_data_summary(data_dir: str | Path) -> dict:
     return json.loads(storage.read_text(path))
 
 
+def val_examples(data_dir: str | Path, count: int | None = None) -> list[bytes]:
+    """Serialized tf.train.Examples of the val split (the first `count`, or all), in shard
+    order; an empty split is an error naming its files."""
+    import tensorflow as tf
+
+    pattern = read_data_summary(data_dir)["splits"]["val"]["pattern"]
+    dataset = tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern)))
+    examples = [raw.numpy() for raw in (dataset if count is None else dataset.take(count))]
+    if not examples:
+        raise ValueError(f"{pattern}: the val split has no image")
+    return examples
+
+
 def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
     if not isinstance(tree, dict):
         return [prefix]
