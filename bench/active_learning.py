@@ -38,7 +38,7 @@ ONE_SHARD = {"train": 1, "val": 1}
 
 def child(args: list[str]) -> dict:
     """`odapi ARGS` in a child process; only its progress lines are shown."""
-    from odapi_operators.core.child import run_stage
+    from odapi_operators.core.stages.child import run_stage
 
     return run_stage(args, lambda line: line.startswith("progress:") and print(
         f"    {line}", flush=True))
@@ -46,8 +46,8 @@ def child(args: list[str]) -> dict:
 
 def labeled_images(export: Path, work: Path) -> Path:
     """Generator export -> ingest -> fetch + verify: the verified manifest (true boxes)."""
-    from odapi_operators.core.ingest import ingest
-    from odapi_operators.core.prepare import fetch_and_verify
+    from odapi_operators.core.data.ingest import ingest
+    from odapi_operators.core.data.prepare import fetch_and_verify
 
     ingest([str(export)], work / "ingest")
     _, verified = fetch_and_verify(work / "ingest" / "manifest.jsonl", work / "prepared")
@@ -55,7 +55,7 @@ def labeled_images(export: Path, work: Path) -> Path:
 
 
 def records(manifest: Path, label_map: Path, out: Path, ratios: dict) -> str:
-    from odapi_operators.core.shard import write_shards
+    from odapi_operators.core.data.shard import write_shards
 
     write_shards(manifest, label_map, out, ratios, ONE_SHARD)
     return str(out)
@@ -85,13 +85,14 @@ def main() -> None:
     parser.add_argument("--work", help="keep everything here (default: a temporary folder)")
     args = parser.parse_args()
 
-    from odapi_operators.core.label_map import format_label_map
-    from odapi_operators.core.manifest import read_manifest, write_manifest
-    from odapi_operators.core.preannotate import SCORES_FILE, PreannotateOptions, preannotate
-    from odapi_operators.core.predictors import open_predictor, resolve_model
-    from odapi_operators.core.promote import promote
-    from odapi_operators.core.push import model_dir, push
-    from odapi_operators.core.sample_data import CLASSES, generate
+    from odapi_operators.core.data.label_map import format_label_map
+    from odapi_operators.core.data.manifest import read_manifest, write_manifest
+    from odapi_operators.core.labeling.preannotate import SCORES_FILE, PreannotateOptions, preannotate
+    from odapi_operators.core.labeling.predictors import open_predictor, resolve_model
+    from odapi_operators.core.serving.promote import promote
+    from odapi_operators.core.serving.serving_dir import model_dir
+    from odapi_operators.core.serving.push import push
+    from odapi_operators.core.data.sample_data import CLASSES, generate
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="odapi-bench-al-") as tmp:

@@ -92,7 +92,7 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
 
 FUSED = """
 import json, sys
-from odapi_operators.core.prepare import fetch_and_verify
+from odapi_operators.core.data.prepare import fetch_and_verify
 fetched, verified = fetch_and_verify(sys.argv[1], sys.argv[2], max_side=int(sys.argv[3]))
 print(json.dumps([fetched, verified]))
 """

@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--boxes-per-image", type=int, default=10)
     args = parser.parse_args()
-    from odapi_operators.core.ingest import ingest
+    from odapi_operators.core.data.ingest import ingest
 
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)

@@ -44,10 +44,10 @@ THROUGHPUT_KEYS = ("cycle_length", "block_length", "deterministic", "prefetch_bu
 def _records(root: Path, count: int, max_side: int) -> dict[str, Path]:
     """Records folders as the pipeline makes them: default shard sizing, the same images in
     4 train shards, and the images downsized by the images stage (`images.max_side`)."""
-    from odapi_operators.core.ingest import ingest
-    from odapi_operators.core.prepare import prepare
-    from odapi_operators.core.sample_data import generate
-    from odapi_operators.core.shard import write_shards
+    from odapi_operators.core.data.ingest import ingest
+    from odapi_operators.core.data.prepare import prepare
+    from odapi_operators.core.data.sample_data import generate
+    from odapi_operators.core.data.shard import write_shards
 
     ratios = {"train": 0.8, "val": 0.2}
     generate(root / "export", count=count, seed=0, max_side=max_side)
@@ -90,7 +90,7 @@ class Inputs:
     def __init__(self, records: dict[str, Path]) -> None:
         from official.core import task_factory
 
-        from odapi_operators.core import tfvision
+        from odapi_operators.core.model import tfvision
 
         self.params = {name: tfvision.build_params(SAMPLE_MODEL, path, 1000, BATCH)
                        for name, path in records.items()}
@@ -192,7 +192,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with tempfile.TemporaryDirectory(prefix="odapi-bench-input-") as name:
         records = _records(Path(name), args.images, args.max_side)
-        from odapi_operators.core import tfvision
+        from odapi_operators.core.model import tfvision
 
         tfvision.setup_tensorflow()
         inputs = Inputs(records)

@@ -39,10 +39,10 @@ def build_model(root: Path) -> Path:
     """
     import yaml
 
-    from odapi_operators.core.child import run_stage
-    from odapi_operators.core.ingest import ingest
-    from odapi_operators.core.prepare import prepare
-    from odapi_operators.core.sample_data import generate
+    from odapi_operators.core.stages.child import run_stage
+    from odapi_operators.core.data.ingest import ingest
+    from odapi_operators.core.data.prepare import prepare
+    from odapi_operators.core.data.sample_data import generate
 
     generate(root / "export", count=24, seed=0, max_side=128)
     ingest([str(root / "export")], root / "ingest")
@@ -73,9 +73,9 @@ def main() -> None:
     parser.add_argument("--model", help="an exported SavedModel (default: build one)")
     args = parser.parse_args()
 
-    from odapi_operators.core.preannotate import PreannotateOptions, preannotate
-    from odapi_operators.core.predictors import open_predictor, resolve_model
-    from odapi_operators.core.sample_data import generate
+    from odapi_operators.core.labeling.preannotate import PreannotateOptions, preannotate
+    from odapi_operators.core.labeling.predictors import open_predictor, resolve_model
+    from odapi_operators.core.data.sample_data import generate
 
     with tempfile.TemporaryDirectory(prefix="odapi-bench-preannotate-") as tmp:
         root = Path(tmp)

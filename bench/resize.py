@@ -20,7 +20,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from odapi_operators.core.normalize import NormalizeOptions, normalize
+from odapi_operators.core.data.normalize import NormalizeOptions, normalize
 
 SIZES = [(1920, 1080), (2048, 1536), (2400, 1600), (2304, 1728)]  # 2.1-4.0 Mpx
 

@@ -69,7 +69,7 @@ def _run_tf(manifest: Path, out: Path, shards: int) -> None:
 
 
 def _run_odapi(manifest: Path, out: Path, shards: int) -> None:
-    from odapi_operators.core.shard import write_shards
+    from odapi_operators.core.data.shard import write_shards
 
     label_map = out.parent / "label_map.pbtxt"
     start = time.perf_counter()
@@ -102,7 +102,7 @@ def _dataset(root: Path, count: int) -> Path:
     sys.path.insert(0, str(BENCH))
     from download import make_images
 
-    from odapi_operators.core.label_map import format_label_map
+    from odapi_operators.core.data.label_map import format_label_map
 
     make_images(root / "img", count)
     (root / "label_map.pbtxt").write_text(format_label_map({"thing": 1}))

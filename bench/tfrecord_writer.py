@@ -19,26 +19,26 @@ from pathlib import Path
 
 
 def _prepare(tmp: Path, count: int):
-    from odapi_operators.core.fetch import fetch_images
-    from odapi_operators.core.ingest import ingest
-    from odapi_operators.core.label_map import build_label_map
-    from odapi_operators.core.manifest import read_manifest
-    from odapi_operators.core.sample_data import generate
-    from odapi_operators.core.verify import verify_images
+    from odapi_operators.core.data.fetch import fetch_images
+    from odapi_operators.core.data.ingest import ingest
+    from odapi_operators.core.data.label_map import build_label_map
+    from odapi_operators.core.data.manifest import read_manifest
+    from odapi_operators.core.data.sample_data import generate
+    from odapi_operators.core.data.verify import verify_images
 
     generate(tmp / "export", count=count, seed=0)
     ingest([str(tmp / "export")], tmp / "ingest")
     fetch_images(tmp / "ingest" / "manifest.jsonl", tmp / "images")
     verify_images(tmp / "images" / "manifest.jsonl", tmp / "verify")
     build_label_map(tmp / "verify" / "manifest.jsonl", tmp / "lm")
-    from odapi_operators.core.label_map import read_label_map
+    from odapi_operators.core.data.label_map import read_label_map
     return list(read_manifest(tmp / "verify" / "manifest.jsonl")), read_label_map(
         tmp / "lm" / "label_map.pbtxt")
 
 
 def _ours(records, label_map, path: Path) -> None:
-    from odapi_operators.core.shard import example_for
-    from odapi_operators.core.tfrecord import write_record
+    from odapi_operators.core.data.shard import example_for
+    from odapi_operators.core.data.tfrecord import write_record
 
     with open(path, "wb") as out:
         for i, record in enumerate(records, start=1):
@@ -115,8 +115,8 @@ def main() -> None:
     print(f"odapi writer:      {len(records) / ours:9.0f} records/s")
     print(f"tf.io writer:      {len(records) / theirs:9.0f} records/s")
     print(f"ratio (odapi/tf):  {theirs / ours:9.2f}x")
-    print(f"start-up: import odapi_operators.core.tfrecord "
-          f"{_import_seconds('odapi_operators.core.tfrecord'):.2f} s vs import tensorflow "
+    print(f"start-up: import odapi_operators.core.data.tfrecord "
+          f"{_import_seconds('odapi_operators.core.data.tfrecord'):.2f} s vs import tensorflow "
           f"{_import_seconds('tensorflow'):.2f} s")
 
 

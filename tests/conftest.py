@@ -51,12 +51,12 @@ def dag_bundle(tmp_path_factory):
 
 def prepare_records(root: Path, count: int = 16, seed: int = 7) -> Path:
     """Sample export -> ingest -> images -> verify -> label map -> TFRecords; the records dir."""
-    from odapi_operators.core.fetch import fetch_images
-    from odapi_operators.core.ingest import ingest
-    from odapi_operators.core.label_map import build_label_map
-    from odapi_operators.core.sample_data import generate
-    from odapi_operators.core.shard import write_shards
-    from odapi_operators.core.verify import verify_images
+    from odapi_operators.core.data.fetch import fetch_images
+    from odapi_operators.core.data.ingest import ingest
+    from odapi_operators.core.data.label_map import build_label_map
+    from odapi_operators.core.data.sample_data import generate
+    from odapi_operators.core.data.shard import write_shards
+    from odapi_operators.core.data.verify import verify_images
 
     generate(root / "export", count=count, seed=seed, max_side=128)
     ingest([str(root / "export")], root / "ingest")

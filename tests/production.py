@@ -222,7 +222,7 @@ def write_pipeline(root: Path, placement: dict[str, Any], images: int = 16) -> P
     promote whatever it trains (first model, AP50 >= 0); the YAML's path."""
     import yaml
 
-    from odapi_operators.core.sample_data import generate
+    from odapi_operators.core.data.sample_data import generate
 
     generate(root / "exports" / "batch-1", count=images, seed=3, max_side=128)
     config = {

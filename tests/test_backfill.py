@@ -21,7 +21,7 @@ import yaml
 
 from conftest import ROOT, free_port, keep_all_detections_config
 from odapi_operators.core.layout import RunLayout
-from odapi_operators.core.sample_data import MARKER, generate
+from odapi_operators.core.data.sample_data import MARKER, generate
 from production import (Processes, airflow, airflow_env, postgres_database, query, require,
                         task_logs, wait_until)
 
@@ -185,8 +185,8 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 def test_backfill_consumes_exports_by_landing_day_and_gates_against_production(
         pipeline: Path, database: str, tmp_path: Path) -> None:
     from odapi_operators.core.config import load_pipeline_config
-    from odapi_operators.core.ledger import Ledger
-    from odapi_operators.core.serving_config import entry, labels, read as read_models_config
+    from odapi_operators.core.data.ledger import Ledger
+    from odapi_operators.core.serving.models_config import entry, labels, read as read_models_config
 
     command = ["backfill", "create", "--dag-id", DAG_ID, "--from-date", FROM_DATE,
                "--to-date", TO_DATE, "--reprocess-behavior", "none", "--max-active-runs", "1"]

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from odapi_operators.core import push as push_mod
+from odapi_operators.core.serving import push as push_mod
 from odapi_operators.core.config import (ConfigError, freeze_config, load_pipeline_config,
                                          read_frozen_config)
-from odapi_operators.core.gate import Baseline, GatePolicy, decide, gate
-from odapi_operators.core.push import RUN_MARKER, production_label_map, push, versions
+from odapi_operators.core.evaluation.gate import Baseline, GatePolicy, decide, gate
+from odapi_operators.core.serving.serving_dir import RUN_MARKER, production_label_map, versions
+from odapi_operators.core.serving.push import push
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "include" / "configs" / "pipeline.yaml"

@@ -11,13 +11,13 @@ import PIL.Image
 import pytest
 from PIL import Image
 
-from odapi_operators.core import sample_data
-from odapi_operators.core.fetch import fetch_images
-from odapi_operators.core.ingest import ingest
-from odapi_operators.core.manifest import (Box, ImageRecord, ImageSource, read_manifest,
+from odapi_operators.core.data import sample_data
+from odapi_operators.core.data.fetch import fetch_images
+from odapi_operators.core.data.ingest import ingest
+from odapi_operators.core.data.manifest import (Box, ImageRecord, ImageSource, read_manifest,
                                            write_manifest)
-from odapi_operators.core.report import StageError
-from odapi_operators.core.verify import check_image, verify_images
+from odapi_operators.core.rejections import StageError
+from odapi_operators.core.data.verify import check_image, verify_images
 
 
 def lines(path: Path) -> list[dict]:
@@ -203,7 +203,7 @@ def test_rgb_png_passes_through(tmp_path):
     ("BMP", frozenset({"JPEG", "PNG"}), "format BMP not allowed (allowed: JPEG, PNG)"),
 ])
 def test_disallowed_format_quarantined(tmp_path, fmt, allowed, reason):
-    from odapi_operators.core.normalize import NormalizeOptions
+    from odapi_operators.core.data.normalize import NormalizeOptions
 
     src = tmp_path / "img.jpg"
     noise((32, 32)).save(src, fmt)

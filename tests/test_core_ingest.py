@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from odapi_operators.core import sample_data
-from odapi_operators.core.ingest import ingest
-from odapi_operators.core.manifest import read_manifest
-from odapi_operators.core.report import StageError
+from odapi_operators.core.data import sample_data
+from odapi_operators.core.data.ingest import ingest
+from odapi_operators.core.data.manifest import read_manifest
+from odapi_operators.core.rejections import StageError
 
 
 def voc(filename: str, width: int = 100, height: int = 80, objects=(),

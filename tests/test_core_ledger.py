@@ -12,8 +12,8 @@ import pytest
 
 from conftest import join_all
 
-from odapi_operators.core.exports import list_exports
-from odapi_operators.core.ledger import Ledger, LedgerError, select_exports
+from odapi_operators.core.data.exports import list_exports
+from odapi_operators.core.data.ledger import Ledger, LedgerError, select_exports
 
 MARKER = "_SUCCESS"
 DAY0 = datetime(2026, 3, 1, tzinfo=timezone.utc)

@@ -164,7 +164,7 @@ def test_pipeline_paths_are_on_shared_volumes(services, pipeline):
 
 
 def test_serving_reads_the_models_config_and_base_paths_push_writes(services, pipeline):
-    from odapi_operators.core.push import model_dir
+    from odapi_operators.core.serving.serving_dir import model_dir
 
     worker, serving = services["airflow-worker"], services["tf-serving"]
     cfg = pipeline.serving

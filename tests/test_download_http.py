@@ -12,7 +12,7 @@ from PIL import Image
 
 from image_server import (ImageServer, drip, endless, huge, redirect, reset_after, send,
                           sequence, stall, status)
-from odapi_operators.core.download import (DownloadPolicy, FetchError, HttpDownloader,
+from odapi_operators.core.data.download import (DownloadPolicy, FetchError, HttpDownloader,
                                            parse_retry_after)
 
 FAST = DownloadPolicy(connect_timeout=2, read_timeout=1, deadline=3, retries=2, backoff=0.01,

@@ -20,11 +20,11 @@ from PIL import Image
 
 from hostile_inputs import png_bomb, tiny_filesystem
 from image_server import ImageServer, send, stall, status
-from odapi_operators.core.download import DownloadPolicy
-from odapi_operators.core.fetch import fetch_images
-from odapi_operators.core.manifest import (Box, ImageRecord, ImageSource, read_manifest,
+from odapi_operators.core.data.download import DownloadPolicy
+from odapi_operators.core.data.fetch import fetch_images
+from odapi_operators.core.data.manifest import (Box, ImageRecord, ImageSource, read_manifest,
                                            write_manifest)
-from odapi_operators.core.report import StageError
+from odapi_operators.core.rejections import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = DownloadPolicy(connect_timeout=2, read_timeout=2, deadline=5, retries=1, backoff=0.01)
@@ -246,7 +246,7 @@ def test_gs_sources_via_the_storage_layer(tmp_path):
 
 
 def test_hostile_images_pass_magic_check_then_verify_quarantines(server, tmp_path):
-    from odapi_operators.core.verify import verify_images
+    from odapi_operators.core.data.verify import verify_images
 
     whole = jpeg(5, size=(400, 300))
     server.routes["/bomb.png"] = send(png_bomb(), content_type="image/png")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from odapi_operators.core.sample_data import generate, voc_xml
+from odapi_operators.core.data.sample_data import generate, voc_xml
 
 pytestmark = pytest.mark.slow
 
@@ -95,8 +95,8 @@ def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
         "tf_serving_warmup_requests"}
     assert not [p for p in version.parent.iterdir() if p.name.startswith(".tmp")]
 
-    from odapi_operators.core.registry import read as read_registry
-    from odapi_operators.core.serving_config import read as read_config
+    from odapi_operators.core.serving.registry import read as read_registry
+    from odapi_operators.core.serving.models_config import read as read_config
 
     models_config = read_config(pipeline / "serving" / "models.config")
     [entry] = [c for c in models_config.model_config_list.config if c.name == "shapes"]

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conftest import odapi
-from odapi_operators.core.coco import coco_metrics
-from odapi_operators.core.evaluate import EvaluationError, _check_split
+from odapi_operators.core.evaluation.coco_metrics import coco_metrics
+from odapi_operators.core.evaluation.evaluate import EvaluationError, _check_split
 
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"},
               {"id": 3, "name": "triangle"}]

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from odapi_operators.core import formats, sample_data
-from odapi_operators.core.formats import ParseContext, coco, labelstudio, prodigy
-from odapi_operators.core.ingest import SNIFF_BYTES, ingest
-from odapi_operators.core.manifest import ImageSource, key_from_url, read_manifest
-from odapi_operators.core.report import RejectionLog
+from odapi_operators.core.data import formats, sample_data
+from odapi_operators.core.data.formats import ParseContext, coco, labelstudio, prodigy
+from odapi_operators.core.data.ingest import SNIFF_BYTES, ingest
+from odapi_operators.core.data.manifest import ImageSource, key_from_url, read_manifest
+from odapi_operators.core.rejections import RejectionLog
 
 CATEGORIES = {name: index for index, name in enumerate(sample_data.CLASSES, start=1)}
 

@@ -20,11 +20,11 @@ import defusedxml.ElementTree as SafeET
 import pytest
 from PIL import Image
 
-from odapi_operators.core import formats, sample_data
-from odapi_operators.core.formats import ParseContext, csvboxes, cvat, openimages
-from odapi_operators.core.ingest import ingest
-from odapi_operators.core.manifest import ImageSource, key_from_url, read_manifest
-from odapi_operators.core.report import RejectionLog, StageError
+from odapi_operators.core.data import formats, sample_data
+from odapi_operators.core.data.formats import ParseContext, csvboxes, cvat, openimages
+from odapi_operators.core.data.ingest import ingest
+from odapi_operators.core.data.manifest import ImageSource, key_from_url, read_manifest
+from odapi_operators.core.rejections import RejectionLog, StageError
 
 RACCOON = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "raccoon"
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
@@ -844,8 +844,8 @@ MEASURE = textwrap.dedent("""
     import json, sys, time, tracemalloc
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
-    from odapi_operators.core.formats import ParseContext, openimages
-    from odapi_operators.core.report import RejectionLog
+    from odapi_operators.core.data.formats import ParseContext, openimages
+    from odapi_operators.core.rejections import RejectionLog
     files = [Path(p) for p in sys.argv[4:]]
 
     def status(field):  # kB; VmHWM is this process's own peak RSS (getrusage's ru_maxrss

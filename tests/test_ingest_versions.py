@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from odapi_operators.core.datasets import list_versions
-from odapi_operators.core.ingest import ingest
-from odapi_operators.core.label_map import format_label_map, read_label_map
-from odapi_operators.core.manifest import read_manifest
-from odapi_operators.core.report import StageError
-from odapi_operators.core.sample_data import generate
+from odapi_operators.core.data.datasets import list_versions
+from odapi_operators.core.data.ingest import ingest
+from odapi_operators.core.data.label_map import format_label_map, read_label_map
+from odapi_operators.core.data.manifest import read_manifest
+from odapi_operators.core.rejections import StageError
+from odapi_operators.core.data.sample_data import generate
 
 
 @pytest.fixture()
@@ -118,7 +118,7 @@ def test_label_map_that_renumbers_production_fails_loudly(tmp_path, export):
 
 
 def test_label_map_stage_rerun_refuses_to_contradict_itself(tmp_path, export):
-    from odapi_operators.core.label_map import LabelMapError, build_label_map
+    from odapi_operators.core.data.label_map import LabelMapError, build_label_map
 
     manifest = ingest([str(export)], tmp_path / "ingest")["manifest"]
     out = tmp_path / "label_map"

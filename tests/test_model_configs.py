@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, prepare_records
-from odapi_operators.core.tfvision import PIPELINE_OWNED
+from odapi_operators.core.model.tfvision import PIPELINE_OWNED
 
 CONFIG_DIR = ROOT / "include" / "configs" / "models"
 TEST_INPUT_SIZE = 256  # divisible by 2**max_level for every config (max_level <= 7)
@@ -45,7 +45,7 @@ def records(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tfvision():
-    from odapi_operators.core import tfvision
+    from odapi_operators.core.model import tfvision
 
     tfvision.setup_tensorflow()
     return tfvision
@@ -141,7 +141,7 @@ def test_mixed_precision_reaches_model_and_optimizer(config, records, tfvision,
     import tensorflow as tf
     import tf_keras
 
-    from odapi_operators.core.runtime import apply_runtime
+    from odapi_operators.core.model.runtime import apply_runtime
 
     params, task = small_task(tfvision, config, records)
     apply_runtime(params)
@@ -158,7 +158,7 @@ def test_mixed_precision_reaches_model_and_optimizer(config, records, tfvision,
 def test_float32_runtime_leaves_the_policy_alone(records, tfvision, keras_state):
     import tf_keras
 
-    from odapi_operators.core.runtime import apply_runtime
+    from odapi_operators.core.model.runtime import apply_runtime
 
     tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
     apply_runtime(tfvision.build_params(CONFIG_DIR / "retinanet_mobile_sample.yaml", records,
@@ -167,7 +167,7 @@ def test_float32_runtime_leaves_the_policy_alone(records, tfvision, keras_state)
 
 
 def test_unknown_mixed_precision_name_is_refused(records, tfvision):
-    from odapi_operators.core.runtime import apply_runtime
+    from odapi_operators.core.model.runtime import apply_runtime
 
     params = tfvision.build_params(CONFIG_DIR / "retinanet_mobile_sample.yaml", records,
                                   steps=10, batch_size=2)

@@ -18,17 +18,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from odapi_operators.core import sample_data
-from odapi_operators.core.detector import Detections
-from odapi_operators.core.ingest import ingest
-from odapi_operators.core.label_map import format_label_map
-from odapi_operators.core.manifest import key_from_url, read_manifest
-from odapi_operators.core.pool import list_pool
-from odapi_operators.core.predictors import ModelRef
-from odapi_operators.core.preannotate import PreannotateOptions, preannotate
-from odapi_operators.core.selection import (SelectionPolicy, disagreement, hamming,
+from odapi_operators.core.data import sample_data
+from odapi_operators.core.model.detector import Detections
+from odapi_operators.core.data.ingest import ingest
+from odapi_operators.core.data.label_map import format_label_map
+from odapi_operators.core.data.manifest import key_from_url, read_manifest
+from odapi_operators.core.labeling.pool import list_pool
+from odapi_operators.core.labeling.predictors import ModelRef
+from odapi_operators.core.labeling.preannotate import PreannotateOptions, preannotate
+from odapi_operators.core.labeling.selection import (SelectionPolicy, disagreement, hamming,
                                             informativeness, pick_diverse, uncertainty)
-from odapi_operators.core.sent_ledger import SentLedger
+from odapi_operators.core.labeling.sent_ledger import SentLedger
 
 LABELS = {name: index for index, name in enumerate(sample_data.CLASSES, start=1)}
 EMPTY = Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=int))

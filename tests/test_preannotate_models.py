@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, odapi
-from odapi_operators.core import sample_data
+from odapi_operators.core.data import sample_data
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +27,8 @@ def _encoded(examples: list[bytes]) -> list[bytes]:
 
 @pytest.mark.parametrize("model", ["exported", "checkpoint"])
 def test_batched_detections_match_one_image_at_a_time(model, trained_model, exported_model):
-    from odapi_operators.core.detector import load_detector
-    from odapi_operators.core.tfvision import val_examples
+    from odapi_operators.core.model.detector import load_detector
+    from odapi_operators.core.model.tfvision import val_examples
 
     path = exported_model if model == "exported" else trained_model["model_dir"]
     detector = load_detector(path)
@@ -48,8 +48,8 @@ def test_batched_detections_match_one_image_at_a_time(model, trained_model, expo
 @pytest.fixture(scope="module")
 def served(exported_model, tmp_path_factory):
     """The export pushed as version 1 (stable) of `shapes`, and a pool of 6 new images."""
-    from odapi_operators.core.promote import promote
-    from odapi_operators.core.push import push
+    from odapi_operators.core.serving.promote import promote
+    from odapi_operators.core.serving.push import push
 
     root = tmp_path_factory.mktemp("preannotate")
     promote(root / "serving", "shapes", push(exported_model, root / "serving", "shapes",
@@ -108,7 +108,7 @@ def test_cli_local_saved_model_and_tf_serving_give_the_same_tasks(served):
 def test_dag_run_preannotates_with_the_pushed_model(served, trained_model, airflow_db,
                                                     dag_bundle, load_dag, monkeypatch):
     """dag.test() syncs the DAG from a bundle holding only it (as test_dag_params does)."""
-    from odapi_operators.core.sent_ledger import SentLedger
+    from odapi_operators.core.labeling.sent_ledger import SentLedger
 
     link = dag_bundle / "odapi_preannotate.py"
     if not link.exists():

@@ -17,15 +17,17 @@ from tensorflow_serving.config import model_server_config_pb2 as pb
 
 from conftest import join_all
 
-from odapi_operators.core import serving_config, storage
-from odapi_operators.core.promote import promote
-from odapi_operators.core.push import (RUN_MARKER, model_lock, production_version, push,
-                                       versions)
-from odapi_operators.core.serving_config import ServingOptions
+from odapi_operators.core import storage
+
+from odapi_operators.core.serving import models_config as serving_config
+from odapi_operators.core.serving.promote import promote
+from odapi_operators.core.serving.serving_dir import RUN_MARKER, model_lock, production_version, versions
+from odapi_operators.core.serving.push import push
+from odapi_operators.core.serving.models_config import ServingOptions
 from odapi_operators.core.testpoints import ENV as PAUSE_ENV, SIGNAL_ENV
 from test_core_config_gate_push import fake_saved_model
 
-CHILD = ("import sys; from odapi_operators.core.push import push; "
+CHILD = ("import sys; from odapi_operators.core.serving.push import push; "
          "push(sys.argv[1], sys.argv[2], 'shapes', sys.argv[3])")
 
 
@@ -114,7 +116,7 @@ def test_killed_label_move_keeps_previous_label(tmp_path):
     promote(serving, "shapes", 1)
     push(fake_saved_model(tmp_path / "e2", "2"), serving, "shapes", "r2")
     signal = tmp_path / "between"
-    code = ("from odapi_operators.core.promote import promote; "
+    code = ("from odapi_operators.core.serving.promote import promote; "
             f"promote({str(serving)!r}, 'shapes', 2)")
     env = {**os.environ, PAUSE_ENV: "models_config:between_steps", SIGNAL_ENV: str(signal)}
     child = subprocess.Popen([sys.executable, "-c", code], env=env)
@@ -308,15 +310,15 @@ def test_gcs_concurrent_pushes_get_distinct_versions(tmp_path, gs_base):
 
 
 def _append_in_child(path: str, number: int, start) -> None:
-    from odapi_operators.core import registry
+    from odapi_operators.core.serving import registry
 
     start.wait(30)
     registry.append(path, {"kind": "candidate", "model": "shapes", "run_id": f"r{number}"})
 
 
 def test_gcs_rollback_and_concurrent_registry_appends(tmp_path, gs_base):
-    from odapi_operators.core import registry
-    from odapi_operators.core.rollback import rollback
+    from odapi_operators.core.serving import registry
+    from odapi_operators.core.serving.rollback import rollback
 
     for i in (1, 2):
         push(fake_saved_model(tmp_path / f"e{i}", str(i)), gs_base, "shapes", f"r{i}")

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from odapi_operators import cli_models
-from odapi_operators.core import registry, serving_config
-from odapi_operators.core.gate import GatePolicy, gate
+from odapi_operators.core.serving import registry, models_config as serving_config
+from odapi_operators.core.evaluation.gate import GatePolicy, gate
 from odapi_operators.core.layout import RunLayout, Stage
-from odapi_operators.core.promote import promote
-from odapi_operators.core.push import push
-from odapi_operators.core.rollback import RollbackError, previous_stable, rollback
-from odapi_operators.core.serving_config import ServingOptions
+from odapi_operators.core.serving.promote import promote
+from odapi_operators.core.serving.push import push
+from odapi_operators.core.serving.rollback import RollbackError, previous_stable, rollback
+from odapi_operators.core.serving.models_config import ServingOptions
 from test_core_config_gate_push import fake_saved_model
 
 POLICY = GatePolicy(min_ap50=0.5, vs_production={"AP": {}})

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from odapi_operators.core import registry, serving_config
+from odapi_operators.core.serving import registry, models_config as serving_config
 from test_e2e_retrain import _asset_events
 
 
@@ -45,8 +45,8 @@ def _stable(serving) -> int | None:
 def test_rollback_waits_for_serving_then_moves_stable_back(pipeline, rollback_dag,
                                                            exported_model, airflow_db,
                                                            monkeypatch):
-    from odapi_operators.core.promote import promote
-    from odapi_operators.core.push import push
+    from odapi_operators.core.serving.promote import promote
+    from odapi_operators.core.serving.push import push
     from serving_standin import ServingStandin
 
     for run in ("run-1", "run-2"):

@@ -13,9 +13,9 @@ from PIL import Image
 
 from conftest import prepare_records
 from odapi_operators.cli_report import add_commands
-from odapi_operators.core import gate
-from odapi_operators.core.tfvision import val_examples
-from odapi_operators.core.run_report import build_report
+from odapi_operators.core.evaluation import gate
+from odapi_operators.core.model.tfvision import val_examples
+from odapi_operators.core.evaluation.report import build_report
 
 HOSTILE = "<script>alert('x')</script>"
 CLASSES = ("circle", "square", "triangle", HOSTILE)  # the last has no ground truth

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from odapi_operators.core import serving_config
-from odapi_operators.core.serving_client import (ServingClient, ServingError, ServingNotFound,
+from odapi_operators.core.serving import models_config as serving_config
+from odapi_operators.core.serving.client import (ServingClient, ServingError, ServingNotFound,
                                                  confirm_served, from_json, to_json)
-from odapi_operators.core.serving_config import ServingOptions
+from odapi_operators.core.serving.models_config import ServingOptions
 
 PROTOCOLS = ["grpc", "rest"]
 
@@ -21,8 +21,8 @@ PROTOCOLS = ["grpc", "rest"]
 def served(exported_model, tmp_path_factory):
     """Version 1 of `shapes` pushed and labelled stable, a running stand-in, one client per
     protocol."""
-    from odapi_operators.core.promote import promote
-    from odapi_operators.core.push import push
+    from odapi_operators.core.serving.promote import promote
+    from odapi_operators.core.serving.push import push
     from serving_standin import ServingStandin
 
     base = tmp_path_factory.mktemp("serving")
@@ -39,7 +39,7 @@ def served(exported_model, tmp_path_factory):
 
 
 def _first_warmup_input(saved_model: Path) -> np.ndarray:
-    from odapi_operators.core.export import WARMUP_FILE, read_warmup
+    from odapi_operators.core.model.saved_model import WARMUP_FILE, read_warmup
 
     return read_warmup(saved_model / "assets.extra" / WARMUP_FILE)[0]
 
@@ -58,7 +58,7 @@ def test_model_status(served, protocol):
 
 @pytest.mark.slow
 def test_wait_until_available_sees_loading_then_available(served):
-    from odapi_operators.core.push import push
+    from odapi_operators.core.serving.push import push
 
     standin, client = served["standin"], served["clients"]["grpc"]
     standin.load_delay_s = 1.5

@@ -13,8 +13,8 @@ from google.protobuf import text_format
 from pydantic import ValidationError
 from tensorflow_serving.config import model_server_config_pb2 as pb
 
-from odapi_operators.core import serving_config as sc
-from odapi_operators.core.serving_config import ServingConfigError, ServingOptions
+from odapi_operators.core.serving import models_config as sc
+from odapi_operators.core.serving.models_config import ServingConfigError, ServingOptions
 
 OTHER = """
 model_config_list {
@@ -35,8 +35,8 @@ def parsed(path) -> pb.ModelServerConfig:
 
 
 def test_protos_do_not_import_tensorflow():
-    code = ("import sys; import odapi_operators.core.serving_config, odapi_operators.core.push, "
-            "odapi_operators.core.rollback, odapi_operators.core.gate, "
+    code = ("import sys; import odapi_operators.core.serving.models_config, odapi_operators.core.serving.push, "
+            "odapi_operators.core.serving.rollback, odapi_operators.core.evaluation.gate, "
             "odapi_operators.cli_models; print('tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 from hostile_inputs import tiny_filesystem
-from odapi_operators.core import shard as shard_module
-from odapi_operators.core.label_map import format_label_map
-from odapi_operators.core.manifest import Box, ImageRecord, ImageSource, write_manifest
-from odapi_operators.core.report import StageError
-from odapi_operators.core.shard import (finish_shards, plan_shards, shard_name, write_shard,
+from odapi_operators.core.data import shard as shard_module
+from odapi_operators.core.data.label_map import format_label_map
+from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource, write_manifest
+from odapi_operators.core.rejections import StageError
+from odapi_operators.core.data.shard import (finish_shards, plan_shards, shard_name, write_shard,
                                         write_shards)
 
 RATIOS = {"train": 0.75, "val": 0.25}
@@ -62,7 +62,7 @@ def test_shard_count_from_target_size(tmp_path):
                            target_shard_bytes=target, workers=2)
     train, val = summary["splits"]["train"], summary["splits"]["val"]
     assert train["images"] + val["images"] == 60
-    from odapi_operators.core.split import split_of
+    from odapi_operators.core.data.split import split_of
 
     estimate = sum(p.stat().st_size + shard_module.RECORD_OVERHEAD
                    for p in (tmp_path / "img").iterdir()
@@ -144,7 +144,7 @@ def test_source_id_space_is_enforced(tmp_path, monkeypatch):
 
 SLOW_WRITER = """
 import sys, time
-from odapi_operators.core import shard
+from odapi_operators.core.data import shard
 original = shard.example_for
 def slow(*args):
     time.sleep(0.01)

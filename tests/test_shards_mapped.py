@@ -8,7 +8,7 @@ import textwrap
 import yaml
 
 from conftest import ROOT
-from odapi_operators.core.sample_data import generate
+from odapi_operators.core.data.sample_data import generate
 
 DAG_FILE = textwrap.dedent("""
     from datetime import datetime
@@ -63,7 +63,7 @@ def test_mapped_shards_match_the_single_task_writer(tmp_path, airflow_db, dag_bu
         f"val-0000{i}-of-00002.tfrecord" for i in range(2)]
     summary = json.loads((records / "summary.json").read_text())
 
-    from odapi_operators.core.shard import write_shards
+    from odapi_operators.core.data.shard import write_shards
 
     run_dir = records.parent
     single = write_shards(run_dir / "verify" / "manifest.jsonl",

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image, ImageOps
 
 from hostile_inputs import png_bomb
-from odapi_operators.core.manifest import (Box, ImageRecord, ImageSource, read_manifest,
+from odapi_operators.core.data.manifest import (Box, ImageRecord, ImageSource, read_manifest,
                                            write_manifest)
-from odapi_operators.core.normalize import NormalizeOptions, normalize
-from odapi_operators.core.orientation import transform_box
-from odapi_operators.core.verify import verify_images
+from odapi_operators.core.data.normalize import NormalizeOptions, normalize
+from odapi_operators.core.data.orientation import transform_box
+from odapi_operators.core.data.verify import verify_images
 
 W, H = 120, 80
 RED_BOX = Box("red", 10 / W, 15 / H, 40 / W, 35 / H)       # off-centre, so a wrong
@@ -208,7 +208,7 @@ def test_quarantine_lists_reason_and_boxes(dataset):
 
 
 def test_verify_budget_fails_with_report(dataset):
-    from odapi_operators.core.report import StageError
+    from odapi_operators.core.rejections import StageError
 
     with pytest.raises(StageError, match=r"verify: 1 of 20 images failed .*quarantine.jsonl"):
         verify_images(dataset / "m.jsonl", dataset / "verify", max_failed_share=0.01)

@@ -24,13 +24,13 @@ def _pairs(text: str, cast: Callable[[str], Any]) -> dict[str, Any]:
 
 
 def cmd_sample(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.sample_data import generate
+    from odapi_operators.core.data.sample_data import generate
 
     return generate(args.out, count=args.count, seed=args.seed, max_side=args.max_side)
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.ingest import ingest
+    from odapi_operators.core.data.ingest import ingest
 
     options = {"classes": args.classes, "csv_columns": args.csv_columns,
                "csv_normalized": args.csv_normalized or None}
@@ -50,7 +50,7 @@ def _progress(args: argparse.Namespace) -> dict:
 
 
 def _policy(args: argparse.Namespace):
-    from odapi_operators.core.download import DownloadPolicy
+    from odapi_operators.core.data.download import DownloadPolicy
 
     return DownloadPolicy(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
                           deadline=args.deadline, retries=args.retries,
@@ -58,14 +58,14 @@ def _policy(args: argparse.Namespace):
 
 
 def cmd_fetch(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.fetch import fetch_images, fetch_records
+    from odapi_operators.core.data.fetch import fetch_images, fetch_records
 
     options = dict(threads=args.threads, max_failed_share=args.max_failed_share,
                    policy=_policy(args), **_progress(args))
     if args.manifest:
         return fetch_images(args.manifest, args.out, **options)
-    from odapi_operators.core.image_index import read_image_index
-    from odapi_operators.core.report import RejectionLog
+    from odapi_operators.core.data.image_index import read_image_index
+    from odapi_operators.core.rejections import RejectionLog
 
     logs: list[RejectionLog] = []
 
@@ -83,14 +83,14 @@ def cmd_fetch(args: argparse.Namespace) -> dict:
 
 
 def cmd_verify(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.verify import verify_images
+    from odapi_operators.core.data.verify import verify_images
 
     return verify_images(args.manifest, args.out, max_side=args.max_side, workers=args.workers,
                          max_failed_share=args.max_failed_share, **_progress(args))
 
 
 def cmd_prepare(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.prepare import prepare
+    from odapi_operators.core.data.prepare import prepare
 
     return prepare(args.manifest, args.out, ratios=args.split, shards=args.shards,
                    target_shard_bytes=args.target_shard_mb << 20, max_side=args.max_side,
@@ -101,13 +101,13 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
 
 
 def cmd_label_map(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.label_map import build_label_map
+    from odapi_operators.core.data.label_map import build_label_map
 
     return build_label_map(args.manifest, args.out, previous=args.previous)
 
 
 def cmd_shard(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.shard import write_shards
+    from odapi_operators.core.data.shard import write_shards
 
     return write_shards(args.manifest, args.label_map, args.out, args.split, args.shards,
                         target_shard_bytes=args.target_shard_mb << 20, workers=args.workers,
@@ -117,7 +117,7 @@ def cmd_shard(args: argparse.Namespace) -> dict:
 def _train_from_pipeline(args: argparse.Namespace) -> None:
     """Fill `odapi train` options from a run's frozen pipeline config (`--pipeline`): the
     command the train task runs, wherever it is placed (child process, Celery, pod)."""
-    from odapi_operators.core import push
+    from odapi_operators.core.serving import serving_dir
     from odapi_operators.core.config import read_frozen_config
     from odapi_operators.core.layout import RunLayout, Stage
 
@@ -132,11 +132,11 @@ def _train_from_pipeline(args: argparse.Namespace) -> None:
     args.batch_size = args.batch_size or train.batch_size
     args.init_checkpoint = args.init_checkpoint or train.init_checkpoint
     if train.warm_start and not args.warm_start_from and not args.init_checkpoint:
-        args.warm_start_from = push.model_dir(pipeline.serving.base, pipeline.serving.model_name)
+        args.warm_start_from = serving_dir.model_dir(pipeline.serving.base, pipeline.serving.model_name)
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.train import train
+    from odapi_operators.core.model.train import train
 
     if args.pipeline:
         _train_from_pipeline(args)
@@ -149,29 +149,29 @@ def cmd_train(args: argparse.Namespace) -> dict:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.evaluate import evaluate
+    from odapi_operators.core.evaluation.evaluate import evaluate
 
     return evaluate(args.model, args.data, args.out, min_images=args.min_images,
                     missing_classes=args.missing_classes)
 
 
 def cmd_gate(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.gate import gate
+    from odapi_operators.core.evaluation.gate import gate
 
     return gate(args.metrics, args.out, args.min_ap50)
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.export import export
+    from odapi_operators.core.model.exporter import export
 
     return export(args.model_dir, args.data, args.out, args.input_type,
                   model_name=args.model_name, extras=args.extra)
 
 
 def cmd_push(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.publish import push_and_promote
-    from odapi_operators.core.push import push
-    from odapi_operators.core.serving_config import ServingOptions
+    from odapi_operators.core.serving.publish import push_and_promote
+    from odapi_operators.core.serving.push import push
+    from odapi_operators.core.serving.models_config import ServingOptions
 
     options = ServingOptions()
     if args.pipeline:

@@ -18,7 +18,7 @@ DEFAULT_BASE = os.environ.get("ODAPI_SERVING_BASE", "var/serving")
 
 
 def _options(args: argparse.Namespace, model: str | None = None):
-    from odapi_operators.core import serving_config
+    from odapi_operators.core.serving import models_config as serving_config
 
     live = {k: getattr(args, k, None) for k in ("grpc_address", "rest_url", "wait_available_s")}
     options = serving_config.ServingOptions(models_config=args.models_config,
@@ -31,7 +31,7 @@ def _options(args: argparse.Namespace, model: str | None = None):
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    from odapi_operators.core.publish import roll_back
+    from odapi_operators.core.serving.publish import roll_back
 
     by = args.by or os.environ.get("USER") or os.environ.get("LOGNAME")
     result = roll_back(args.serving_base, args.model, args.to, _options(args, args.model),
@@ -40,7 +40,7 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 
 
 def cmd_models_list(args: argparse.Namespace) -> None:
-    from odapi_operators.core import registry, serving_config
+    from odapi_operators.core.serving import registry, models_config as serving_config
 
     options = _options(args)
     records = registry.read(options.registry_path(args.serving_base), args.model)

@@ -11,9 +11,9 @@ import argparse
 
 
 def cmd_preannotate(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.preannotate import PreannotateOptions, preannotate
-    from odapi_operators.core.predictors import open_predictor, resolve_model
-    from odapi_operators.core.selection import SelectionPolicy
+    from odapi_operators.core.labeling.preannotate import PreannotateOptions, preannotate
+    from odapi_operators.core.labeling.predictors import open_predictor, resolve_model
+    from odapi_operators.core.labeling.selection import SelectionPolicy
 
     options = PreannotateOptions(
         fmt=args.format, top_k=args.top, score_threshold=args.score_threshold,

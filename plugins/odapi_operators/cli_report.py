@@ -10,7 +10,7 @@ import argparse
 
 
 def cmd_report(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.run_report import build_report
+    from odapi_operators.core.evaluation.report import build_report
 
     return build_report(args.out, args.eval, args.data, model_dir=args.model_dir,
                         baseline_eval_dir=args.baseline_eval, decision=args.decision,

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 
 if TYPE_CHECKING:
-    from odapi_operators.core.serving_client import ServingClient
-    from odapi_operators.core.serving_config import ServingOptions
+    from odapi_operators.core.serving.client import ServingClient
+    from odapi_operators.core.serving.models_config import ServingOptions
 
 DEFAULT_GRPC_PORT = 8500
 
@@ -45,7 +45,7 @@ class TFServingHook(BaseHook):
                 "timeout": float(extra.get("timeout", self.timeout))}
 
     def get_client(self) -> ServingClient:
-        from odapi_operators.core.serving_client import ServingClient
+        from odapi_operators.core.serving.client import ServingClient
 
         found = self.addresses()
         return ServingClient(found["grpc_address"], found["rest_url"], found["timeout"])

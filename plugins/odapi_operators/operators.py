@@ -41,7 +41,7 @@ class OdapiStageOperator(BaseOperator):
             context["outlet_events"][outlet].extra = extra
 
     def run_child(self, args: list[str]) -> dict:
-        from odapi_operators.core.child import run_stage
+        from odapi_operators.core.stages.child import run_stage
 
         return run_stage(args, self.log.info)
 
@@ -106,7 +106,7 @@ class SelectExportsOperator(OdapiStageOperator):
     def execute(self, context: Any) -> list[str]:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from odapi_operators.core.ledger import select_exports
+        from odapi_operators.core.data.ledger import select_exports
 
         exports = self.pipeline().exports
         dag_run = context["dag_run"]
@@ -132,8 +132,8 @@ class IngestAnnotationsOperator(OdapiStageOperator):
         self.exports = exports
 
     def execute(self, context: Any) -> dict:
-        from odapi_operators.core.ingest import ingest
-        from odapi_operators.core.push import production_label_map
+        from odapi_operators.core.data.ingest import ingest
+        from odapi_operators.core.serving.serving_dir import production_label_map
 
         pipeline = self.pipeline()
         cfg = pipeline.exports
@@ -162,7 +162,7 @@ class FetchImagesOperator(OdapiStageOperator):
         self.manifest = manifest
 
     def execute(self, context: Any) -> dict:
-        from odapi_operators.core.fetch import fetch_images
+        from odapi_operators.core.data.fetch import fetch_images
 
         cfg = self.pipeline().images
         summary = fetch_images(self.manifest, self.stage_dir(context, Stage.IMAGES),
@@ -199,8 +199,8 @@ class BuildLabelMapOperator(FetchImagesOperator):
     """Label map for this run; ids extend the production model's label map, never renumber."""
 
     def execute(self, context: Any) -> dict:
-        from odapi_operators.core.label_map import build_label_map
-        from odapi_operators.core.push import production_label_map
+        from odapi_operators.core.data.label_map import build_label_map
+        from odapi_operators.core.serving.serving_dir import production_label_map
 
         cfg = self.pipeline().serving
         previous = production_label_map(cfg.base, cfg.model_name)
@@ -245,7 +245,7 @@ class PlanShardsOperator(WriteTFRecordsOperator):
         super().__init__(**kwargs)
 
     def execute(self, context: Any) -> list[dict]:
-        from odapi_operators.core.shard import plan_shards
+        from odapi_operators.core.data.shard import plan_shards
 
         cfg = self.pipeline().records
         plan = plan_shards(self.manifest, self.label_map, cfg.split, cfg.shards,
@@ -266,7 +266,7 @@ class WriteShardOperator(WriteTFRecordsOperator):
         self.shard = shard
 
     def execute(self, context: Any) -> dict:
-        from odapi_operators.core.shard import write_shard
+        from odapi_operators.core.data.shard import write_shard
 
         cfg, shard = self.pipeline().records, self.shard
         return write_shard(self.manifest, self.label_map, self.stage_dir(context, Stage.RECORDS),
@@ -284,7 +284,7 @@ class FinishShardsOperator(WriteTFRecordsOperator):
         self.plan = plan
 
     def execute(self, context: Any) -> dict:
-        from odapi_operators.core.shard import finish_shards
+        from odapi_operators.core.data.shard import finish_shards
 
         cfg, first = self.pipeline().records, self.plan[0]
         out = self.stage_dir(context, Stage.RECORDS)
@@ -355,7 +355,7 @@ class EvaluateProductionOperator(EvaluateDetectorOperator):
         super().__init__(model_dir=None, data=data, **kwargs)
 
     def execute(self, context: Any) -> dict:
-        from odapi_operators.core.push import model_dir, production_version
+        from odapi_operators.core.serving.serving_dir import model_dir, production_version
 
         cfg = self.pipeline().serving
         version = production_version(cfg.base, cfg.model_name, cfg)
@@ -411,7 +411,7 @@ class PromotionGateOperator(OdapiStageOperator):
         self.dataset_version = dataset_version
 
     def execute(self, context: Any) -> dict:
-        from odapi_operators.core.gate import gate
+        from odapi_operators.core.evaluation.gate import gate
 
         pipeline = self.pipeline()
         params = context.get("params") or {}
@@ -511,7 +511,7 @@ class RegisterRunOperator(OdapiStageOperator):
     def execute(self, context: Any) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from odapi_operators.core.registry import register_run
+        from odapi_operators.core.serving.registry import register_run
 
         if not self.config:  # all_done: it also runs after resolve_config failed
             raise AirflowSkipException("nothing to register: the run failed before its config "

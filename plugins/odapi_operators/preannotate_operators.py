@@ -37,7 +37,7 @@ class PreannotateOperator(OdapiStageOperator):
 
     def model_args(self, cfg: Any, version: int) -> list[str]:
         """`--model` (and `--serving-dir`) for production version `version`."""
-        from odapi_operators.core.push import model_dir
+        from odapi_operators.core.serving.serving_dir import model_dir
 
         folder = f"{model_dir(cfg.base, cfg.model_name)}/{version}"
         if cfg.grpc_address:
@@ -53,7 +53,7 @@ class PreannotateOperator(OdapiStageOperator):
 
         from odapi_operators.core import storage
         from odapi_operators.core.layout import safe_run_id
-        from odapi_operators.core.push import production_version
+        from odapi_operators.core.serving.serving_dir import production_version
 
         cfg = self.pipeline().serving
         version = production_version(cfg.base, cfg.model_name, cfg)

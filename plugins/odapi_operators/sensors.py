@@ -46,7 +46,7 @@ class AnnotationExportSensor(BaseSensorOperator):
         return exports.path, marker or None, inactivity
 
     def poke(self, context: Any) -> PokeReturnValue:
-        from odapi_operators.core.exports import scan_exports
+        from odapi_operators.core.data.exports import scan_exports
 
         path, marker, inactivity = self.watch()
         # Reschedule mode builds a new sensor per poke: keep the snapshot in the state store.

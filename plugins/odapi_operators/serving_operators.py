@@ -27,7 +27,7 @@ class RollbackOperator(OdapiStageOperator):
         self.tf_serving_conn_id = tf_serving_conn_id
 
     def execute(self, context: Any) -> dict:
-        from odapi_operators.core.push import model_dir
+        from odapi_operators.core.serving.serving_dir import model_dir
         from odapi_operators.hooks import serving_args
 
         params = context.get("params") or {}

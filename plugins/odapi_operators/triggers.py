@@ -32,7 +32,7 @@ class AnnotationExportTrigger(BaseTrigger):
                  "poll_interval": self.poll_interval, "snapshot": self.snapshot})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from odapi_operators.core.exports import scan_exports
+        from odapi_operators.core.data.exports import scan_exports
 
         snapshot = self.snapshot
         while True:

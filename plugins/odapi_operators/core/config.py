@@ -16,13 +16,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from odapi_operators.core.failures import Failure
 from odapi_operators.core import storage
-from odapi_operators.core.gate import GatePolicy
-from odapi_operators.core.serving_config import ServingOptions
+from odapi_operators.core.evaluation.gate import GatePolicy
+from odapi_operators.core.serving.models_config import ServingOptions
 
 
 class ConfigError(ValueError):
     """The config is invalid; the message names the file and every bad key."""
+    failure = Failure.CONFIG
 
 
 class _Strict(BaseModel):
@@ -49,7 +51,7 @@ class ExportsConfig(_Strict):
 
 
 class ImagesConfig(_Strict):
-    """Download and verify settings (see core/download.py, core/verify.py)."""
+    """Download and verify settings (see core/data/download.py, core/data/verify.py)."""
 
     max_side: int | None = Field(default=None, gt=0)  # resize larger images (draft decoding)
     max_failed_share: float = Field(default=0.05, ge=0, le=1)  # download failure budget
@@ -63,7 +65,7 @@ class ImagesConfig(_Strict):
     max_mb: int = Field(default=50, gt=0)
 
     def policy(self):
-        from odapi_operators.core.download import DownloadPolicy
+        from odapi_operators.core.data.download import DownloadPolicy
 
         return DownloadPolicy(connect_timeout=self.connect_timeout,
                               read_timeout=self.read_timeout, deadline=self.deadline,

@@ -1,13 +1,19 @@
 """The run-directory layout: where every stage of every run keeps its outputs.
 
-    <runs>/<run_id>/<stage>/...           one folder per stage (`runs` from the pipeline config)
-    <serving_base>/<model_name>/<version>/ the TF Serving model directory (see push.py)
+    <runs>/<run_id>/config/pipeline.json           the frozen config (and run section)
+    <runs>/<run_id>/<stage>/summary.json           each stage's folder and summary
+    <runs>/<run_id>/evaluate/{candidate,production}/metrics.json
+    <runs>/<run_id>/gate/decision.json
+    <runs>/<run_id>/report/report.html
+    <serving_base>/<model_name>/<version>/         the TF Serving model dir (serving_dir.py)
 
-Stage folders are named by `Stage`; nothing else in the code builds these paths by hand.
+Folders are named by `Stage`, files by the properties below; nothing else in the code builds
+these paths (the registry, the run summary and the operators all ask here).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -23,10 +29,19 @@ class Stage(str, Enum):
     RECORDS = "records"
     TRAIN = "train"
     EVALUATE = "evaluate"
+    EVALUATE_CANDIDATE = "evaluate/candidate"
+    EVALUATE_PRODUCTION = "evaluate/production"
     GATE = "gate"
+    REPORT = "report"
     EXPORT = "export"
     PUSH = "push"
 
+
+SUMMARY = "summary.json"
+METRICS = "metrics.json"
+DECISION = "decision.json"
+PIPELINE = "pipeline.json"
+REPORT_PAGE = "report.html"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -41,14 +56,51 @@ def safe_run_id(run_id: str) -> str:
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Paths of one pipeline run under the `runs` folder."""
+    """Paths of one pipeline run: under the `runs` folder by run id, or an existing run folder
+    (`RunLayout.of(run_dir)`). Strings, so gs:// run folders work too."""
 
-    runs: Path
-    run_id: str
+    runs: str | os.PathLike | None = None
+    run_id: str | None = None
+    folder: str | os.PathLike | None = None
+
+    @classmethod
+    def of(cls, run_dir: str | os.PathLike) -> "RunLayout":
+        return cls(folder=run_dir)
 
     @property
     def root(self) -> Path:
+        if self.folder is not None:
+            return Path(self.folder)
+        if self.runs is None or self.run_id is None:
+            raise ValueError("a run layout needs a runs folder and a run id, or a run folder")
         return Path(self.runs) / safe_run_id(self.run_id)
 
     def stage(self, stage: Stage | str) -> Path:
         return self.root / Stage(stage).value
+
+    def summary(self, stage: Stage | str) -> Path:
+        return self.stage(stage) / SUMMARY
+
+    @property
+    def config(self) -> Path:
+        return self.stage(Stage.CONFIG) / PIPELINE
+
+    @property
+    def model_dir(self) -> Path:
+        return self.stage(Stage.TRAIN)
+
+    @property
+    def candidate_metrics(self) -> Path:
+        return self.stage(Stage.EVALUATE_CANDIDATE) / METRICS
+
+    @property
+    def production_metrics(self) -> Path:
+        return self.stage(Stage.EVALUATE_PRODUCTION) / METRICS
+
+    @property
+    def decision(self) -> Path:
+        return self.stage(Stage.GATE) / DECISION
+
+    @property
+    def report(self) -> Path:
+        return self.stage(Stage.REPORT) / REPORT_PAGE

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from odapi_operators.core.layout import Stage
+from odapi_operators.core.layout import RunLayout, Stage
 
 
 def latest_run(runs: str | Path) -> Path:
@@ -23,14 +23,15 @@ def _read(path: Path) -> dict[str, Any]:
 
 def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     """Images, boxes, AP/AP50, the gate decision and the pushed Serving path of one run."""
-    run = Path(run_dir)
-    ingest = _read(run / Stage.INGEST.value / "summary.json")
-    verify = _read(run / Stage.VERIFY.value / "summary.json")
-    metrics = _read(run / Stage.EVALUATE.value / "candidate" / "metrics.json")
-    production = _read(run / Stage.EVALUATE.value / "production" / "metrics.json")
-    decision = _read(run / Stage.GATE.value / "decision.json")
-    pushed = _read(run / Stage.PUSH.value / "summary.json")
-    train = _read(run / Stage.TRAIN.value / "summary.json")
+    layout = RunLayout.of(run_dir)
+    run = layout.root
+    ingest = _read(layout.summary(Stage.INGEST))
+    verify = _read(layout.summary(Stage.VERIFY))
+    metrics = _read(layout.candidate_metrics)
+    production = _read(layout.production_metrics)
+    decision = _read(layout.decision)
+    pushed = _read(layout.summary(Stage.PUSH))
+    train = _read(layout.summary(Stage.TRAIN))
     return {
         "run": str(run),
         "images": ingest.get("images"),
@@ -45,5 +46,5 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
         "promoted": decision.get("promoted"),
         "decision": decision.get("reason"),
         "serving_path": pushed.get("path"),
-        "report": str(run / "report" / "report.html"),
+        "report": str(layout.report),
     }

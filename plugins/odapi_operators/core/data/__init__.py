@@ -1,0 +1,1 @@
+"""Annotation exports to TFRecords: finding exports, parsing formats, images, records."""

@@ -1,0 +1,199 @@
+"""HTTP(S) image downloads that a hostile or flaky host cannot hang, flood or fool.
+
+One `urllib3.PoolManager` (thread-safe, keep-alive pools) is shared by all download threads.
+Retries are ours, not urllib3's `Retry`: urllib3 neither caps `Retry-After` nor retries a body
+that breaks off mid-stream, and both matter at scale. Every request has connect/read timeouts
+and the whole body a deadline (a slow-loris host dripping a byte a second never trips a read
+timeout); the body size is checked against `Content-Length` before reading and counted while
+streaming; the first bytes must be an image's magic bytes (`content.require_image`).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import random
+import time
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import NewConnectionError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+from odapi_operators.core.data.content import ContentError, SNIFF_BYTES, check_md5, require_image
+
+REDIRECTS = (301, 302, 303, 307, 308)
+CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class DownloadPolicy:
+    """Limits for one image download; the defaults suit public image hosts."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 20.0      # longest silence between two packets
+    deadline: float = 90.0          # the whole exchange, headers to last byte
+    retries: int = 3                # extra attempts after timeouts, resets, 429 and 5xx
+    backoff: float = 0.5            # first retry waits up to this long (full jitter), doubling
+    backoff_max: float = 20.0
+    retry_after_max: float = 60.0   # a longer Retry-After is cut to this
+    max_redirects: int = 5
+    max_bytes: int = 50 << 20
+    user_agent: str = "odapi-image-fetch/1.0"
+
+
+class FetchError(Exception):
+    """One image could not be fetched; `reason` is what the failure list shows."""
+
+    def __init__(self, reason: str, retryable: bool = False, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
+class Fetched:
+    data: bytes
+    format: str
+    url: str        # after redirects
+    attempts: int
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+class HttpDownloader:
+    """Thread-safe: one instance serves every download thread of a stage."""
+
+    def __init__(self, policy: DownloadPolicy | None = None, connections: int = 64):
+        self.policy = policy or DownloadPolicy()
+        self.pool = urllib3.PoolManager(num_pools=max(16, connections // 4), maxsize=connections,
+                                        block=False, retries=False,
+                                        headers={"User-Agent": self.policy.user_agent,
+                                                 "Accept": "image/*,*/*;q=0.5",
+                                                 "Accept-Encoding": "identity"})
+
+    def get(self, url: str, md5: str | None = None) -> Fetched:
+        """The image at `url`, retried per the policy; raises FetchError with the last reason."""
+        policy, attempt = self.policy, 0
+        while True:
+            try:
+                data, fmt, final = self._attempt(url, md5)
+                return Fetched(data, fmt, final, attempt + 1)
+            except FetchError as exc:
+                if not exc.retryable or attempt >= policy.retries:
+                    if attempt:
+                        exc.reason = f"{exc.reason} (after {attempt + 1} attempts)"
+                    raise
+                if exc.retry_after is not None:
+                    delay = min(exc.retry_after, policy.retry_after_max)
+                else:
+                    cap = min(policy.backoff_max, policy.backoff * 2 ** attempt)
+                    delay = random.uniform(0, cap)  # full jitter: retries do not march in step
+                attempt += 1
+                time.sleep(delay)
+
+    def _attempt(self, url: str, md5: str | None) -> tuple[bytes, str, str]:
+        policy = self.policy
+        deadline = time.monotonic() + policy.deadline
+        seen = [url]
+        for _ in range(policy.max_redirects + 1):
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise FetchError(f"unsupported URL scheme: {url!r}")
+            remaining = deadline - time.monotonic()
+            timeout = urllib3.Timeout(connect=min(policy.connect_timeout, remaining),
+                                      read=min(policy.read_timeout, remaining))
+            try:
+                response = self.pool.request("GET", url, redirect=False, preload_content=False,
+                                             timeout=timeout)
+            except (Urllib3Timeout, Urllib3Error, OSError) as exc:
+                raise _transport_error(exc) from None
+            complete = False
+            try:
+                if response.status in REDIRECTS:
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise FetchError(f"HTTP {response.status} without Location")
+                    url = urljoin(url, location)
+                    seen.append(url)
+                    continue
+                result = self._body(response, md5, deadline) + (url,)
+                complete = True
+                return result
+            finally:
+                if not complete:
+                    response.close()  # a connection with an unread body must not be reused
+                response.release_conn()
+        raise FetchError(f"too many redirects: more than {policy.max_redirects} "
+                         f"({' -> '.join(seen[-3:])})")
+
+    def _body(self, response, md5: str | None, deadline: float) -> tuple[bytes, str]:
+        policy, status = self.policy, response.status
+        if status == 429 or 500 <= status < 600:
+            raise FetchError(f"HTTP {status}", retryable=True,
+                             retry_after=parse_retry_after(response.headers.get("Retry-After")))
+        if status != 200:
+            raise FetchError(f"HTTP {status}")
+        length = response.headers.get("Content-Length")
+        if length and length.strip().isdigit() and int(length) > policy.max_bytes:
+            raise FetchError(f"too large: Content-Length {int(length)} > limit {policy.max_bytes}")
+        chunks: list[bytes] = []
+        size, fmt = 0, None
+        digest = hashlib.md5(usedforsecurity=False) if md5 else None
+        try:
+            while True:
+                if time.monotonic() > deadline:
+                    raise FetchError(f"deadline exceeded: body incomplete after "
+                                     f"{policy.deadline:g} s ({size} bytes)", retryable=True)
+                chunk = response.read1(CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > policy.max_bytes:
+                    raise FetchError(f"too large: body exceeds limit {policy.max_bytes} bytes")
+                chunks.append(chunk)
+                if digest:
+                    digest.update(chunk)
+                if fmt is None and (size >= SNIFF_BYTES):
+                    fmt = require_image(b"".join(chunks)[:SNIFF_BYTES])
+        except ContentError as exc:
+            raise FetchError(f"{exc} (Content-Type: {response.headers.get('Content-Type')})") \
+                from None
+        except (Urllib3Timeout, Urllib3Error, OSError) as exc:
+            raise _transport_error(exc, size) from None
+        data = b"".join(chunks)
+        try:
+            if fmt is None:
+                fmt = require_image(data)
+            if digest:
+                check_md5(digest.hexdigest(), md5)
+        except ContentError as exc:
+            raise FetchError(str(exc)) from None
+        return data, fmt
+
+
+def _transport_error(exc: BaseException, received: int | None = None) -> FetchError:
+    """Timeouts and connection failures are retryable; the reason keeps urllib3's detail."""
+    where = "" if received is None else f" after {received} body bytes"
+    # NewConnectionError subclasses urllib3's timeout error, but a refusal is no timeout
+    timed_out = isinstance(exc, Urllib3Timeout) and not isinstance(exc, NewConnectionError)
+    kind = "timeout" if timed_out else "connection error"
+    detail = str(exc).split(": ", 1)[-1] if ": " in str(exc) else str(exc)
+    return FetchError(f"{kind}{where}: {type(exc).__name__}: {detail[:200]}", retryable=True)

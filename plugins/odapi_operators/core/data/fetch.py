@@ -1,0 +1,278 @@
+"""Images stage: bring every manifest image into the run's image store, fast and resumably.
+
+Sources: http(s) URLs (`download.HttpDownloader`), `gs://` objects (the storage layer), local
+files (inline export images were decoded to local files at ingest). Remote bytes must carry an
+image's magic bytes; local files are the verify stage's to judge. Many threads keep many
+requests in flight, since downloads wait on latency, not CPU; the only CPU work here is hashing.
+Decoding belongs to the verify stage, which runs in worker processes.
+
+The store is keyed by image key and content hash: `files/<key><ext>` (extension from the magic
+bytes), one line per finished image in `fetch-index.jsonl` (`resume.ResumeIndex`). An image in
+the index whose file is intact is never fetched again, so a re-run makes no request and a
+killed run continues where it stopped. Identical bytes under two keys are stored once (a hard
+link). Failures are listed as (URL, key, reason) in `failures.jsonl`; above the failure budget
+the stage fails, naming that list. A full disk stops the stage at once: it is not an image's
+fault.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from odapi_operators.core import storage
+from odapi_operators.core.failures import Failure
+from odapi_operators.core.budget import DEFAULT_MAX_FAILED_SHARE, check_budget
+from odapi_operators.core.data.content import (EXTENSIONS, ContentError, check_md5, md5_hex,
+                                          require_image, sniff_format)
+from odapi_operators.core.data.download import DownloadPolicy, FetchError, HttpDownloader
+from odapi_operators.core.data.manifest import ImageRecord, ImageSource, read_manifest, write_manifest
+from odapi_operators.core.progress import Log, Progress
+from odapi_operators.core.rejections import RecordError, RejectionLog, StageError
+from odapi_operators.core.data.resume import ResumeIndex
+
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+INDEX_NAME = "fetch-index.jsonl"
+
+
+def default_threads() -> int:
+    """Latency-bound work: 64 requests in flight per core, capped."""
+    return min(256, 64 * (os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class _Stored:
+    key: str
+    entry: dict
+    attempts: int
+    linked: bool
+
+
+class _DiskError(Exception):
+    """Writing the store failed for a reason no retry or other image can fix."""
+
+
+class _Store:
+    """`files/<key><ext>` written atomically; identical content becomes a hard link."""
+
+    def __init__(self, files: Path, by_hash: dict[str, str]):
+        self.files = files
+        self.by_hash = by_hash
+        self.lock = threading.Lock()
+
+    def put(self, key: str, data: bytes, suffix: str) -> tuple[Path, str, bool]:
+        sha = hashlib.sha256(data).hexdigest()
+        target = self.files / f"{key}{suffix}"
+        with self.lock:
+            first = self.by_hash.setdefault(sha, str(target))
+        try:
+            if first != str(target) and self._link(Path(first), target, len(data)):
+                return target, sha, True
+            with storage.atomic_write(target) as fh:
+                fh.write(data)
+        except OSError as exc:
+            if exc.errno in DISK_ERRORS:
+                raise _DiskError(f"cannot write {target}: {exc.strerror}") from None
+            raise
+        return target, sha, False
+
+    @staticmethod
+    def _link(existing: Path, target: Path, size: int) -> bool:
+        try:
+            if existing.stat().st_size != size:
+                return False  # its first writer has not finished
+            tmp = target.with_name(f".tmp-{target.name}-link")
+            tmp.unlink(missing_ok=True)
+            os.link(existing, tmp)
+            os.replace(tmp, target)
+            return True
+        except OSError:
+            return False  # other filesystem, or not there yet: write a copy instead
+
+
+def _read(record: ImageRecord, http: HttpDownloader) -> tuple[bytes, str, int]:
+    """(bytes, file suffix, requests made) for any source kind.
+
+    Remote content must start with an image's magic bytes; a local file is the export's own,
+    so a bad one is left to the verify stage, which quarantines it with its boxes.
+    """
+    kind, uri = record.source.kind, record.source.uri
+    if kind == "url":
+        fetched = http.get(uri, record.md5)
+        return fetched.data, EXTENSIONS[fetched.format], fetched.attempts
+    if kind not in ("local", "gs"):
+        raise FetchError(f"unsupported source kind {kind!r}")
+    limit = http.policy.max_bytes
+    try:
+        if kind == "local" and os.path.getsize(uri) > limit:
+            raise FetchError(f"too large: {os.path.getsize(uri)} bytes > limit {limit}")
+        data = storage.read_bytes(uri)
+    except OSError as exc:
+        raise FetchError(f"unreadable: {exc}") from None
+    if len(data) > limit:
+        raise FetchError(f"too large: {len(data)} bytes > limit {limit}")
+    try:
+        check_md5(md5_hex(data), record.md5)
+        if kind == "gs":
+            return data, EXTENSIONS[require_image(data[:16])], 1
+    except ContentError as exc:
+        raise FetchError(str(exc)) from None
+    fmt = sniff_format(data[:16])
+    return data, EXTENSIONS[fmt] if fmt else Path(uri).suffix.lower(), 0
+
+
+def _source_stamp(record: ImageRecord) -> list | None:
+    """Local sources can change in place: their size and mtime are part of the resume key."""
+    if record.source.kind != "local":
+        return None
+    try:
+        st = os.stat(record.source.uri)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _is_done(entry: dict | None, record: ImageRecord, stamp: list | None) -> bool:
+    if not entry or entry.get("source") != record.source.uri or entry.get("md5") != record.md5:
+        return False
+    if entry.get("stamp") != stamp:
+        return False
+    try:
+        return os.path.getsize(entry["path"]) == entry["size"]
+    except OSError:
+        return False
+
+
+def fetch_images(manifest: str | Path, out_dir: str | Path, *, threads: int | None = None,
+                 max_failed_share: float = DEFAULT_MAX_FAILED_SHARE,
+                 policy: DownloadPolicy | None = None, log: Log | None = None,
+                 progress_every: float = 15.0, bar: bool = False,
+                 files_dir: str | Path | None = None,
+                 on_stored: Callable[[ImageRecord], None] | None = None) -> dict:
+    """Store each image of `manifest` under `files_dir` (default `out_dir/files`); write the
+    updated manifest, failures.jsonl and summary.json to `out_dir`; return the summary.
+
+    `on_stored` gets each record (pointing at its stored copy) as soon as it is in the store,
+    resumed ones included: a consumer can start on images while others still download.
+    """
+    return fetch_records(lambda: read_manifest(manifest), out_dir, threads=threads,
+                         max_failed_share=max_failed_share, policy=policy, log=log,
+                         progress_every=progress_every, bar=bar, files_dir=files_dir,
+                         on_stored=on_stored)
+
+
+def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | Path, *,
+                  threads: int | None = None,
+                  max_failed_share: float = DEFAULT_MAX_FAILED_SHARE,
+                  policy: DownloadPolicy | None = None, log: Log | None = None,
+                  progress_every: float = 15.0, bar: bool = False,
+                  files_dir: str | Path | None = None,
+                  on_stored: Callable[[ImageRecord], None] | None = None) -> dict:
+    """`fetch_images` over any re-iterable source of records (a manifest, an image index)."""
+    out = Path(out_dir)
+    files = Path(files_dir) if files_dir else out / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    threads = threads or default_threads()
+    http = HttpDownloader(policy, connections=threads)
+    index = ResumeIndex(out / INDEX_NAME)
+    store = _Store(files, {e["sha256"]: e["path"] for e in index.entries.values()
+                           if "sha256" in e})
+    failures = RejectionLog()
+    counts = {"downloaded": 0, "copied": 0, "duplicates": 0, "requests": 0, "bytes": 0}
+    total = sum(1 for _ in records())
+    started = time.monotonic()
+
+    def work(record: ImageRecord, stamp: list | None) -> _Stored:
+        data, suffix, attempts = _read(record, http)
+        path, sha, linked = store.put(record.key, data, suffix)
+        entry = {"key": record.key, "source": record.source.uri, "md5": record.md5,
+                 "stamp": stamp, "path": str(path), "size": len(data), "sha256": sha}
+        return _Stored(record.key, entry, attempts, linked)
+
+    def finish(future: Future, record: ImageRecord, progress: Progress) -> None:
+        try:
+            stored = future.result()
+        except FetchError as exc:
+            failures.add(RecordError(record.source.uri, record.key,
+                                     f"fetch failed: {exc.reason}").rejection)
+            progress.update(ok=False)
+            return
+        except _DiskError as exc:
+            raise StageError(f"fetch: disk error, stopping: {exc}", Failure.TRANSIENT) from None
+        index.put(stored.entry)
+        if on_stored:
+            on_stored(_stored_record(record, stored.entry))
+        counts["downloaded" if record.source.kind != "local" else "copied"] += 1
+        counts["duplicates"] += stored.linked
+        counts["requests"] += stored.attempts
+        counts["bytes"] += stored.entry["size"]
+        progress.update(ok=True)
+
+    try:
+        with Progress("fetch", total, log=log, every=progress_every, bar=bar) as progress, \
+                ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
+            pending: dict[Future, ImageRecord] = {}
+            try:
+                for record in records():
+                    stamp = _source_stamp(record)
+                    if _is_done(index.get(record.key), record, stamp):
+                        progress.update(skipped=True)
+                        if on_stored:
+                            on_stored(_stored_record(record, index.get(record.key)))
+                        continue
+                    pending[pool.submit(work, record, stamp)] = record
+                    while len(pending) >= 2 * threads:
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            finish(future, pending.pop(future), progress)
+                for future in list(pending):
+                    wait([future])
+                    finish(future, pending.pop(future), progress)
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+        manifest_path = out / "manifest.jsonl"
+        ok = write_manifest(manifest_path, _fetched(records(), index))
+        index.compact(r.key for r in records())
+    finally:
+        index.close()
+    failures_path = out / "failures.jsonl"
+    failures.write(failures_path)
+    fetched = counts["downloaded"] + counts["copied"]
+    seconds = time.monotonic() - started
+    summary = {"ok": ok, "failed": len(failures), "skipped": ok - fetched, "fetched": fetched,
+               **counts, "total": total, "seconds": round(seconds, 3),
+               "images_per_s": round(fetched / seconds, 1) if seconds else None,
+               "failures_by_reason": failures.by_reason(),
+               "manifest": str(manifest_path), "failures": str(failures_path),
+               "files": str(files)}
+    storage.write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if not ok and total:
+        raise StageError(f"no image could be fetched; see {failures_path}", Failure.TRANSIENT)
+    check_budget("fetch", len(failures), total, max_failed_share, str(failures_path),
+                 Failure.TRANSIENT)  # a host down or a credential expiring: may pass
+    return summary
+
+
+def _fetched(records: Iterable[ImageRecord], index: ResumeIndex) -> Iterator[ImageRecord]:
+    """The input records, in input order, pointing at their stored copies."""
+    for record in records:
+        entry = index.get(record.key)
+        if not _is_done(entry, record, _source_stamp(record)):
+            continue  # failed in this run (an older entry, if any, is stale)
+        yield _stored_record(record, entry)
+
+
+def _stored_record(record: ImageRecord, entry: dict) -> ImageRecord:
+    provenance = {**record.provenance, "sha256": entry["sha256"],
+                  "fetched_from": record.source.uri}
+    return record.with_source(ImageSource("local", entry["path"]), provenance=provenance)

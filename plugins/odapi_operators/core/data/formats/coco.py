@@ -1,0 +1,154 @@
+"""COCO object-detection JSON (`instances_*.json`).
+
+`bbox` is `[x, y, width, height]` in pixels of the image's `width` x `height`. Images resolve
+from `file_name` relative to the JSON's folder (or the images root); an http(s) or gs://
+`file_name` is a remote image. Crowd regions (`iscrowd`) are not single objects and are left
+out, reported like every other dropped annotation. Images without annotations are kept:
+they are the negatives.
+
+The image-location helpers here (`locate_image`, `local_key`) are shared by the other JSON
+formats so one image gets one key whichever export names it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from odapi_operators.core.data.boxes import normalized_box
+from odapi_operators.core.data.formats.common import image_size, is_number, json_root_char
+from odapi_operators.core.data.manifest import Box, ImageRecord
+from odapi_operators.core.rejections import RecordError
+
+if TYPE_CHECKING:
+    from odapi_operators.core.data.formats import ParseContext
+
+NAME = "coco"
+SUFFIXES = (".json",)
+
+_HEAD_BYTES = 4096  # how much of a file ingest shows a sniffer (ingest.SNIFF_BYTES)
+
+
+def sniff(path: Path, head: bytes) -> bool:
+    """A JSON object naming `images`; `annotations` too unless the head is cut short.
+
+    A real COCO file may list 100k images before its `annotations` key, far past the head.
+    Label Studio exports are JSON arrays, so the two sniffers never claim the same file.
+    """
+    if json_root_char(head) != b"{" or b'"images"' not in head:
+        return False
+    return b'"annotations"' in head or len(head) >= _HEAD_BYTES
+
+
+def is_id(value: Any) -> bool:
+    """COCO ids are integers (some tools write strings); anything else cannot be looked up."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _load(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            return json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(str(path), "document", f"not valid JSON: {exc}") from None
+
+
+def _categories(doc: dict, file: str, ctx: ParseContext) -> dict[Any, str]:
+    names: dict[Any, str] = {}
+    for index, category in enumerate(doc.get("categories") or []):
+        record = f"categories[{index}]"
+        if not isinstance(category, dict) or not is_id(category.get("id")):
+            ctx.log.add(RecordError(file, record, "bad category: no id").rejection)
+        elif not isinstance(category.get("name"), str):
+            ctx.log.add(RecordError(file, record, "bad category: no name").rejection)
+        elif category["id"] in names:
+            ctx.log.add(RecordError(file, record,
+                                    f"duplicate category id: {category['id']!r}").rejection)
+        else:
+            names[category["id"]] = category["name"]
+    return names
+
+
+def _box(annotation: dict, label: str, size: tuple[int, int] | None, image_id: Any) -> Box:
+    """Pixel `[x, y, w, h]` -> checked normalized box; raises ValueError with the reason."""
+    bbox = annotation.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
+        raise ValueError(f"bad bbox: expected [x, y, width, height] numbers, got {bbox!r}")
+    if size is None:
+        raise ValueError(f"missing image size: image {image_id!r} has no valid width/height "
+                         f"to place a pixel box (image left out)")
+    x, y, w, h = bbox
+    return normalized_box(label, x, y, x + w, y + h, *size)
+
+
+def parse_coco_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]:
+    file = str(json_path)
+    doc = _load(json_path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise RecordError(file, "document", "not a COCO export: no images list")
+    folder = Path(json_path).parent
+    labels = _categories(doc, file, ctx)
+
+    images: dict[Any, tuple[int, dict]] = {}   # image id -> (index, entry), first one wins
+    for index, image in enumerate(doc["images"]):
+        record = f"images[{index}]"
+        if not isinstance(image, dict) or not is_id(image.get("id")):
+            ctx.log.add(RecordError(file, record, "bad image entry: no id").rejection)
+        elif image["id"] in images:
+            first = images[image["id"]][0]
+            ctx.log.add(RecordError(file, record, f"duplicate image id: {image['id']!r} "
+                                    f"already given by images[{first}]").rejection)
+        else:
+            images[image["id"]] = (index, image)
+
+    boxes: dict[Any, list[Box]] = {image_id: [] for image_id in images}
+    size_missing: set[Any] = set()
+    for index, annotation in enumerate(doc.get("annotations") or []):
+        record = f"annotations[{index}]"
+        try:
+            if not isinstance(annotation, dict):
+                raise ValueError("bad annotation: not a JSON object")
+            image_id = annotation.get("image_id")
+            if not is_id(image_id) or image_id not in images:
+                raise ValueError(f"unknown image_id: {image_id!r}")
+            category = annotation.get("category_id")
+            if not is_id(category) or category not in labels:
+                raise ValueError(f"unknown category_id: {category!r}")
+            if annotation.get("iscrowd"):
+                raise ValueError(f"crowd box: iscrowd={annotation['iscrowd']!r} regions are "
+                                 f"not single objects (annotation id {annotation.get('id')!r})")
+            entry = images[image_id][1]
+            size = image_size(entry.get("width"), entry.get("height"))
+            if size is None:
+                size_missing.add(image_id)
+            boxes[image_id].append(_box(annotation, labels[category], size, image_id))
+        except ValueError as exc:
+            ctx.log.add(RecordError(file, record, str(exc)).rejection)
+
+    for image_id, (index, image) in images.items():
+        record = f"images[{index}]"
+        if image_id in size_missing:
+            continue  # its boxes are reported; without them it would train as a negative
+        try:
+            key, source = ctx.locate(image.get("file_name"), folder, file, record)
+        except RecordError as exc:
+            ctx.log.add(exc.rejection)
+            continue
+        size = image_size(image.get("width"), image.get("height"))
+        yield ImageRecord(
+            key=key,
+            source=source,
+            source_id=str(image_id),
+            width=size[0] if size else None,
+            height=size[1] if size else None,
+            boxes=tuple(boxes[image_id]),
+            provenance={"format": NAME, "file": file, "element": record, "image_id": image_id},
+        )
+
+
+def parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]:
+    """Parse the COCO files of one export; a bad file is logged and skipped."""
+    from odapi_operators.core.data.formats import parse_each
+
+    return parse_each(files, ctx, parse_coco_file)

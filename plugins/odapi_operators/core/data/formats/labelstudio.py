@@ -1,0 +1,249 @@
+"""Label Studio JSON export: a list of tasks, each with its annotators' annotations.
+
+Boxes are `rectanglelabels` results whose `x, y, width, height` are PERCENT of the image,
+anchored at the top-left corner; `rotation` turns the rectangle clockwise (degrees) about that
+corner, in pixels, so a rotated box needs `original_width/height` and becomes the axis-aligned
+envelope of its four corners. One annotation per task is used: a ground-truth one first, else
+the latest; cancelled and superseded annotations are reported. Predictions are model output,
+never labels: a task with only predictions is an unlabeled task. An annotation made from a
+prediction (`parent_prediction`) keeps that prediction's `model_version` in its provenance.
+
+`data.image` is where Label Studio serves the image from: `/data/upload/<project>/<name>`
+(uploads, stored as `<8 hex>-<original name>`), `/data/local-files/?d=<path>` (local storage),
+or a URL. Served paths are looked up inside the images root (else the export's folder) by
+their `d=` path or file name, never outside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Iterator
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from odapi_operators.core.data.boxes import checked_box, normalized_box
+from odapi_operators.core.data.formats.common import image_size, is_number, json_root_char
+from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource
+from odapi_operators.core.rejections import RecordError
+
+if TYPE_CHECKING:
+    from odapi_operators.core.data.formats import ParseContext
+
+NAME = "labelstudio"
+SUFFIXES = (".json",)
+
+BOX_TYPE = "rectanglelabels"
+# Result types that say something about the whole task, not a region: nothing is lost.
+TASK_LEVEL_TYPES = {"choices", "textarea", "rating", "taxonomy", "number", "datetime",
+                    "pairwise", "ranker", "relation"}
+_UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-(.+)$")
+
+
+def sniff(path: Path, head: bytes) -> bool:
+    """A JSON array of tasks. COCO files are JSON objects, so it never claims one."""
+    return json_root_char(head) == b"[" and (b'"annotations"' in head or b'"data"' in head)
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        stamp = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
+def _recency(annotation: dict) -> tuple:
+    """Sort key: ground truth first, then latest update/creation, then highest id."""
+    stamp = _timestamp(annotation.get("updated_at")) or _timestamp(annotation.get("created_at"))
+    ident = annotation.get("id")
+    return (bool(annotation.get("ground_truth")),
+            stamp is not None, stamp or datetime.min.replace(tzinfo=timezone.utc),
+            ident if is_number(ident) else -math.inf)
+
+
+def _served_candidates(image: str) -> list[str] | None:
+    """Names to look up for an image Label Studio serves itself; None if not such a path."""
+    parts = urlsplit(image)
+    if parts.scheme or parts.netloc:
+        return None
+    if parts.path.startswith("/data/local-files"):
+        wanted = parse_qs(parts.query).get("d", [""])[0]
+        if not wanted:
+            raise ValueError(f"bad image reference: {image!r} has no ?d= path")
+        return [wanted, PurePosixPath(wanted).name]
+    if parts.path.startswith("/data/upload/"):
+        name = unquote(PurePosixPath(parts.path).name)
+        stripped = _UPLOAD_PREFIX.match(name)
+        return [name] + ([stripped.group(1)] if stripped else [])
+    return None
+
+
+def _locate(image: Any, ctx: ParseContext, folder: Path, file: str,
+            record: str) -> tuple[str, ImageSource]:
+    try:
+        candidates = _served_candidates(image) if isinstance(image, str) else None
+    except ValueError as exc:
+        raise RecordError(file, record, str(exc)) from None
+    if not candidates:
+        return ctx.locate(image, folder, file, record)
+    paths = []
+    for name in candidates:
+        try:
+            paths.append(ctx.resolve_image(name, relative_to=folder))
+        except ValueError as exc:  # the first refusal wins: no falling back past an escape
+            raise RecordError(file, record, str(exc)) from None
+    path = next((p for p in paths if os.path.isfile(p)), paths[0])
+    return ctx.image_key(path, folder), ImageSource("local", str(path))
+
+
+def _envelope(value: dict, size: tuple[int, int] | None) -> tuple[float, float, float, float]:
+    """Pixel (xmin, ymin, xmax, ymax) of a rectangle rotated clockwise about its top-left."""
+    if size is None:
+        raise ValueError("missing image size: a rotated box needs original_width/height")
+    width, height = size
+    x0, y0 = value["x"] * width / 100, value["y"] * height / 100
+    w, h = value["width"] * width / 100, value["height"] * height / 100
+    angle = math.radians(value["rotation"])
+    cos, sin = math.cos(angle), math.sin(angle)
+    xs = [x0 + dx * cos - dy * sin for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+    ys = [y0 + dx * sin + dy * cos for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+    if not all(math.isfinite(c) for c in xs + ys):  # min/max would quietly drop a NaN
+        return (math.nan,) * 4
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _result_boxes(result: dict) -> list[Box]:
+    """Boxes of one `rectanglelabels` result (one per label); raises ValueError."""
+    value = result.get("value")
+    if not isinstance(value, dict):
+        raise ValueError("bad result: no value")
+    coords = [value.get(k) for k in ("x", "y", "width", "height")]
+    rotation = value.get("rotation") or 0
+    if not all(is_number(c) for c in coords) or not is_number(rotation):
+        raise ValueError(f"bad result: x/y/width/height/rotation must be numbers, got "
+                         f"{coords + [rotation]!r}")
+    labels = value.get(BOX_TYPE)
+    if not isinstance(labels, list) or not labels or not all(isinstance(n, str) for n in labels):
+        raise ValueError(f"bad result: no label in value.{BOX_TYPE} ({labels!r})")
+    if math.isfinite(rotation) and rotation % 360 == 0:
+        x, y, w, h = coords
+        return [checked_box(label, x / 100, y / 100, (x + w) / 100, (y + h) / 100)
+                for label in labels]
+    size = image_size(result.get("original_width"), result.get("original_height"))
+    envelope = _envelope({**value, "rotation": rotation}, size)
+    return [normalized_box(label, *envelope, *size) for label in labels]
+
+
+def _chosen_annotation(task: dict, file: str, record: str, ctx: ParseContext) -> dict | None:
+    """The annotation to use; every other one is reported."""
+    annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict)]
+    live = []
+    for annotation in annotations:
+        if annotation.get("was_cancelled"):
+            ctx.log.add(RecordError(file, f"{record} annotation {annotation.get('id')}",
+                                    "cancelled annotation: skipped").rejection)
+        else:
+            live.append(annotation)
+    if not live:
+        detail = (f"all {len(annotations)} annotations were cancelled" if annotations else
+                  "no annotations (predictions are not labels)")
+        ctx.log.add(RecordError(file, record, f"unlabeled task: {detail}").rejection)
+        return None
+    chosen = max(live, key=_recency)
+    why = "ground truth" if chosen.get("ground_truth") else "latest"
+    for annotation in live:
+        if annotation is not chosen:
+            ctx.log.add(RecordError(
+                file, f"{record} annotation {annotation.get('id')}",
+                f"superseded annotation: annotation {chosen.get('id')} ({why}) is used").rejection)
+    return chosen
+
+
+def _source_model_version(task: dict, annotation: dict) -> Any:
+    """The `model_version` of the prediction an annotation was made from (Label Studio sets
+    `parent_prediction` to its id, and may inline it as `prediction`), else None."""
+    inline = annotation.get("prediction")
+    if isinstance(inline, dict) and inline.get("model_version") is not None:
+        return inline["model_version"]
+    parent = annotation.get("parent_prediction")
+    if parent is None:
+        return None
+    for prediction in task.get("predictions") or []:
+        if isinstance(prediction, dict) and prediction.get("id") == parent:
+            return prediction.get("model_version")
+    return None
+
+
+def _task_record(task: dict, index: int, folder: Path, file: str,
+                 ctx: ParseContext) -> ImageRecord | None:
+    task_id = task.get("id")
+    record = f"task {task_id}" if task_id is not None else f"tasks[{index}]"
+    data = task.get("data") if isinstance(task.get("data"), dict) else {}
+    key, source = _locate(data.get("image"), ctx, folder, file, record)
+    annotation = _chosen_annotation(task, file, record, ctx)
+    if annotation is None:
+        return None
+    boxes: list[Box] = []
+    size = None
+    results = annotation.get("result") if isinstance(annotation.get("result"), list) else []
+    for number, result in enumerate(results):
+        where = f"{record} annotation {annotation.get('id')} result[{number}]"
+        kind = result.get("type") if isinstance(result, dict) else None
+        if kind in TASK_LEVEL_TYPES:
+            continue
+        try:
+            if kind != BOX_TYPE:
+                raise ValueError(f"unsupported result type: {kind!r} is not a box")
+            size = size or image_size(result.get("original_width"), result.get("original_height"))
+            boxes.extend(_result_boxes(result))
+        except ValueError as exc:
+            ctx.log.add(RecordError(file, where, str(exc)).rejection)
+    provenance = {"format": NAME, "file": file, "element": f"tasks[{index}]",
+                  "task": task_id, "annotation": annotation.get("id")}
+    model_version = _source_model_version(task, annotation)
+    if model_version is not None:  # pre-annotated: which model proposed the boxes
+        provenance["model_version"] = model_version
+    return ImageRecord(
+        key=key,
+        source=source,
+        source_id=str(task_id if task_id is not None else index),
+        width=size[0] if size else None,
+        height=size[1] if size else None,
+        boxes=tuple(boxes),
+        provenance=provenance,
+    )
+
+
+def parse_labelstudio_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]:
+    file = str(json_path)
+    try:
+        with open(json_path, encoding="utf-8-sig") as fh:
+            tasks = json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(file, "document", f"not valid JSON: {exc}") from None
+    if not isinstance(tasks, list):
+        raise RecordError(file, "document", "not a Label Studio export: not a list of tasks")
+    folder = Path(json_path).parent
+    for index, task in enumerate(tasks):
+        try:
+            if not isinstance(task, dict):
+                raise RecordError(file, f"tasks[{index}]", "bad task: not a JSON object")
+            record = _task_record(task, index, folder, file, ctx)
+        except RecordError as exc:
+            ctx.log.add(exc.rejection)
+            continue
+        if record is not None:
+            yield record
+
+
+def parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]:
+    """Parse the Label Studio exports of one export folder; a bad file is logged and skipped."""
+    from odapi_operators.core.data.formats import parse_each
+
+    return parse_each(files, ctx, parse_labelstudio_file)

@@ -1,0 +1,193 @@
+"""Ingest stage: annotation exports -> canonical manifest + rejection report.
+
+Reads every export given, parses it with the matching format parser (see `formats`), merges
+records by image key, applies the unknown-class policy and writes the manifest, label map,
+rejections and summary to the stage folder in one atomic step. Bad files and boxes are reported and skipped; only an export with nothing
+usable fails the stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+from odapi_operators.core import storage
+
+from odapi_operators.core.data import formats
+from odapi_operators.core.data.datasets import publish_version
+from odapi_operators.core.data.label_map import (LabelMapError, assert_no_renumbering,
+                                            extend_label_map, format_label_map, read_label_map)
+from odapi_operators.core.data.manifest import ImageRecord, write_manifest
+from odapi_operators.core.rejections import RecordError, RejectionLog, StageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+MARKER_NAMES = {"_SUCCESS", ".done"}
+SNIFF_BYTES = 4096
+
+
+def _classify(root: Path, fmt: str) -> tuple[dict[str, list[Path]], list[str], int]:
+    """Files of one export grouped by format, plus unclaimed non-image files and a file count."""
+    files = [Path(p) for p in storage.list_files(root)]
+    claimed: dict[str, list[Path]] = {}
+    other: list[str] = []
+    for path in files:
+        if path.suffix.lower() in IMAGE_SUFFIXES or path.name in MARKER_NAMES:
+            continue
+        with open(path, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+        if fmt == "auto":
+            name = formats.detect(path, head)
+        else:
+            module = formats.load(fmt)
+            name = fmt if path.suffix.lower() in module.SUFFIXES else None
+        if name:
+            claimed.setdefault(name, []).append(path)
+        else:
+            other.append(str(path))
+    return claimed, other, len(files)
+
+
+def _parse_exports(inputs: list[str], fmt: str, images_root: str | None, log: RejectionLog,
+                   inline_dir: Path, options: dict) -> tuple[list[ImageRecord], list[str]]:
+    records: list[ImageRecord] = []
+    ignored: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if not storage.exists(item):
+            raise StageError(f"{item}: export not found")
+        root = path if path.is_dir() else path.parent
+        claimed, other, count = _classify(path, fmt)
+        ignored.extend(other)
+        if not claimed:
+            raise StageError(f"{item}: no annotation files found ({count} files; "
+                             f"formats tried: {fmt if fmt != 'auto' else ', '.join(formats.AVAILABLE)})")
+        ctx = formats.ParseContext(export_root=root,
+                                   images_root=Path(images_root) if images_root else None,
+                                   log=log, inline_dir=inline_dir, options=options)
+        for name, files in sorted(claimed.items()):
+            records.extend(formats.load(name).parse(sorted(files), ctx))
+    return records, ignored
+
+
+UNKNOWN_CLASS_POLICIES = ("add", "skip", "reject")
+
+
+def _merge(records, log: RejectionLog) -> list[ImageRecord]:
+    merged: dict[str, ImageRecord] = {}
+    for record in records:
+        if record.source.kind == "local" and not os.path.isfile(record.source.uri):
+            log.add(RecordError(record.provenance.get("file", "?"), record.source_id,
+                                f"missing image: {record.source.uri}").rejection)
+            continue
+        first = merged.get(record.key)
+        if first is None:
+            merged[record.key] = record
+            continue
+        same = first.boxes == record.boxes
+        reason = "duplicate record" if same else "conflicting duplicate"
+        log.add(RecordError(record.provenance.get("file", "?"), record.source_id,
+                            f"{reason}: image key {record.key} already given by "
+                            f"{first.provenance.get('file')}").rejection)
+    return [merged[key] for key in sorted(merged)]
+
+
+def apply_class_policy(records: list[ImageRecord], known: dict[str, int] | None, policy: str,
+                       log: RejectionLog) -> list[ImageRecord]:
+    """Handle classes missing from `known`: add them, skip their boxes, or reject the image.
+
+    Skipping a box leaves an unlabeled object in the image, so it is reported per image.
+    """
+    if policy not in UNKNOWN_CLASS_POLICIES:
+        raise StageError(f"unknown_classes must be one of {UNKNOWN_CLASS_POLICIES}, got {policy!r}")
+    if known is None or policy == "add":
+        return records
+    kept = []
+    for record in records:
+        unknown = sorted({b.label for b in record.boxes if b.label not in known})
+        if not unknown:
+            kept.append(record)
+            continue
+        file = record.provenance.get("file", "?")
+        if policy == "reject":
+            log.add(RecordError(file, record.source_id, f"unknown class: {', '.join(unknown)} "
+                                "(image rejected)").rejection)
+            continue
+        boxes = tuple(b for b in record.boxes if b.label in known)
+        log.add(RecordError(file, record.source_id, f"unknown class skipped: "
+                            f"{len(record.boxes) - len(boxes)} boxes of "
+                            f"{', '.join(unknown)}").rejection)
+        kept.append(replace(record, boxes=boxes))
+    return kept
+
+
+def fingerprint(records: list[ImageRecord], label_map: dict[str, int] | None = None) -> str:
+    """Content fingerprint of a dataset version: same records in, same fingerprint out."""
+    digest = hashlib.sha256(json.dumps(sorted((label_map or {}).items())).encode())
+    for record in records:
+        content = {"key": record.key, "boxes": [list(b.__dict__.values()) for b in record.boxes],
+                   "size": [record.width, record.height], "source": record.source.uri,
+                   "md5": record.md5, "rotation": record.rotation}
+        digest.update(json.dumps(content, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = None,
+           fmt: str = "auto", options: dict | None = None, label_map: str | None = None,
+           unknown_classes: str = "add", datasets_dir: str | None = None,
+           production_label_map: str | None = None) -> dict:
+    """Parse `inputs` (files or export folders) into `out_dir`; return the summary.
+
+    Writes `manifest.jsonl`, `label_map.pbtxt` (the given `label_map` extended append-only
+    when `unknown_classes` is "add"), `rejections.jsonl` and `summary.json` atomically.
+    Images embedded in an export are written, by content hash, to `<out_dir>-inline/`.
+    With `datasets_dir`, the result is also published as an immutable dataset version. A
+    `label_map` that renumbers `production_label_map`'s classes is refused.
+    """
+    if fmt != "auto":
+        try:
+            formats.load(fmt)
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
+    if not inputs:
+        raise StageError("no annotation exports given")
+    known = read_label_map(label_map) if label_map and storage.exists(label_map) else None
+    if known is not None and production_label_map and storage.exists(production_label_map):
+        try:
+            assert_no_renumbering(read_label_map(production_label_map), known, str(label_map))
+        except LabelMapError as exc:
+            raise StageError(str(exc)) from None
+    log = RejectionLog()
+    inline_dir = Path(out_dir).with_name(Path(out_dir).name + "-inline")
+    parsed, other = _parse_exports(inputs, fmt, images_root, log, inline_dir, options or {})
+    records = apply_class_policy(_merge(parsed, log), known, unknown_classes, log)
+    classes = Counter(box.label for record in records for box in record.boxes)
+    ids = extend_label_map(known or {}, list(classes))
+    summary = {
+        "inputs": list(inputs),
+        "images": len(records),
+        "boxes": sum(classes.values()),
+        "classes": dict(sorted(classes.items())),
+        "rejected": len(log),
+        "rejections_by_reason": log.by_reason(),
+        "ignored_files": other,
+        "fingerprint": fingerprint(records, ids),
+        "manifest": str(Path(out_dir) / "manifest.jsonl"),
+        "label_map": str(Path(out_dir) / "label_map.pbtxt"),
+        "rejections": str(Path(out_dir) / "rejections.jsonl"),
+    }
+    with storage.atomic_directory(out_dir) as tmp:
+        write_manifest(tmp / "manifest.jsonl", records)
+        storage.write_text(tmp / "label_map.pbtxt", format_label_map(ids))
+        log.write(tmp / "rejections.jsonl")
+        storage.write_text(tmp / "summary.json", json.dumps(summary, indent=2))
+    if not records:
+        first = "; ".join(str(r) for r in log.items[:3])
+        raise StageError(f"no usable records in {', '.join(inputs)}: {len(log)} rejected "
+                         f"(e.g. {first}); see {summary['rejections']}")
+    if datasets_dir:
+        summary["new_version"] = publish_version(datasets_dir, out_dir, summary)
+    return summary

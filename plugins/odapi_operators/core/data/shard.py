@@ -1,0 +1,360 @@
+"""Records stage: verified manifest -> sharded TFRecords per split, OD API / TF-Vision keys.
+
+Streaming: the manifest is read line by line and each Example is written as soon as it is
+encoded, so memory does not grow with the dataset. Shard counts come from a target shard size
+(`plan_shards`) unless given. Shards are spread over worker processes (`write_shards`) or over
+Airflow mapped tasks (`write_shard`, then `finish_shards`); each worker streams the manifest
+once for all of its shards. Each shard is written to a temporary name and renamed when
+complete, then its stats file is written: a killed task leaves no partial shard, and the re-run
+writes only the shards without stats. The finished folder is reused, not rewritten, for the
+same inputs; with `cache_dir`, any later run with the same content fingerprint links the
+cached shards instead of writing them.
+
+`image/source_id` must be a small decimal integer (TF-Vision's eval parser converts it with
+`tf.strings.to_number` to int64 via float32): ids are the records' 1-based manifest positions
+(manifests are in image-key order) and the mapping back to image keys is kept in
+`source_ids.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+from odapi_operators.core import storage
+from odapi_operators.core.failures import Failure
+from odapi_operators.core.data.label_map import read_label_map
+from odapi_operators.core.data.manifest import ImageRecord, read_manifest
+from odapi_operators.core.progress import Log
+from odapi_operators.core.rejections import StageError
+from odapi_operators.core.data.split import split_of
+from odapi_operators.core.data.tfrecord import (bytes_feature, encode_example, float_feature,
+                                           int64_feature, write_record)
+
+MAX_SOURCE_ID = 2**22
+DEFAULT_TARGET_SHARD_BYTES = 128 << 20
+RECORD_OVERHEAD = 256  # bytes an Example adds to its image, for shard sizing
+STATS_DIR = ".shard-stats"
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def example_for(record: ImageRecord, source_id: int, label_map: dict[str, int]) -> bytes:
+    """Serialized tf.train.Example for one verified image record."""
+    encoded = Path(record.source.uri).read_bytes()
+    fmt = b"png" if encoded[:8] == b"\x89PNG\r\n\x1a\n" else b"jpeg"
+    width, height = int(record.width), int(record.height)
+    boxes = record.boxes
+    try:
+        labels = [label_map[b.label] for b in boxes]
+    except KeyError as exc:
+        raise ValueError(f"{record.key}: class {exc} is not in the label map") from None
+    return encode_example({
+        "image/encoded": bytes_feature([encoded]),
+        "image/format": bytes_feature([fmt]),
+        "image/filename": bytes_feature([record.source_id.encode()]),
+        "image/source_id": bytes_feature([str(source_id).encode()]),
+        "image/key/sha256": bytes_feature([hashlib.sha256(encoded).hexdigest().encode()]),
+        "image/height": int64_feature([height]),
+        "image/width": int64_feature([width]),
+        "image/object/bbox/xmin": float_feature([b.xmin for b in boxes]),
+        "image/object/bbox/xmax": float_feature([b.xmax for b in boxes]),
+        "image/object/bbox/ymin": float_feature([b.ymin for b in boxes]),
+        "image/object/bbox/ymax": float_feature([b.ymax for b in boxes]),
+        "image/object/class/text": bytes_feature([b.label.encode() for b in boxes]),
+        "image/object/class/label": int64_feature(labels),
+        "image/object/area": float_feature(
+            [(b.xmax - b.xmin) * width * (b.ymax - b.ymin) * height for b in boxes]),
+        "image/object/is_crowd": int64_feature([0] * len(boxes)),
+    })
+
+
+# --- planning ----------------------------------------------------------------------------
+
+def _file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _content_of(record: ImageRecord) -> str:
+    """The image's content hash from upstream stages; its file stamp otherwise."""
+    sha = record.provenance.get("sha256")
+    if sha:
+        return sha
+    st = os.stat(record.source.uri)
+    return f"{record.source.uri}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def plan_shards(manifest: str | Path, label_map_path: str | Path, ratios: dict[str, float],
+                shards: dict[str, int] | None = None,
+                target_shard_bytes: int = DEFAULT_TARGET_SHARD_BYTES) -> dict:
+    """Shard counts per split and the dataset's content fingerprint, from one streaming pass.
+
+    `shards` fixes the counts (a split at 0 is not written); otherwise every split gets
+    ceil(its bytes / `target_shard_bytes`) shards, at least one. The returned `shards` list is
+    what Airflow maps `write_shard` over.
+    """
+    images: Counter = Counter()
+    sizes: Counter = Counter()
+    content = hashlib.sha256()
+    label_map_text = storage.read_text(label_map_path)
+    for record in read_manifest(manifest):
+        split = split_of(record.key, ratios)
+        images[split] += 1
+        if shards is None:
+            sizes[split] += os.path.getsize(record.source.uri) + RECORD_OVERHEAD
+        content.update(json.dumps([record.key, record.source_id, record.width, record.height,
+                                   [list(b.__dict__.values()) for b in record.boxes],
+                                   _content_of(record)]).encode())
+    total = sum(images.values())
+    if total >= MAX_SOURCE_ID:
+        raise ValueError(f"{manifest}: {total} images exceed the source-id space "
+                         f"({MAX_SOURCE_ID})")
+    if shards is not None:
+        counts = {split: int(n) for split, n in shards.items() if n > 0}
+    else:
+        counts = {split: max(1, math.ceil(sizes[split] / target_shard_bytes)) for split in ratios}
+    content.update(json.dumps([label_map_text, sorted(ratios.items()),
+                               sorted(counts.items())]).encode())
+    return {"counts": counts, "images": dict(images), "fingerprint": content.hexdigest()[:16],
+            "tag": _tag(manifest, label_map_path, ratios, counts),
+            "shards": [{"split": s, "index": i, "count": n}
+                       for s, n in counts.items() for i in range(n)]}
+
+
+def _tag(manifest: str | Path, label_map_path: str | Path, ratios: dict[str, float],
+         counts: dict[str, int]) -> str:
+    """Identity of one shard layout of one manifest: shards with another tag are stale."""
+    settings = json.dumps([storage.read_text(label_map_path), sorted(ratios.items()),
+                           sorted(counts.items())])
+    return hashlib.sha256((_file_digest(manifest) + settings).encode()).hexdigest()[:16]
+
+
+# --- writing -----------------------------------------------------------------------------
+
+def _stats_path(out: Path, name: str) -> Path:
+    return out / STATS_DIR / f"{name}.json"
+
+
+def _finished(out: Path, name: str, tag: str) -> dict | None:
+    """The stats of a complete shard of this layout, else None."""
+    try:
+        stats = json.loads(_stats_path(out, name).read_text())
+        if stats["tag"] == tag and (out / name).stat().st_size == stats["bytes"]:
+            return stats
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def _records_of(manifest: str | Path, ratios: dict[str, float],
+                counts: dict[str, int]) -> Iterator[tuple[int, str, int, ImageRecord]]:
+    """(source_id, split, shard index, record): round-robin within each split, manifest order."""
+    seen: Counter = Counter()
+    for source_id, record in enumerate(read_manifest(manifest), start=1):
+        split = split_of(record.key, ratios)
+        if split in counts:
+            yield source_id, split, seen[split] % counts[split], record
+            seen[split] += 1
+
+
+def _write_group(manifest: str, label_map_path: str, out_dir: str, ratios: dict[str, float],
+                 counts: dict[str, int], members: list[tuple[str, int]], tag: str) -> list[dict]:
+    """Write the shards `members` in one pass over the manifest; return their stats."""
+    out = Path(out_dir)
+    label_map = read_label_map(label_map_path)
+    names = {(s, i): shard_name(s, i, counts[s]) for s, i in members}
+    for name in names.values():  # temporaries a killed run of these shards left behind
+        for stale in out.glob(f".tmp-{name}-*"):
+            stale.unlink(missing_ok=True)
+    stats = {member: {"split": member[0], "shard": name, "tag": tag, "images": 0, "boxes": 0,
+                      "bytes": 0, "per_class": Counter()} for member, name in names.items()}
+    current = ""
+    try:
+        with contextlib.ExitStack() as stack:
+            files = {member: stack.enter_context(storage.atomic_write(out / name))
+                     for member, name in names.items()}
+            for source_id, split, index, record in _records_of(manifest, ratios, counts):
+                member = (split, index)
+                if member not in files:
+                    continue
+                current = names[member]
+                shard = stats[member]
+                shard["bytes"] += write_record(files[member],
+                                               example_for(record, source_id, label_map))
+                shard["images"] += 1
+                shard["boxes"] += len(record.boxes)
+                shard["per_class"].update(b.label for b in record.boxes)
+            current = "closing shards"
+    except OSError as exc:
+        raise StageError(f"shard: writing {out / current if current else out} failed: "
+                         f"{exc.strerror or exc}", Failure.TRANSIENT) from None
+    results = []
+    for shard in stats.values():
+        shard["per_class"] = dict(shard["per_class"])
+        storage.write_text(_stats_path(out, shard["shard"]), json.dumps(shard))
+        results.append(shard)
+    return results
+
+
+def write_shard(manifest: str | Path, label_map_path: str | Path, out_dir: str | Path,
+                ratios: dict[str, float], split: str, index: int, count: int,
+                counts: dict[str, int] | None = None) -> dict:
+    """Write shard `index` of `count` of `split` (one Airflow mapped task); return its stats.
+
+    `counts` is the whole layout (`plan_shards(...)["counts"]`); it defaults to this split
+    alone, which is enough to place the records but marks the stats for that layout only.
+    """
+    counts = counts or {split: count}
+    if counts.get(split) != count:
+        raise ValueError(f"shard {split} {index}/{count} does not match counts {counts}")
+    out = Path(out_dir)
+    tag = _tag(manifest, label_map_path, ratios, counts)
+    done = _finished(out, shard_name(split, index, count), tag)
+    if done:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    [stats] = _write_group(str(manifest), str(label_map_path), str(out), ratios, counts,
+                           [(split, index)], tag)
+    return stats
+
+
+def finish_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str | Path,
+                  ratios: dict[str, float], counts: dict[str, int],
+                  fingerprint: str | None = None) -> dict:
+    """After every shard is written: per-split stats, source_ids.json and summary.json."""
+    out = Path(out_dir)
+    tag = _tag(manifest, label_map_path, ratios, counts)
+    splits: dict[str, dict] = {}
+    for split, count in counts.items():
+        per_class: Counter = Counter()
+        total = {"images": 0, "boxes": 0, "bytes": 0}
+        for index in range(count):
+            stats = _finished(out, shard_name(split, index, count), tag)
+            if stats is None:
+                raise StageError(f"shard: {out / shard_name(split, index, count)} is missing "
+                                 "or incomplete; write it before finishing")
+            for key in total:
+                total[key] += stats[key]
+            per_class.update(stats["per_class"])
+        splits[split] = {**total, "per_class": dict(per_class), "shards": count,
+                         "pattern": str(out / f"{split}-*.tfrecord")}
+        storage.write_text(out / f"{split}.stats.json", json.dumps(splits[split], indent=2))
+    wanted = {shard_name(s, i, n) for s, n in counts.items() for i in range(n)}
+    for path in out.glob("*-?????-of-?????.tfrecord"):
+        if path.name not in wanted:  # a previous layout's shard would match the pattern
+            path.unlink()
+    with storage.atomic_write(out / "source_ids.json", "w") as fh:
+        fh.write("{")
+        for n, (source_id, split, _, record) in enumerate(_records_of(manifest, ratios, counts)):
+            entry = {"key": record.key, "split": split, "source_id": record.source_id}
+            fh.write(("," if n else "") + f'"{source_id}":' + json.dumps(entry))
+        fh.write("}")
+    label_map = read_label_map(label_map_path)
+    summary = {"splits": splits, "label_map": str(label_map_path),
+               "num_classes": max(label_map.values()), "tag": tag,
+               "fingerprint": fingerprint}
+    storage.write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _groups(members: list[tuple[str, int]], workers: int) -> list[list[tuple[str, int]]]:
+    groups = [members[i::workers] for i in range(workers)]
+    return [g for g in groups if g]
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Hard-link every file of `source` into `target` (copy across filesystems)."""
+    for path in source.rglob("*"):
+        if path.is_file():
+            dest = target / path.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.unlink(missing_ok=True)
+            try:
+                os.link(path, dest)
+            except OSError:
+                shutil.copy2(path, dest)
+
+
+def _current_summary(out: Path, tag: str) -> dict | None:
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("tag") != tag:
+        return None
+    for split, stats in summary["splits"].items():
+        for index in range(stats["shards"]):
+            if _finished(out, shard_name(split, index, stats["shards"]), tag) is None:
+                return None
+    return summary
+
+
+def write_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str | Path,
+                 ratios: dict[str, float], shards: dict[str, int] | None = None, *,
+                 target_shard_bytes: int = DEFAULT_TARGET_SHARD_BYTES,
+                 workers: int | None = None, cache_dir: str | Path | None = None,
+                 log: Log | None = None) -> dict:
+    """Write `<split>-NNNNN-of-NNNNN.tfrecord` files plus per-split stats; return the summary.
+
+    `shards` fixes shard counts per split; None sizes them by `target_shard_bytes`.
+    """
+    out = Path(out_dir)
+    plan = plan_shards(manifest, label_map_path, ratios, shards, target_shard_bytes)
+    counts, tag = plan["counts"], plan["tag"]
+    shard_total = len(plan["shards"])
+    current = _current_summary(out, tag)
+    if current:
+        return _counted(current, cached=True, written=0, total=shard_total)
+    cached = Path(cache_dir) / plan["fingerprint"] if cache_dir else None
+    if cached and (cached / "summary.json").exists():
+        _link_tree(cached, out)
+        # the cached files were written for another manifest path: re-stamp this layout
+        for stats_file in (out / STATS_DIR).glob("*.json"):
+            stats = json.loads(stats_file.read_text())
+            storage.write_text(stats_file, json.dumps({**stats, "tag": tag}))
+        summary = finish_shards(manifest, label_map_path, out, ratios, counts,
+                                plan["fingerprint"])
+        return _counted(summary, cached=True, written=0, total=shard_total)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [(s["split"], s["index"]) for s in plan["shards"]
+            if _finished(out, shard_name(s["split"], s["index"], s["count"]), tag) is None]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    args = (str(manifest), str(label_map_path), str(out), ratios, counts)
+    groups = _groups(todo, workers)
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            results = [f.result() for f in [pool.submit(_write_group, *args, g, tag)
+                                            for g in groups]]
+        else:
+            results = [_write_group(*args, g, tag) for g in groups]
+    for stats in (s for group in results for s in group):
+        if log:
+            log(f"shard: {stats['shard']} written ({stats['images']} images, "
+                f"{stats['bytes'] / 1e6:.1f} MB)")
+    summary = finish_shards(manifest, label_map_path, out, ratios, counts, plan["fingerprint"])
+    if cached:
+        with contextlib.suppress(storage.StorageError):  # another run published it meanwhile
+            with storage.atomic_directory(cached, replace=False) as tmp:
+                _link_tree(out, tmp)
+    return _counted(summary, cached=False, written=len(todo), total=shard_total)
+
+
+def _counted(summary: dict, cached: bool, written: int, total: int) -> dict:
+    """The CLI's common counts: images in shards, shards written and reused."""
+    return {**summary, "ok": sum(s["images"] for s in summary["splits"].values()), "failed": 0,
+            "cached": cached, "written": written, "skipped": total - written}

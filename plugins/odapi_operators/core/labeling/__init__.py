@@ -1,0 +1,1 @@
+"""Closing the labeling loop: pre-annotation and active learning."""

@@ -1,0 +1,1 @@
+"""TensorFlow models: TF-Vision configs, training, detectors, SavedModel export."""

@@ -1,0 +1,99 @@
+"""Export stage (TensorFlow; child process): checkpoint -> SavedModel, checked before it counts.
+
+TF-Vision's `export_inference_graph` writes into a temporary folder. `saved_model/assets.extra/`
+gets the label map, the run's config/metrics/decision files, and `tf_serving_warmup_requests`
+(PredictionLogs built with tensorflow-serving-api from real validation images, which Serving
+replays on load). The SavedModel is then loaded with the `serve` tag, every warmup request is
+replayed through `serving_default`, and its detections must match the checkpoint's (the same
+export module, weights restored in memory) before the folder is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from odapi_operators.core import storage
+from odapi_operators.core.model import tfvision
+from odapi_operators.core.model.saved_model import (ASSETS_EXTRA, EXPORT_INFO,
+                                                    INFERENCE_FUNCTIONS, INPUT_TYPES,
+                                                    LABEL_MAP_FILE, PARAMS_FILE, WARMUP_FILE,
+                                                    read_warmup, request_input, write_warmup)
+
+MATCH_TOLERANCE = 1e-3
+
+
+def _top(outputs: dict) -> dict[str, np.ndarray]:
+    count = int(np.asarray(outputs["num_detections"]).reshape(-1)[0])
+    return {key: np.asarray(outputs[key])[0][:count]
+            for key in ("detection_boxes", "detection_scores", "detection_classes")}
+
+
+def check_export(saved_model_dir: Path, module, input_type: str) -> dict:
+    """Replay the warmup requests through the loaded SavedModel and the in-memory module."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(saved_model_dir), tags=["serve"])
+    signature = loaded.signatures["serving_default"]
+    reference = getattr(module, INFERENCE_FUNCTIONS[input_type])
+    worst, detections = 0.0, 0
+    arrays = read_warmup(saved_model_dir / "assets.extra" / WARMUP_FILE)
+    for array in arrays:
+        tensor = tf.constant(array, dtype=tf.string if array.dtype == object else tf.uint8)
+        served, expected = _top(signature(**{INPUT_NAME: tensor})), _top(reference(tensor))
+        if served["detection_scores"].shape != expected["detection_scores"].shape:
+            raise ValueError(f"{saved_model_dir}: SavedModel returns "
+                             f"{len(served['detection_scores'])} detections, the checkpoint "
+                             f"{len(expected['detection_scores'])}")
+        for key in served:
+            if served[key].size:
+                worst = max(worst, float(np.abs(served[key] - expected[key]).max()))
+        detections += len(served["detection_scores"])
+    if worst > MATCH_TOLERANCE:
+        raise ValueError(f"{saved_model_dir}: SavedModel detections differ from the checkpoint's "
+                         f"by {worst:.2e} (> {MATCH_TOLERANCE})")
+    return {"warmup_requests": len(arrays), "detections": detections, "max_difference": worst}
+
+
+def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
+           input_type: str = "image_tensor", model_name: str = "model",
+           extras: list[str] | None = None, warmup_images: int = 8) -> dict:
+    """Export the newest checkpoint of `model_dir`; return the checked SavedModel's summary.
+
+    `extras` are files (config, metrics, decision) copied into `assets.extra/`.
+    """
+    if input_type not in INPUT_TYPES:
+        raise ValueError(f"input_type {input_type!r} not one of {INPUT_TYPES}")
+    tfvision.setup_tensorflow()
+    from official.vision.serving import detection, export_saved_model_lib
+
+    params = tfvision.load_params(model_dir)
+    checkpoint = tfvision.latest_checkpoint(model_dir)
+    size = list(params.task.model.input_size[:2])
+    module = detection.DetectionModule(params=params, batch_size=None, input_image_size=size,
+                                       input_type=input_type, num_channels=3)
+    examples = tfvision.val_examples(data_dir, warmup_images)
+    label_map = tfvision.read_data_summary(data_dir)["label_map"]
+    with storage.atomic_directory(out_dir) as tmp:
+        export_saved_model_lib.export_inference_graph(
+            input_type=input_type, batch_size=None, input_image_size=size, params=params,
+            checkpoint_path=checkpoint, export_dir=str(tmp), export_module=module,
+            export_checkpoint_subdir="checkpoint", export_saved_model_subdir="saved_model")
+        extra = tmp / "saved_model" / ASSETS_EXTRA
+        extra.mkdir(parents=True, exist_ok=True)
+        shutil.copy(label_map, extra / LABEL_MAP_FILE)
+        shutil.copy(Path(model_dir) / PARAMS_FILE, extra / PARAMS_FILE)
+        for path in extras or []:
+            shutil.copy(path, extra / Path(path).name)
+        storage.write_text(extra / EXPORT_INFO, json.dumps({"input_type": input_type,
+                                                            "model_name": model_name}))
+        write_warmup(extra / WARMUP_FILE, model_name,
+                     [request_input(e, input_type) for e in examples])
+        check = check_export(tmp / "saved_model", module, input_type)
+        summary = {"saved_model": str(Path(out_dir) / "saved_model"), "checkpoint": checkpoint,
+                   "input_type": input_type, "check": check}
+        storage.write_text(tmp / "summary.json", json.dumps(summary, indent=2))
+    return summary

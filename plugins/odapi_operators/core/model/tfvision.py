@@ -1,0 +1,171 @@
+"""Building TF-Vision experiment configs from our model YAML, and the TF process setup.
+
+A model config is `experiment: <registered TF-Vision experiment>` plus `params:` overrides,
+applied strictly (an unknown key fails, naming it). The pipeline fills the keys it owns from
+the data: the number of classes from the label map, TFRecord patterns, steps and batch size.
+Only call these functions in a process that may hold TensorFlow (a stage child process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from odapi_operators.core.failures import Failure
+from odapi_operators.core import storage
+
+TRAIN_INFO = "odapi_train.json"
+PIPELINE_OWNED = (
+    "task.model.num_classes",
+    "task.train_data.input_path",
+    "task.validation_data.input_path",
+    "task.train_data.global_batch_size",
+    "trainer.train_steps",
+)
+
+
+class ModelConfigError(ValueError):
+    """The model config is invalid; the message names the file and key."""
+    failure = Failure.CONFIG
+
+
+def setup_tensorflow() -> None:
+    """Environment every TF stage needs, set before TensorFlow is imported."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Model Garden uses tf_keras
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+    import official.vision.registry_imports  # noqa: F401  (registers the experiments)
+
+
+def read_data_summary(data_dir: str | Path) -> dict:
+    """The records stage summary of `data_dir` (split patterns, label map, class count)."""
+    path = Path(data_dir) / "summary.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{data_dir}: not a records folder (no summary.json)")
+    return json.loads(storage.read_text(path))
+
+
+def val_examples(data_dir: str | Path, count: int | None = None) -> list[bytes]:
+    """Serialized tf.train.Examples of the val split (the first `count`, or all), in shard
+    order; an empty split is an error naming its files."""
+    import tensorflow as tf
+
+    pattern = read_data_summary(data_dir)["splits"]["val"]["pattern"]
+    dataset = tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern)))
+    examples = [raw.numpy() for raw in (dataset if count is None else dataset.take(count))]
+    if not examples:
+        raise ValueError(f"{pattern}: the val split has no image")
+    return examples
+
+
+def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return [prefix]
+    keys = []
+    for key, value in tree.items():
+        keys.extend(_dotted_keys(value, f"{prefix}.{key}" if prefix else str(key)))
+    return keys
+
+
+def load_model_config(path: str | Path) -> tuple[str, dict]:
+    """(experiment name, params overrides) from a model YAML, with owned keys refused."""
+    try:
+        data = yaml.safe_load(storage.read_text(path)) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelConfigError(f"{path}: cannot read model config: {exc}") from None
+    unknown = set(data) - {"experiment", "params"}
+    if unknown or not isinstance(data.get("experiment"), str):
+        raise ModelConfigError(f"{path}: needs 'experiment' (a registered TF-Vision experiment) "
+                               f"and optional 'params'; unknown keys: {sorted(unknown)}")
+    params = data.get("params") or {}
+    owned = [k for k in _dotted_keys(params) if any(k.startswith(o) for o in PIPELINE_OWNED)]
+    if owned:
+        raise ModelConfigError(f"{path}: {', '.join(owned)} is set by the pipeline; remove it")
+    return data["experiment"], params
+
+
+def build_params(model_config: str | Path, data_dir: str | Path, steps: int, batch_size: int):
+    """The ExperimentConfig for training on `data_dir` for `steps` steps."""
+    from official.core import exp_factory
+
+    experiment, overrides = load_model_config(model_config)
+    try:
+        params = exp_factory.get_exp_config(experiment)
+    except (KeyError, AssertionError):
+        raise ModelConfigError(f"{model_config}: experiment: {experiment!r} is not a "
+                               "registered TF-Vision experiment") from None
+    try:
+        params.override(overrides, is_strict=True)
+    except (KeyError, ValueError, AttributeError) as exc:
+        raise ModelConfigError(f"{model_config}: params: {exc}") from None
+    data = read_data_summary(data_dir)
+    per_loop = min(params.trainer.steps_per_loop, steps)
+    owned = {
+        "task": {
+            "model": {"num_classes": data["num_classes"] + 1},  # + background
+            "train_data": {"input_path": data["splits"]["train"]["pattern"],
+                           "global_batch_size": batch_size},
+            "validation_data": {"input_path": data["splits"]["val"]["pattern"]},
+        },
+        "trainer": {"train_steps": steps, "steps_per_loop": per_loop,
+                    "summary_interval": per_loop, "validation_steps": -1,
+                    "checkpoint_interval": max(per_loop, params.trainer.checkpoint_interval
+                                               // per_loop * per_loop)},
+    }
+    params.override(owned, is_strict=True)
+    learning_rate = params.trainer.optimizer_config.learning_rate
+    if learning_rate.type == "cosine":
+        learning_rate.cosine.decay_steps = steps
+    params.validate()
+    return params
+
+
+def save_params(params, experiment: str, model_dir: str | Path, **info: Any) -> None:
+    """Persist params so evaluate/export rebuild exactly the trained model."""
+    from official.core import train_utils
+
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    train_utils.serialize_config(params, str(model_dir))
+    storage.write_text(Path(model_dir) / TRAIN_INFO,
+                       json.dumps({"experiment": experiment, **info}, indent=2))
+
+
+def load_params(model_dir: str | Path):
+    """Rebuild the ExperimentConfig a model was trained with."""
+    from official.core import exp_factory
+    from official.modeling import hyperparams
+
+    info = json.loads(storage.read_text(Path(model_dir) / TRAIN_INFO))
+    params = exp_factory.get_exp_config(info["experiment"])
+    return hyperparams.override_params_dict(params, str(Path(model_dir) / "params.yaml"),
+                                            is_strict=True)
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The training step a checkpoint path names (`.../ckpt-1500` -> 1500)."""
+    return int(checkpoint.rsplit("-", 1)[-1])
+
+
+def latest_checkpoint(model_dir: str | Path) -> str:
+    import tensorflow as tf
+
+    checkpoint = tf.train.latest_checkpoint(str(model_dir))
+    if checkpoint is None:
+        raise FileNotFoundError(f"{model_dir}: no checkpoint found")
+    return checkpoint
+
+
+def distribution_strategy():
+    """MirroredStrategy over all visible GPUs, or the default strategy on CPU."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()

@@ -1,0 +1,123 @@
+"""Where training starts: from scratch, a given checkpoint, or the model in production.
+
+A start point is restored only when the model dir has no checkpoint yet (TF-Vision calls
+`task.initialize` only then), so a retried training run still resumes from its own newest
+checkpoint. Three kinds of source are understood:
+
+- our own checkpoints (a train model dir, an export's `checkpoint/`, or a SavedModel's
+  `variables/`; TF-Vision writes all of them as `model/...`): the whole model is restored,
+  or only backbone and decoder when the class count changed (the head's shape differs);
+- anything else (e.g. a TF-Vision backbone or zoo checkpoint): TF-Vision's own
+  `task.initialize` with `init_checkpoint_modules` from the model config.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from odapi_operators.core.failures import Failure
+from odapi_operators.core import storage
+
+from odapi_operators.core.serving import serving_dir
+
+
+class StartPointError(ValueError):
+    """The requested start point does not exist or cannot be read."""
+    failure = Failure.CONFIG
+
+
+def _log(message: str) -> None:
+    print(f"start point: {message}", file=sys.stderr, flush=True)
+
+
+def production_checkpoint(serving_model_dir: str) -> tuple[str, int] | None:
+    """(variables prefix, version) of the version Serving answers with, None if none yet.
+
+    `serving_model_dir` is `<serving base>/<model name>` (or one version folder).
+    """
+    path = serving_model_dir.rstrip("/")
+    if storage.exists(f"{path}/saved_model.pb"):
+        return f"{path}/variables/variables", int(os.path.basename(path))
+    base, name = os.path.split(path)
+    version = serving_dir.production_version(base, name)
+    if version is None:
+        return None
+    return f"{path}/{version}/variables/variables", version
+
+
+def checkpoint_prefix(path: str) -> str:
+    """A checkpoint prefix from a prefix, a checkpoint folder, or a SavedModel/export folder."""
+    import tensorflow as tf
+
+    for saved_model in (path, f"{path}/saved_model"):
+        if tf.io.gfile.exists(f"{saved_model}/saved_model.pb"):
+            return f"{saved_model}/variables/variables"
+    if tf.io.gfile.isdir(path):
+        for folder in (path, f"{path}/checkpoint"):
+            newest = tf.train.latest_checkpoint(folder)
+            if newest:
+                return newest
+        raise StartPointError(f"{path}: no checkpoint in this folder")
+    if not tf.io.gfile.glob(f"{path}.index"):
+        raise StartPointError(f"{path}: no such checkpoint (no {path}.index)")
+    return path
+
+
+def _is_ours(prefix: str) -> bool:
+    import tensorflow as tf
+
+    return any(name.startswith("model/") for name, _ in tf.train.list_variables(prefix))
+
+
+def _restore(model, prefix: str) -> str:
+    """Restore `model` from one of our checkpoints; return which modules were restored."""
+    import tensorflow as tf
+
+    try:
+        tf.train.Checkpoint(model=model).read(prefix).expect_partial() \
+            .assert_existing_objects_matched()
+        return "all"
+    except (ValueError, AssertionError, tf.errors.InvalidArgumentError) as exc:
+        _log(f"whole model does not fit ({str(exc).splitlines()[0][:160]}); "
+             "restoring backbone and decoder only (the class count changed?)")
+    parts = tf.train.Checkpoint(backbone=model.backbone, decoder=model.decoder)
+    tf.train.Checkpoint(model=parts).read(prefix).expect_partial() \
+        .assert_existing_objects_matched()
+    return "backbone,decoder"
+
+
+def install(task, init_checkpoint: str | None) -> dict:
+    """Make `task.initialize` start from `init_checkpoint`; return what will be done."""
+    if not init_checkpoint:
+        return {"from": "scratch"}
+    prefix = checkpoint_prefix(init_checkpoint)
+    if not _is_ours(prefix):
+        task.task_config.init_checkpoint = prefix  # TF-Vision's initialize reads it
+        _log(f"{prefix} via TF-Vision ({task.task_config.init_checkpoint_modules})")
+        return {"from": prefix, "modules": str(task.task_config.init_checkpoint_modules)}
+    info = {"from": prefix}
+
+    def initialize(model) -> None:
+        info["modules"] = _restore(model, prefix)
+        _log(f"restored {info['modules']} from {prefix}")
+
+    task.initialize = initialize
+    return info
+
+
+def resolve(init_checkpoint: str | None, warm_start_from: str | None) -> dict:
+    """The start point asked for: {'checkpoint': prefix or None, 'reason': ...}."""
+    if init_checkpoint and warm_start_from:
+        raise StartPointError("give --init-checkpoint or --warm-start-from, not both")
+    if init_checkpoint:
+        return {"checkpoint": init_checkpoint, "reason": "init checkpoint"}
+    if warm_start_from:
+        found = production_checkpoint(str(warm_start_from))
+        if found is None:
+            _log(f"no model in production under {warm_start_from} yet: from scratch")
+            return {"checkpoint": None, "reason": "warm start asked, nothing in production"}
+        return {"checkpoint": found[0], "reason": f"warm start from version {found[1]}",
+                "production_version": found[1]}
+    return {"checkpoint": None, "reason": "from scratch"}
+

@@ -1,0 +1,1 @@
+"""The TF Serving model directory: versions, labels, models.config, client, registry."""

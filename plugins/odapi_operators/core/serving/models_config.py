@@ -1,0 +1,261 @@
+"""TF Serving's `models.config`: which versions of a model are loaded and where labels point.
+
+Read and written with the real `tensorflow_serving.config` protos (which do not import
+TensorFlow), so what we write is exactly what `--model_config_file` accepts. Serving only lets
+a label point at a version it has already loaded, so a label moves in two writes: first the
+version policy is widened to serve the target version too (`serve`), then, once Serving has
+loaded it, the label moves (`set_label`). Entries of other models are left untouched.
+
+Each write is atomic (temp file + rename locally; a generation-checked object write on gs://)
+and read-modify-write cycles are serialized (a lock file locally, generation preconditions on
+object stores), so concurrent pushes of different models sharing one file lose no update.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable, Literal
+
+from google.protobuf import text_format
+from pydantic import BaseModel, ConfigDict, Field
+from tensorflow_serving.config import model_server_config_pb2 as pb
+
+from odapi_operators.core.failures import Failure
+from odapi_operators.core import storage, testpoints
+
+STABLE, CANARY = "stable", "canary"
+_LABEL = re.compile(r"^[A-Za-z0-9_]+$")
+_GS_RETRIES = 10
+
+VersionPolicy = Literal["labelled", "latest", "all"]
+
+
+class ServingConfigError(ValueError):
+    """models.config cannot be read, or a requested change would break what Serving serves."""
+    failure = Failure.CONFIG
+
+
+class ServingOptions(BaseModel):
+    """Extra keys of the `serving:` section for promotion (defaults live under `serving.base`).
+
+    `version_policy`: `labelled` writes `specific {versions}` = the versions labels point at,
+    plus a version being moved in (default: Serving loads exactly what is addressable);
+    `latest` writes `latest {num_versions: latest_versions}`; `all` loads every version.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models_config: str | None = None  # default <base>/models.config
+    registry: str | None = None  # default <base>/registry.jsonl
+    base_in_serving: str | None = None  # `base` as the Serving process sees it (docker: /models)
+    keep_versions: int = Field(default=5, ge=1)
+    version_policy: VersionPolicy = "labelled"
+    latest_versions: int = Field(default=2, ge=1)
+    # A running Serving to confirm a version with before a label moves (serving_client.py);
+    # none: the label moves unchecked (an Airflow `tf_serving_default` connection also works).
+    grpc_address: str | None = None  # host:port (8500); preferred over REST
+    rest_url: str | None = None  # http://host:8501
+    wait_available_s: float = Field(default=300, gt=0)
+
+    def models_config_path(self, base: str) -> str:
+        return self.models_config or _join(base, "models.config")
+
+    def registry_path(self, base: str) -> str:
+        return self.registry or _join(base, "registry.jsonl")
+
+    def model_base_path(self, base: str, model_name: str) -> str:
+        return _join(self.base_in_serving or base, model_name)
+
+
+def _join(base: str | os.PathLike, *parts: str) -> str:
+    return "/".join([os.fspath(base).rstrip("/"), *parts])
+
+
+# --- the proto ---------------------------------------------------------------------------
+
+
+def parse(text: str, source: str = "models.config") -> pb.ModelServerConfig:
+    config = pb.ModelServerConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ServingConfigError(f"{source}: not a text-format ModelServerConfig: {exc}") from None
+    if config.WhichOneof("config") == "custom_model_config":
+        raise ServingConfigError(f"{source}: custom_model_config is not supported")
+    return config
+
+
+def render(config: pb.ModelServerConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def entry(config: pb.ModelServerConfig, name: str) -> pb.ModelConfig | None:
+    for model in config.model_config_list.config:
+        if model.name == name:
+            return model
+    return None
+
+
+def ensure_entry(config: pb.ModelServerConfig, name: str, base_path: str) -> pb.ModelConfig:
+    """The entry for `name`, created (platform tensorflow) if absent; base_path kept current."""
+    model = entry(config, name)
+    if model is None:
+        model = config.model_config_list.config.add()
+        model.name = name
+        model.model_platform = "tensorflow"
+    model.base_path = base_path
+    return model
+
+
+def labels(model: pb.ModelConfig | None) -> dict[str, int]:
+    return dict(model.version_labels) if model is not None else {}
+
+
+def policy_kind(model: pb.ModelConfig) -> str:
+    """`latest` (also Serving's default when no policy is set), `all` or `specific`."""
+    return model.model_version_policy.WhichOneof("policy_choice") or "latest"
+
+
+def current_policy(model: pb.ModelConfig | None,
+                   default: ServingOptions | None = None) -> ServingOptions:
+    """Options whose policy matches what the file already says (for tools with no pipeline
+    config, e.g. `odapi rollback`, which must not rewrite a `latest` policy as `labelled`)."""
+    options = default or ServingOptions()
+    if model is None:
+        return options
+    kind = policy_kind(model)
+    if kind == "specific":
+        return options.model_copy(update={"version_policy": "labelled"})
+    if kind == "all":
+        return options.model_copy(update={"version_policy": "all"})
+    count = model.model_version_policy.latest.num_versions or 1
+    return options.model_copy(update={"version_policy": "latest", "latest_versions": count})
+
+
+def served(model: pb.ModelConfig, available: list[int]) -> list[int]:
+    """The versions Serving loads for `model`, given the complete version directories."""
+    kind = policy_kind(model)
+    if kind == "all":
+        return sorted(available)
+    if kind == "specific":
+        wanted = set(model.model_version_policy.specific.versions)
+        return sorted(v for v in available if v in wanted)
+    count = model.model_version_policy.latest.num_versions or 1
+    return sorted(available)[-count:]
+
+
+def referenced(model: pb.ModelConfig | None) -> set[int]:
+    """Versions the entry names explicitly (labels, specific list): never garbage-collect them."""
+    if model is None:
+        return set()
+    names = set(labels(model).values())
+    if policy_kind(model) == "specific":
+        names |= set(model.model_version_policy.specific.versions)
+    return names
+
+
+def serve(model: pb.ModelConfig, version: int, available: list[int],
+          policy: VersionPolicy = "labelled", latest_versions: int = 2) -> None:
+    """Step 1 of a label move: make the policy load `version` without dropping labelled ones."""
+    if version not in available:
+        raise ServingConfigError(f"{model.base_path}/{version}: not a complete version "
+                                 "(no saved_model.pb)")
+    choice = model.model_version_policy
+    if policy == "all":
+        choice.all.SetInParent()
+    elif policy == "latest":
+        choice.latest.num_versions = latest_versions
+    else:
+        keep = {v for v in labels(model).values() if v in available} | {version}
+        del choice.specific.versions[:]
+        choice.specific.versions.extend(sorted(keep))
+    loaded = served(model, available)
+    labelled = {v for v in labels(model).values() if v in available}  # a deleted one can't be
+    missing = sorted(({version} | labelled) - set(loaded))
+    if missing:
+        raise ServingConfigError(
+            f"{model.name}: version_policy {policy} would not serve version(s) {missing} "
+            f"(loaded: {loaded}); labels may only point at loaded versions")
+
+
+def set_label(model: pb.ModelConfig, label: str, version: int, available: list[int]) -> None:
+    """Step 2 of a label move: point `label` at a version the policy already serves."""
+    if not _LABEL.match(label):
+        raise ServingConfigError(f"label {label!r}: only [A-Za-z0-9_] allowed")
+    if version not in served(model, available):
+        raise ServingConfigError(f"{model.name}: cannot label version {version} {label!r}: "
+                                 "it is not served yet (write step 1 first)")
+    model.version_labels[label] = version
+
+
+# --- the file ----------------------------------------------------------------------------
+
+
+def read(path: str | os.PathLike) -> pb.ModelServerConfig:
+    """The config at `path`; an empty one if the file does not exist yet."""
+    if not storage.exists(path):
+        return pb.ModelServerConfig()
+    return parse(storage.read_text(path), os.fspath(path))
+
+
+def _write_local(path: Path, text: str) -> None:
+    for stale in path.parent.glob(f".tmp-{path.name}-*"):  # from a writer killed mid-write
+        stale.unlink(missing_ok=True)
+    with storage.atomic_write(path, "w") as fh:
+        half = len(text) // 2
+        fh.write(text[:half])
+        fh.flush()
+        testpoints.reached("models_config:writing")
+        fh.write(text[half:])
+
+
+def update(path: str | os.PathLike,
+           change: Callable[[pb.ModelServerConfig], None]) -> pb.ModelServerConfig:
+    """Read, apply `change`, write back atomically; serialized against other writers.
+
+    `change` may run more than once on object stores (after losing a race) and must only
+    depend on the config it is given.
+    """
+    if storage.is_local(path):
+        local = Path(path)
+        with storage.file_lock(local):
+            config = read(local)
+            change(config)
+            _write_local(local, render(config))
+            return config
+    for _ in range(_GS_RETRIES):
+        try:
+            generation = storage.stat(path).generation
+        except FileNotFoundError:
+            generation = 0
+        config = parse(storage.read_text(path), os.fspath(path)) if generation else \
+            pb.ModelServerConfig()
+        change(config)
+        try:
+            storage.write_bytes_if_generation(path, render(config).encode(), generation)
+            return config
+        except storage.PreconditionFailed:
+            continue
+    raise ServingConfigError(f"{os.fspath(path)}: still changing under us after "
+                             f"{_GS_RETRIES} attempts")
+
+
+def move_label(path: str | os.PathLike, name: str, base_path: str, label: str, version: int,
+               available: list[int], *, policy: VersionPolicy = "labelled",
+               latest_versions: int = 2,
+               wait: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Point `label` of model `name` at `version` in the two writes Serving requires.
+
+    Between the writes, `wait(version)` (e.g. the Serving hook waiting for AVAILABLE) runs
+    without any lock held. Returns the labels after the move.
+    """
+    update(path, lambda c: serve(ensure_entry(c, name, base_path), version, available,
+                                 policy, latest_versions))
+    testpoints.reached("models_config:between_steps")
+    if wait is not None:
+        wait(version)
+    config = update(path, lambda c: set_label(ensure_entry(c, name, base_path), label, version,
+                                              available))
+    return labels(entry(config, name))
