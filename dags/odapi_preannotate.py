@@ -18,14 +18,13 @@ from airflow.sdk import DAG, Param
 
 from odapi_operators.assets import SERVED_MODEL
 from odapi_operators.core.config import load_pipeline_config
-from odapi_operators.operators import ResolvePipelineConfigOperator
-from odapi_operators.preannotate_operators import PreannotateOperator
+from odapi_operators.operators import PreannotateOperator, ResolvePipelineConfigOperator
 
 PIPELINE_CONFIG = os.environ.get(
     "ODAPI_PIPELINE_CONFIG",
     str(Path(__file__).resolve().parents[1] / "include" / "configs" / "pipeline.yaml"))
 PIPELINE = load_pipeline_config(PIPELINE_CONFIG)
-HOME = Path(PIPELINE.home)
+DEFAULTS = PIPELINE.preannotate  # every param starts at the pipeline config's value
 
 with DAG(
     dag_id="odapi_preannotate",
@@ -35,34 +34,32 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["odapi"],
-    render_template_as_native_obj=True,  # params keep their types (None, int) in templates
     params={
-        "pool": Param(str(HOME / "var" / "unlabeled"), type="string", minLength=1,
+        "pool": Param(DEFAULTS.pool, type="string", minLength=1,
                       description="Unlabeled images: a folder, a gs:// prefix or a list file"),
-        "format": Param("prodigy", enum=["prodigy", "labelstudio"],
+        "format": Param(DEFAULTS.format, enum=["prodigy", "labelstudio"],
                         description="Task format to write"),
-        "top_k": Param(100, type=["null", "integer"], minimum=1,
-                       description="Images to send (null: every one that passes the guards)"),
-        "score_threshold": Param(0.3, type="number", minimum=0, maximum=1,
+        "top_k": Param(DEFAULTS.top_k, type=["null", "integer"], minimum=1,
+                       description="Images to send (null: the pipeline config's value)"),
+        "score_threshold": Param(DEFAULTS.score_threshold, type="number", minimum=0, maximum=1,
                                  description="Lowest score of a proposed box"),
-        "max_boxes": Param(20, type="integer", minimum=1,
+        "max_boxes": Param(DEFAULTS.max_boxes, type="integer", minimum=1,
                            description="Most proposed boxes per image"),
-        "out_dir": Param(str(HOME / "var" / "preannotations"), type="string", minLength=1,
+        "out_dir": Param(DEFAULTS.out_dir, type="string", minLength=1,
                          description="Batches go to <out_dir>/<run id>/; the sent ledger "
                                      "and download cache live here too"),
-        "candidate": Param(None, type=["null", "string"],
+        "candidate": Param(DEFAULTS.candidate, type=["null", "string"],
                            description="A second model (e.g. a training model dir): its "
                                        "disagreements with production rank higher"),
-        "labeled": Param([PIPELINE.exports.path], type="array", items={"type": "string"},
+        "labeled": Param(DEFAULTS.labeled or [PIPELINE.exports.path], type="array",
+                         items={"type": "string"},
                          description="Manifests or exports whose images are labeled "
                                      "already (default: the exports folder)"),
     },
 ) as dag:
-    config = ResolvePipelineConfigOperator(task_id="resolve_config",
-                                           pipeline_config=PIPELINE_CONFIG)
-    PreannotateOperator(task_id="preannotate", config=config.output["config"],
-                        images="{{ params.pool }}", out_dir="{{ params.out_dir }}",
-                        fmt="{{ params.format }}", top_k="{{ params.top_k }}",
-                        score_threshold="{{ params.score_threshold }}",
-                        max_boxes="{{ params.max_boxes }}",
-                        candidate="{{ params.candidate }}", labeled="{{ params.labeled }}")
+    config = ResolvePipelineConfigOperator(
+        task_id="resolve_config", pipeline_config=PIPELINE_CONFIG,
+        param_keys={name: f"preannotate.{name}" for name in
+                    ("pool", "format", "top_k", "score_threshold", "max_boxes", "out_dir",
+                     "candidate", "labeled")})
+    PreannotateOperator(task_id="preannotate", config=config.output["config"])

@@ -81,7 +81,9 @@ with DAG(
         param_keys={"export_path": "exports.path", "train_steps": "train.steps",
                     "model_config": "train.model_config",
                     "init_checkpoint": "train.init_checkpoint",
-                    "warm_start": "train.warm_start", "min_ap50": "gate.min_ap50"})
+                    "warm_start": "train.warm_start", "min_ap50": "gate.min_ap50",
+                    "take_exports": "run.take_exports", "dry_run": "run.dry_run",
+                    "force_promote": "run.force_promote", "force_reason": "run.reason"})
     cfg = config.output["config"]
 
     wait = AnnotationExportSensor(task_id="wait_for_export", config=cfg, poke_interval=60,
@@ -106,7 +108,7 @@ with DAG(
         train = train_task("train", config=cfg, data=records.output["data"],
                            placement=PIPELINE.train.placement)
         evaluate = EvaluateDetectorOperator(task_id="evaluate", config=cfg,
-                                            model_dir=train.output["model_dir"],
+                                            model=train.output["model_dir"],
                                             data=records.output["data"])
         production = EvaluateProductionOperator(task_id="evaluate_production", config=cfg,
                                                 data=records.output["data"])

@@ -16,8 +16,7 @@ from pathlib import Path
 from airflow.sdk import DAG, Param
 
 from odapi_operators.assets import SERVED_MODEL
-from odapi_operators.operators import ResolvePipelineConfigOperator
-from odapi_operators.serving_operators import RollbackOperator
+from odapi_operators.operators import ResolvePipelineConfigOperator, RollbackOperator
 
 PIPELINE_CONFIG = os.environ.get(
     "ODAPI_PIPELINE_CONFIG",
@@ -44,6 +43,8 @@ with DAG(
 ) as dag:
     config = ResolvePipelineConfigOperator(task_id="resolve_config",
                                            pipeline_config=PIPELINE_CONFIG,
-                                           param_keys={"model": "serving.model_name"})
+                                           param_keys={"model": "serving.model_name",
+                                                       "version": "run.rollback_to",
+                                                       "reason": "run.reason"})
     RollbackOperator(task_id="rollback", config=config.output["config"],
                      outlets=[SERVED_MODEL])

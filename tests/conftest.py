@@ -105,8 +105,8 @@ def trained_model(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trained")
     records = prepare_records(root)
     model_dir = root / "model"
-    odapi("train", "--config", str(keep_all_detections_config(root)), "--data", str(records),
-          "--model-dir", str(model_dir), "--steps", "4", "--batch-size", "2")
+    odapi("train", "--model-config", str(keep_all_detections_config(root)), "--data",
+          str(records), "--out", str(model_dir), "--steps", "4", "--batch-size", "2")
     return {"root": root, "records": records, "model_dir": model_dir}
 
 
@@ -182,7 +182,7 @@ def exported_model(trained_model, tmp_path_factory) -> Path:
     out = root / "export"
     odapi("export", "--model-dir", str(trained_model["model_dir"]), "--data",
           str(trained_model["records"]), "--out", str(out), "--input-type", "image_bytes",
-          "--model-name", "shapes", "--extra", str(root / "decision.json"))
+          "--model-name", "shapes", "--extras", str(root / "decision.json"))
     return out / "saved_model"
 
 

@@ -57,11 +57,11 @@ def test_both_entry_points_agree(tmp_path):
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS, ids=list(ENTRY_POINTS))
-def test_ingest_empty_folder_exits_1(entry, tmp_path):
+def test_ingest_empty_folder_exits_with_the_data_failure(entry, tmp_path):
     empty = tmp_path / "empty_export_folder"
     empty.mkdir()
     result = run(ENTRY_POINTS[entry], "ingest", str(empty), "--out", str(tmp_path / "out"))
-    assert result.returncode == 1
+    assert result.returncode == 4  # bad data: an operator fails without retrying
     assert result.stdout == ""
     assert result.stderr.startswith("odapi ingest: error:")
     assert "empty_export_folder" in result.stderr

@@ -10,6 +10,7 @@ combinations) `check_params` refuses in resolve_config, before anything heavy ru
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,20 +82,21 @@ def test_dag_test_refuses_a_bad_conf_before_creating_a_run(retrain: Any,
 
 
 @pytest.mark.parametrize(("conf", "message"), [
-    ({"force_promote": True}, "force_promote needs a force_reason"),
-    ({"force_promote": True, "force_reason": "  "}, "force_promote needs a force_reason"),
+    ({"force_promote": True}, "run.force_promote needs run.reason (the force_reason param)"),
+    ({"force_promote": True, "force_reason": "  "},
+     "run.force_promote needs run.reason (the force_reason param)"),
     ({"init_checkpoint": "/models/ckpt-100", "warm_start": True},
-     "give init_checkpoint or warm_start, not both"),
+     "give train.init_checkpoint or train.warm_start, not both"),
 ], ids=["force-no-reason", "force-blank-reason", "checkpoint-and-warm-start"])
 def test_schema_valid_combinations_are_refused_by_name(retrain: Any, conf: dict,
                                                        message: str) -> None:
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from odapi_operators.operators import check_params
+    from odapi_operators.core.config import ConfigError, load_pipeline_config
 
     params = _validate_as_trigger(retrain, conf)  # each value alone passes the schema
-    with pytest.raises(AirflowFailException, match=f"^invalid params: {message}"):
-        check_params(params)
+    resolve = retrain.get_task("resolve_config")  # the DAG's own param -> config key map
+    overrides = {key: params.get(name) for name, key in resolve.param_keys.items()}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_pipeline_config(resolve.pipeline_config, overrides)
 
 
 def test_a_run_with_bad_combinations_fails_at_resolve_config(
@@ -110,8 +112,9 @@ def test_a_run_with_bad_combinations_fails_at_resolve_config(
     [resolve] = [ti for ti in dag_run.get_task_instances() if ti.task_id == "resolve_config"]
     assert resolve.try_number == 1, "AirflowFailException must not be retried"
     log = capsys.readouterr().out
-    assert ("AirflowFailException: invalid params: force_promote needs a force_reason (it is "
-            "recorded in decision.json); give init_checkpoint or warm_start, not both") in log
+    assert "AirflowFailException: " in log and "invalid pipeline config" in log
+    assert ("run.force_promote needs run.reason (the force_reason param): it is recorded in "
+            "decision.json; give train.init_checkpoint or train.warm_start, not both") in log
 
 
 def test_valid_params_reach_the_frozen_config(retrain: Any, airflow_db: Path) -> None:

@@ -22,7 +22,7 @@ def _export(trained_model, tmp_path, input_type: str, exported_model) -> tuple[d
         "export", "--model-dir", str(trained_model["model_dir"]),
         "--data", str(trained_model["records"]), "--out", str(out),
         "--input-type", input_type, "--model-name", "shapes",
-        "--extra", str(extra_file)).stdout)
+        "--extras", str(extra_file)).stdout)
     return summary, out / "saved_model"
 
 

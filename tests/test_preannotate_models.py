@@ -60,9 +60,9 @@ def served(exported_model, tmp_path_factory):
 
 def _cli(served: dict, name: str, model: str, *extra: str) -> tuple[dict, list[dict]]:
     out = served["root"] / name / "batch"  # its own folder: its own sent ledger
-    done = odapi("preannotate", "--model", model, "--images", str(served["pool"]),
+    done = odapi("preannotate", "--model", model, "--pool", str(served["pool"]),
                  "--out", str(out), "--score-threshold", "0", "--max-boxes", "5",
-                 "--top", "4", *extra)
+                 "--top-k", "4", *extra)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     tasks = [json.loads(line) for line in (out / "tasks.jsonl").read_text().splitlines()]
     return summary, tasks

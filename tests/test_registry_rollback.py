@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from odapi_operators import cli_models
+from odapi_operators.cli import build_parser, main
+from odapi_operators.cli_models import cmd_models_list
 from odapi_operators.core.serving import registry, models_config as serving_config
 from odapi_operators.core.evaluation.gate import GatePolicy, gate
 from odapi_operators.core.layout import RunLayout, Stage
@@ -163,7 +164,7 @@ def test_rollback_keeps_a_latest_policy(tmp_path):
         push(fake_saved_model(tmp_path / f"e{i}", str(i)), serving, "shapes", f"r{i}",
              options=options)
         promote(serving, "shapes", i, options=options)
-    run_cli(["rollback", "--model", "shapes", "--serving-base", str(serving)])
+    run_cli(["rollback", "--model-name", "shapes", "--base", str(serving), "--reason", "test"])
     model = serving_config.entry(serving_config.read(serving / "models.config"), "shapes")
     assert serving_config.policy_kind(model) == "latest"
     assert dict(model.version_labels) == {"stable": 1}
@@ -173,33 +174,29 @@ def test_rollback_keeps_a_latest_policy(tmp_path):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="odapi")
-    cli_models.add_commands(p.add_subparsers(dest="command", required=True))
-    return p
+    return build_parser()
 
 
 def run_cli(argv: list[str]) -> None:
-    args = parser().parse_args(argv)
-    args.func(args)
+    assert main(argv) == 0
 
 
 def test_argparse_wiring():
-    args = parser().parse_args(["rollback", "--model", "m", "--to", "3", "--reason", "r",
-                                "--serving-base", "/s"])
-    assert (args.model, args.to, args.reason, args.serving_base, args.func) == (
-        "m", 3, "r", "/s", cli_models.cmd_rollback)
+    args = parser().parse_args(["rollback", "--model-name", "m", "--to", "3", "--reason", "r",
+                                "--base", "/s"])
+    assert (args.opt__model_name, args.in__to, args.in__reason, args.opt__base) == (
+        "m", 3, "r", "/s")
     args = parser().parse_args(["models", "list", "--json"])
-    assert (args.model, args.json, args.func) == (None, True, cli_models.cmd_models_list)
+    assert (args.model, args.json, args.func) == (None, True, cmd_models_list)
     with pytest.raises(SystemExit):
-        parser().parse_args(["rollback"])  # --model is required
+        parser().parse_args(["rollback", "--to", "x"])  # not a version number
     with pytest.raises(SystemExit):
         parser().parse_args(["models"])  # an action is required
 
 
 def test_cli_rollback_prints_result(served, capsys, monkeypatch):
     monkeypatch.setenv("USER", "ops")
-    run_cli(["rollback", "--model", "shapes", "--serving-base", str(served),
-             "--reason", "drift"])
+    run_cli(["rollback", "--model-name", "shapes", "--base", str(served), "--reason", "drift"])
     result = json.loads(capsys.readouterr().out)
     assert (result["version"], result["previous"], result["labels"]) == (1, 2, {"stable": 1})
     assert registry.read(served / "registry.jsonl")[-1]["by"] == "ops"

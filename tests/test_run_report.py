@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import prepare_records
-from odapi_operators.cli_report import add_commands
+from odapi_operators.cli import build_parser
 from odapi_operators.core.evaluation import gate
 from odapi_operators.core.model.tfvision import val_examples
 from odapi_operators.core.evaluation.report import build_report
@@ -210,12 +209,11 @@ def test_report_without_production_or_events_says_so(run, tmp_path):
 
 
 def test_report_command(run, tmp_path):
-    parser = argparse.ArgumentParser(prog="odapi")
-    add_commands(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "report"
-    args = parser.parse_args(["report", "--eval", str(run["eval"]), "--data", str(run["records"]),
-                              "--out", str(out), "--baseline-eval", str(run["baseline"]),
-                              "--decision", str(run["decision"]), "--grid-images", "3"])
+    args = build_parser().parse_args([
+        "report", "--metrics", str(run["eval"] / "metrics.json"), "--data", str(run["records"]),
+        "--out", str(out), "--baseline-metrics", str(run["baseline"] / "metrics.json"),
+        "--decision", str(run["decision"]), "--grid-images", "3"])
     summary = json.loads(json.dumps(args.func(args)))
     assert summary["report"] == str(out / "report.html") and summary["grid_images"] == 3
     assert summary["baseline"] is True and summary["classes"] == len(CLASSES)

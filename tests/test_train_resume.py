@@ -25,8 +25,8 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     model_config = tmp_path / "model.yaml"
     model_config.write_text(yaml.safe_dump(config))
     model_dir = tmp_path / "model"
-    args = [sys.executable, "-u", "-m", "odapi_operators", "train", "--config",
-            str(model_config), "--data", str(records), "--model-dir", str(model_dir),
+    args = [sys.executable, "-u", "-m", "odapi_operators", "train", "--model-config",
+            str(model_config), "--data", str(records), "--out", str(model_dir),
             "--steps", "40", "--batch-size", "2"]
 
     child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

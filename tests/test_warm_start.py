@@ -31,8 +31,8 @@ def test_missing_init_checkpoint_names_the_path(tmp_path):
 
 
 def _train(records, model_dir, steps, *extra: str) -> dict:
-    summary = json.loads(odapi("train", "--config", str(keep_all_detections_config(
-        model_dir.parent)), "--data", str(records), "--model-dir", str(model_dir),
+    summary = json.loads(odapi("train", "--model-config", str(keep_all_detections_config(
+        model_dir.parent)), "--data", str(records), "--out", str(model_dir),
         "--steps", str(steps), "--batch-size", "4", *extra).stdout.splitlines()[-1])
     return summary
 

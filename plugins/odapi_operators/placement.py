@@ -2,7 +2,7 @@
 
 - `local`: `TrainDetectorOperator`, a child process of whichever worker takes the task;
 - `celery`: the same operator on the Celery queue `queue` (a worker started with `-q gpu`);
-- `kubernetes`: a `KubernetesPodOperator` running the same `odapi train --pipeline ...`
+- `kubernetes`: a `KubernetesPodOperator` running the same `odapi stage run train ...`
   command in the project image, requesting `gpus` x `nvidia.com/gpu`; its JSON summary comes
   back through the pod's XCom sidecar.
 
@@ -16,7 +16,8 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from odapi_operators.core.config import KubernetesPlacement, TrainPlacement
-from odapi_operators.operators import TrainDetectorOperator, train_command
+from odapi_operators.core.stages.runner import stage_command
+from odapi_operators.operators import TrainDetectorOperator
 
 XCOM_RETURN = "/airflow/xcom/return.json"  # the KubernetesPodOperator's XCom sidecar reads it
 
@@ -54,7 +55,9 @@ def train_pod(task_id: str, *, config: Any, data: Any, spec: KubernetesPlacement
     return KubernetesPodOperator(
         task_id=task_id, name="odapi-train", namespace=spec.namespace, image=spec.image,
         cmds=["odapi"],
-        arguments=["--summary-file", XCOM_RETURN, *train_command(config, data, "{{ run_id }}")],
+        arguments=["--summary-file", XCOM_RETURN,
+                   *stage_command("train", pipeline=config, run_id="{{ run_id }}",
+                                  inputs={"data": data})],
         container_resources=resources, tolerations=tolerations, volumes=volumes,
         volume_mounts=mounts, node_selector=spec.node_selector or None,
         service_account_name=spec.service_account,

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from odapi_operators.core.failures import Failure
 from odapi_operators.core import storage
+from odapi_operators.core.layout import PIPELINE
 from odapi_operators.core.evaluation.gate import GatePolicy
 from odapi_operators.core.serving.models_config import ServingOptions
 
@@ -34,16 +36,34 @@ class _Strict(BaseModel):
 FormatName = Literal["auto", "voc", "cvat", "coco", "labelstudio", "prodigy", "openimages", "csv"]
 
 
+def only(*stages: str) -> dict:
+    """Field metadata: this option belongs to these stages of a shared section (their
+    commands offer it; the others do not). `watch` is the export sensor."""
+    return {"stages": list(stages)}
+
+
 class ExportsConfig(_Strict):
-    path: str = Field(description="export folder, or a folder of export folders, to watch")
-    format: FormatName = "auto"
-    marker: str | None = "_SUCCESS"
-    inactivity_seconds: int = Field(default=0, ge=0)  # without a marker: unchanged this long
-    images_root: str | None = None
-    unknown_classes: Literal["add", "skip", "reject"] = "add"
-    classes: list[str] | None = None  # train only these classes (names; Open Images MIDs too)
-    csv_columns: dict[str, str] | None = None  # our name -> CSV header, for other CSV layouts
-    ledger: str = "var/exports-ledger.jsonl"
+    path: str = Field(description="export folder, or a folder of export folders, to watch",
+                      json_schema_extra=only("watch", "select_exports"))
+    format: FormatName = Field(default="auto", description="annotation format of the exports")
+    marker: str | None = Field(default="_SUCCESS",
+                               json_schema_extra=only("watch", "select_exports"),
+                               description="an export counts once this file exists")
+    inactivity_seconds: int = Field(default=0, ge=0, json_schema_extra=only("watch"),
+                                    description="without a marker: unchanged this long")
+    images_root: str | None = Field(default=None, description="resolve image names here "
+                                                               "(never outside it)")
+    unknown_classes: Literal["add", "skip", "reject"] = Field(
+        default="add", description="classes not in the label map: add them, skip their boxes, "
+                                   "or reject the image")
+    classes: list[str] | None = Field(default=None, description="train only these classes "
+                                                                "(names; Open Images MIDs too)")
+    csv_columns: dict[str, str] | None = Field(
+        default=None, description="CSV layout, our name -> CSV header: image, label, xmin, "
+                                  "ymin, xmax, ymax[, width, height]")
+    ledger: str = Field(default="var/exports-ledger.jsonl",
+                        json_schema_extra=only("select_exports"),
+                        description="which run consumed which export")
 
     def parser_options(self) -> dict:
         return {k: v for k, v in (("classes", self.classes), ("csv_columns", self.csv_columns))
@@ -53,16 +73,25 @@ class ExportsConfig(_Strict):
 class ImagesConfig(_Strict):
     """Download and verify settings (see core/data/download.py, core/data/verify.py)."""
 
-    max_side: int | None = Field(default=None, gt=0)  # resize larger images (draft decoding)
-    max_failed_share: float = Field(default=0.05, ge=0, le=1)  # download failure budget
-    max_quarantined_share: float = Field(default=1.0, ge=0, le=1)  # verify failure budget
-    threads: int | None = Field(default=None, gt=0)  # None: 64 per core
-    workers: int | None = Field(default=None, gt=0)  # decode processes; None: one per core
-    retries: int = Field(default=3, ge=0)
-    connect_timeout: float = Field(default=10.0, gt=0)
-    read_timeout: float = Field(default=20.0, gt=0)
-    deadline: float = Field(default=90.0, gt=0)  # per image, whole body (slow-loris guard)
-    max_mb: int = Field(default=50, gt=0)
+    max_side: int | None = Field(default=None, gt=0, json_schema_extra=only("verify"),
+                                 description="shrink larger images to this longest side")
+    max_failed_share: float = Field(default=0.05, ge=0, le=1, json_schema_extra=only("fetch"),
+                                    description="fail above this share of failed downloads")
+    max_quarantined_share: float = Field(default=1.0, ge=0, le=1,
+                                         json_schema_extra=only("verify"),
+                                         description="fail above this share of images that "
+                                                     "do not decode")
+    threads: int | None = Field(default=None, gt=0, json_schema_extra=only("fetch"),
+                                description="requests in flight (default: 64 per core)")
+    workers: int | None = Field(default=None, gt=0, json_schema_extra=only("verify"),
+                                description="decoding processes (default: one per core)")
+    retries: int = Field(default=3, ge=0, json_schema_extra=only("fetch"))
+    connect_timeout: float = Field(default=10.0, gt=0, json_schema_extra=only("fetch"))
+    read_timeout: float = Field(default=20.0, gt=0, json_schema_extra=only("fetch"))
+    deadline: float = Field(default=90.0, gt=0, json_schema_extra=only("fetch"),
+                            description="seconds for one whole response (slow-loris guard)")
+    max_mb: int = Field(default=50, gt=0, json_schema_extra=only("fetch"),
+                        description="largest image body in MiB")
 
     def policy(self):
         from odapi_operators.core.data.download import DownloadPolicy
@@ -73,10 +102,15 @@ class ImagesConfig(_Strict):
 
 
 class RecordsConfig(_Strict):
-    split: dict[str, float] = {"train": 0.8, "val": 0.2}
-    shards: dict[str, int] | None = None  # None: as many as target_shard_mb gives
+    split: dict[str, float] = Field(default={"train": 0.8, "val": 0.2},
+                                    description="split ratios, e.g. train=0.8,val=0.2")
+    shards: dict[str, int] | None = Field(default=None, description="shards per split, e.g. "
+                                          "train=32,val=4 (default: by target_shard_mb)")
     target_shard_mb: int = Field(default=128, gt=0)
-    cache: str | None = "var/records-cache"  # same dataset version: shards reused
+    cache: str | None = Field(default="var/records-cache",
+                              description="reuse shards of the same content written here")
+    workers: int | None = Field(default=None, gt=0,
+                                description="writer processes (default: one per core)")
 
     @field_validator("split")
     @classmethod
@@ -111,26 +145,98 @@ class TrainPlacement(_Strict):
 
 
 class TrainConfig(_Strict):
-    model_config_path: str = Field(alias="model_config")
-    steps: int = Field(gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    init_checkpoint: str | None = None  # start from this checkpoint (local or gs://)
-    warm_start: bool = False  # start from the checkpoint of the model in production
+    model_config_path: str = Field(alias="model_config",
+                                   description="TF-Vision model config YAML "
+                                               "(include/configs/models)")
+    steps: int = Field(gt=0, description="train until this global step")
+    batch_size: int = Field(default=8, gt=0, description="global batch size")
+    init_checkpoint: str | None = Field(
+        default=None, description="start from this checkpoint (prefix or folder, local or "
+                                  "gs://): one of ours, or a TF-Vision backbone checkpoint")
+    warm_start: bool = Field(default=False, description="start from the checkpoint of the "
+                                                        "model in production")
     placement: TrainPlacement = TrainPlacement()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class EvaluateConfig(_Strict):
-    min_images: int = Field(default=1, ge=1)  # fewer val images: evaluation fails
-    missing_classes: Literal["fail", "warn"] = "fail"  # a class without val boxes
+    min_images: int = Field(default=1, ge=1, description="fewer val images: evaluation fails")
+    missing_classes: Literal["fail", "warn"] = Field(
+        default="fail", description="a class of the label map without val boxes")
 
 
 class ExportConfig(_Strict):
-    input_type: Literal["image_tensor", "image_bytes", "tf_example"] = "image_tensor"
+    input_type: Literal["image_tensor", "image_bytes", "tf_example"] = Field(
+        default="image_tensor", description="what the SavedModel's serving_default takes")
+
+
+class ReportConfig(_Strict):
+    grid_images: int = Field(default=12, ge=0, description="validation images to draw")
+    score_threshold: float = Field(default=0.3, ge=0, le=1,
+                                   description="lowest score of a drawn prediction")
+
+
+class PreannotateConfig(_Strict):
+    """Pre-annotation and active learning (DAG odapi_preannotate, `odapi preannotate`)."""
+
+    pool: str = Field(default="var/unlabeled", description="unlabeled images: a folder, a "
+                      "gs:// prefix, or a text file of URLs/paths (one a line)")
+    out_dir: str = Field(default="var/preannotations", description="batches go to "
+                         "<out_dir>/<run id>/; the sent ledger and download cache live here")
+    format: Literal["prodigy", "labelstudio"] = Field(default="prodigy",
+                                                      description="task format to write")
+    top_k: int | None = Field(default=100, ge=1, description="images to send (none: every "
+                              "one that passes the guards)")
+    score_threshold: float = Field(default=0.3, ge=0, le=1,
+                                   description="lowest score of a proposed box")
+    max_boxes: int = Field(default=20, ge=1, description="most proposed boxes per image")
+    batch_size: int = Field(default=8, ge=1, description="images per model call")
+    band: tuple[float, float] = Field(default=(0.2, 0.6), description="borderline score "
+                                      "band for uncertainty, e.g. [0.2, 0.6]")
+    max_hamming: int = Field(default=6, ge=0, description="dHash bits within which two "
+                             "images are near-duplicates")
+    inline_images: bool = Field(default=True, description="Prodigy: inline local images as "
+                                "data URIs instead of naming them by path")
+    candidate: str | None = Field(default=None, description="a second model (e.g. a training "
+                                  "model dir): images where it disagrees rank higher")
+    labeled: list[str] | None = Field(default=None, description="manifests or exports whose "
+                                      "images are labeled already (default: exports.path)")
+
+
+class RunConfig(_Strict):
+    """What shaped one run besides the YAML: frozen with it, so `pipeline.json` replays it.
+
+    Filled by `resolve_config` from the Airflow run (id, type, data interval, who triggered
+    it) and the DAG params that are per-run switches rather than options of a section.
+    """
+
+    id: str | None = None
+    type: str | None = None  # manual, scheduled, backfill, asset_triggered
+    data_interval_start: str | None = None  # ISO; a backfill consumes what landed in it
+    data_interval_end: str | None = None
+    triggered_by: str | None = None
+    take_exports: Literal["new", "all"] = Field(
+        default="new", description="new: exports no run consumed yet; all: every complete "
+                                   "export")
+    dry_run: bool = Field(default=False, description="everything but the push")
+    force_promote: bool = Field(default=False, description="promote whatever the gate says "
+                                                           "(needs a reason)")
+    reason: str | None = Field(default=None, description="why: a forced promotion or a "
+                                                         "rollback (recorded)")
+    rollback_to: int | None = Field(default=None, ge=1, description="rollback target version "
+                                    "(default: the previous stable)")
+    params: dict[str, Any] = Field(default={}, description="the DAG params as given")
+
+    @property
+    def is_backfill(self) -> bool:
+        return (self.type or "").lower().endswith("backfill")
 
 
 class ServingConfig(ServingOptions):
-    base: str
-    model_name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # no '.', '..'
+    base: str = Field(description="TF Serving base folder or gs:// prefix")
+    model_name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$",  # no '.', '..'
+                            description="the model's name in TF Serving")
 
 
 class PipelineConfig(_Strict):
@@ -143,9 +249,25 @@ class PipelineConfig(_Strict):
     train: TrainConfig
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GatePolicy = GatePolicy()
+    report: ReportConfig = ReportConfig()
     export: ExportConfig = ExportConfig()
     serving: ServingConfig
+    preannotate: PreannotateConfig = PreannotateConfig()
     notify: dict[str, Any] = {}  # notifiers.build_notifiers; empty: no notifications
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PipelineConfig":
+        """Combinations no single field can refuse."""
+        problems = []
+        if self.run.force_promote and not (self.run.reason or "").strip():
+            problems.append("run.force_promote needs run.reason (the force_reason param): it "
+                            "is recorded in decision.json")
+        if self.train.init_checkpoint and self.train.warm_start:
+            problems.append("give train.init_checkpoint or train.warm_start, not both")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(by_alias=True), indent=2)
@@ -153,7 +275,8 @@ class PipelineConfig(_Strict):
 
 _PATH_KEYS = ("runs", "datasets", "exports.ledger", "records.cache", "serving.models_config",
               "serving.registry", "exports.path", "exports.images_root", "train.model_config",
-              "train.init_checkpoint", "serving.base")
+              "train.init_checkpoint", "serving.base", "preannotate.pool",
+              "preannotate.out_dir")
 
 
 def default_home(config_path: Path) -> Path:
@@ -184,10 +307,26 @@ def _get_dotted(data: dict, dotted: str) -> Any:
     return node
 
 
+def _field_default(dotted: str) -> Any:
+    """The default of a dotted config key, from the models (the one place defaults live)."""
+    model: Any = PipelineConfig
+    info = None
+    for key in dotted.split("."):
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        info = fields.get(key)
+        if info is None:
+            return None
+        model = info.annotation
+    return None if info is None or info.is_required() else info.default
+
+
 def _format_errors(source: str, error: ValidationError) -> str:
     lines = [f"{source}: invalid pipeline config"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
+        if not key:  # a rule over several keys (PipelineConfig._consistent)
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
+            continue
         lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)
 
@@ -216,11 +355,12 @@ def load_pipeline_config(path: str | Path,
     if not home.is_absolute():
         home = (path.resolve().parent / home).resolve()
     data["home"] = str(home)
-    for key in ("runs", "datasets"):
-        data.setdefault(key, PipelineConfig.model_fields[key].default)
-    data.setdefault("exports", {}).setdefault("ledger", ExportsConfig.model_fields["ledger"].default)
-    if isinstance(data.get("records", {}), dict):
-        data.setdefault("records", {}).setdefault("cache", RecordsConfig.model_fields["cache"].default)
+    for key in _PATH_KEYS:  # a path left at its default resolves against home too
+        default = _field_default(key)
+        if isinstance(default, str) and _get_dotted(data, key) is None:
+            parent = _get_dotted(data, key.rpartition(".")[0]) if "." in key else data
+            if parent is None or isinstance(parent, dict):
+                _set_dotted(data, key, default)
     for key in _PATH_KEYS:
         value = _get_dotted(data, key)
         if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
@@ -234,6 +374,6 @@ def read_frozen_config(path: str | Path) -> PipelineConfig:
 
 
 def freeze_config(config: PipelineConfig, out_dir: str | Path) -> str:
-    target = Path(out_dir) / "pipeline.json"
+    target = Path(out_dir) / PIPELINE
     storage.write_text(target, config.to_json())
     return str(target)

@@ -1,46 +1,70 @@
-"""Run a stage as `python -m odapi_operators <stage> ...` in a child process.
+"""Run `python -m odapi_operators ...` in a child process and stream its output.
 
-TensorFlow stages run this way so the calling worker never holds TensorFlow or GPU memory
-after the task. The child's output streams line by line to `log` as it happens; its last
-stdout line is the stage's JSON summary.
+TensorFlow stages (and stages with process pools) run this way so the calling worker never
+holds TensorFlow or GPU memory after the task. The child leads its own process group, and
+`terminate_children` (an operator's `on_kill`) ends the whole group, pools included.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 import subprocess
 import sys
 from collections import deque
 from typing import Callable
 
+from odapi_operators.core.failures import Failure
+
+_RUNNING: set[subprocess.Popen] = set()
+
 
 class ChildStageError(RuntimeError):
-    pass
+    """The child failed; `failure` is the kind it reported through its exit status."""
+
+    def __init__(self, message: str, failure: Failure = Failure.TRANSIENT):
+        super().__init__(message)
+        self.failure = failure
 
 
-def run_stage(args: list[str], log: Callable[[str], None],
-              env: dict[str, str] | None = None) -> dict:
-    """Run `odapi <args>` in a child; stream its output to `log`; return its JSON summary."""
+def run_child(args: list[str], log: Callable[[str], None],
+              env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """Run `odapi <args>` in a child; stream its output to `log`; return its exit status
+    and its last lines."""
     command = [sys.executable, "-u", "-m", "odapi_operators", *args]
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_USE_LEGACY_KERAS": "1",
                  **(env or {})}
     log(f"running: {' '.join(command)}")
     tail: deque[str] = deque(maxlen=20)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=child_env, bufsize=1) as child:
-        assert child.stdout is not None
-        for line in child.stdout:
-            line = line.rstrip("\n")
-            tail.append(line)
-            log(line)
-        code = child.wait()
-    if code != 0:
-        raise ChildStageError(f"odapi {args[0]} failed with exit code {code}:\n" + "\n".join(tail))
-    for line in reversed(tail):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    raise ChildStageError(f"odapi {args[0]} printed no JSON summary")
+                          env=child_env, bufsize=1, start_new_session=True) as child:
+        _RUNNING.add(child)
+        try:
+            assert child.stdout is not None
+            for line in child.stdout:
+                line = line.rstrip("\n")
+                tail.append(line)
+                log(line)
+            code = child.wait()
+        finally:
+            _RUNNING.discard(child)
+            if child.poll() is None:  # the caller is being torn down: take the group along
+                _kill_group(child)
+    return code, list(tail)
+
+
+def _kill_group(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def terminate_children() -> None:
+    """End every running child's process group (an Airflow task being killed)."""
+    for child in list(_RUNNING):
+        _kill_group(child)

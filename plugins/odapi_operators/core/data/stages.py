@@ -1,0 +1,334 @@
+"""Data stages, declared once: exports -> manifest -> images -> verified images -> records.
+
+Each declaration names its inputs, its options section, its run folder and its result; the
+function body only maps them onto the stage's core function. Implementations are imported
+inside the functions, so declaring (and parsing a DAG) stays free of PIL and process pools.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import Field
+
+from odapi_operators.core.config import ExportsConfig, ImagesConfig, RecordsConfig
+from odapi_operators.core.failures import StageSkipped
+from odapi_operators.core.layout import Stage
+from odapi_operators.core.stages.contract import Inputs, Result, StageContext, StageSpec
+
+
+def _production_label_map(ctx: StageContext) -> str | None:
+    """The label map of the model in production, whose class ids a run must keep."""
+    if ctx.pipeline is None:
+        return None
+    from odapi_operators.core.serving.serving_dir import production_label_map
+
+    return production_label_map(ctx.pipeline.serving.base, ctx.pipeline.serving.model_name)
+
+
+# --- select_exports ---------------------------------------------------------------------
+
+class Candidates(Inputs):
+    candidates: list[str] = Field(description="complete exports found by the sensor")
+
+
+class Selected(Result):
+    exports: list[str]
+
+    def log_line(self) -> str:
+        return f"run consumes {len(self.exports)} export(s): {self.exports}"
+
+
+def select(ctx: StageContext, inputs: Candidates, options: ExportsConfig) -> Selected:
+    """Through the ledger, exactly once per export: a scheduled or manual run takes what no
+    run consumed (or everything, `run.take_exports: all`), a backfill run what landed in its
+    data interval, a re-run what it took before. Nothing to take skips the run."""
+    from odapi_operators.core.data.ledger import select_exports
+
+    run = ctx.pipeline.run if ctx.pipeline else None
+    interval = None
+    if run and run.is_backfill and run.data_interval_start and run.data_interval_end:
+        interval = (datetime.fromisoformat(run.data_interval_start),
+                    datetime.fromisoformat(run.data_interval_end))
+    take_all = bool(run and run.take_exports == "all" and interval is None)
+    chosen = select_exports(options.ledger, ctx.run_id or "", list(inputs.candidates),
+                            interval=interval, marker=options.marker, take_all=take_all)
+    if not chosen:
+        raise StageSkipped("no new complete export to consume")
+    return Selected(exports=chosen)
+
+
+SELECT_EXPORTS = StageSpec(
+    name="select_exports", help="pick the exports this run consumes (the exports ledger)",
+    inputs=Candidates, result=Selected, run=select, section="exports")
+
+
+# --- ingest -------------------------------------------------------------------------------
+
+class IngestInputs(Inputs):
+    exports: list[str] = Field(description="export folders or files (companion files are "
+                                           "just more inputs)",
+                               json_schema_extra={"positional": True})
+    label_map: str | None = Field(default=None, description="existing label_map.pbtxt whose "
+                                  "ids are kept (default: the production model's)")
+
+
+class Ingested(Result):
+    manifest: str
+    label_map: str
+    rejections: str
+    images: int
+    boxes: int
+    rejected: int
+    fingerprint: str
+    new_version: bool | None = None
+
+    def log_line(self) -> str:
+        return (f"ingested {self.images} images, {self.boxes} boxes, {self.rejected} rejected "
+                f"(dataset {self.fingerprint})")
+
+
+def ingest(ctx: StageContext, inputs: IngestInputs, options: ExportsConfig) -> Ingested:
+    from odapi_operators.core.data.ingest import ingest as ingest_exports
+
+    summary = ingest_exports(list(inputs.exports), ctx.folder, images_root=options.images_root,
+                             fmt=options.format, options=options.parser_options(),
+                             label_map=inputs.label_map or _production_label_map(ctx),
+                             unknown_classes=options.unknown_classes,
+                             datasets_dir=ctx.pipeline.datasets if ctx.pipeline else None)
+    for path in summary.get("ignored_files", []):
+        ctx.log(f"not an annotation or image file, ignored: {path}")
+    return Ingested(**summary)
+
+
+INGEST = StageSpec(name="ingest", help="parse annotation exports into a canonical manifest",
+                   inputs=IngestInputs, result=Ingested, run=ingest, section="exports",
+                   folder=Stage.INGEST)
+
+
+# --- fetch ----------------------------------------------------------------------------------
+
+class FetchInputs(Inputs):
+    manifest: str | None = Field(default=None, description="manifest written by ingest")
+    index: str | None = Field(default=None, description="or an Open Images image index CSV "
+                              "(ImageID, OriginalURL[, OriginalMD5, Rotation]): images are "
+                              "stored in the output folder as <ImageID>.<ext>")
+
+
+class Fetched(Result):
+    manifest: str | None = None
+    failures: str
+    ok: int
+    failed: int
+    skipped: int
+
+    def log_line(self) -> str:
+        return f"{self.ok} images stored, {self.failed} failed, {self.skipped} already there"
+
+
+def fetch(ctx: StageContext, inputs: FetchInputs, options: ImagesConfig) -> Fetched:
+    from odapi_operators.core.data.fetch import fetch_images, fetch_records
+
+    if bool(inputs.manifest) == bool(inputs.index):
+        raise ValueError("give a manifest or an image index (one of them)")
+    common: dict[str, Any] = dict(threads=options.threads, policy=options.policy(),
+                                  max_failed_share=options.max_failed_share,
+                                  **(ctx.progress or {"log": ctx.log}))
+    if inputs.manifest:
+        return Fetched(**fetch_images(inputs.manifest, ctx.folder, **common))
+    from odapi_operators.core.data.image_index import read_image_index
+    from odapi_operators.core.rejections import RejectionLog
+
+    logs: list[RejectionLog] = []
+
+    def records():
+        logs.append(RejectionLog())
+        return read_image_index(inputs.index, logs[-1])
+
+    try:
+        summary = fetch_records(records, ctx.folder, files_dir=ctx.folder, **common)
+    finally:
+        if logs:
+            logs[-1].write(ctx.folder / "index-rejections.jsonl")
+    return Fetched(**summary, index_rejected=len(logs[-1]))
+
+
+FETCH = StageSpec(name="fetch", help="download/copy images into a resumable image store",
+                  inputs=FetchInputs, result=Fetched, run=fetch, section="images",
+                  folder=Stage.IMAGES)
+
+
+# --- verify -------------------------------------------------------------------------------
+
+class ManifestInput(Inputs):
+    manifest: str = Field(description="manifest of the previous stage")
+
+
+class Verified(Result):
+    manifest: str
+    quarantine: str
+    ok: int
+    failed: int
+    boxes_quarantined: int = 0
+    skipped: int = 0
+
+    def log_line(self) -> str:
+        note = f"; see {self.quarantine}" if self.failed else ""
+        return (f"{self.ok} images verified, {self.failed} quarantined "
+                f"({self.boxes_quarantined} boxes){note}")
+
+
+def verify(ctx: StageContext, inputs: ManifestInput, options: ImagesConfig) -> Verified:
+    from odapi_operators.core.data.verify import verify_images
+
+    return Verified(**verify_images(inputs.manifest, ctx.folder, max_side=options.max_side,
+                                    workers=options.workers,
+                                    max_failed_share=options.max_quarantined_share,
+                                    **(ctx.progress or {"log": ctx.log})))
+
+
+VERIFY = StageSpec(name="verify", help="fully decode every image; normalize; quarantine bad "
+                   "ones", inputs=ManifestInput, result=Verified, run=verify, section="images",
+                   folder=Stage.VERIFY,
+                   process="child")  # its decoder pool needs a non-daemonic parent (Celery)
+
+
+# --- label_map ------------------------------------------------------------------------------
+
+class LabelMapInputs(Inputs):
+    manifest: str = Field(description="verified manifest")
+    previous: str | None = Field(default=None, description="existing label_map.pbtxt whose "
+                                 "ids are kept (default: the production model's)")
+
+
+class LabelMapped(Result):
+    label_map: str
+    num_classes: int
+    new_classes: list[str] = []
+
+    def log_line(self) -> str:
+        return f"{self.num_classes} classes, new: {self.new_classes}"
+
+
+def label_map(ctx: StageContext, inputs: LabelMapInputs, options: None) -> LabelMapped:
+    """Ids extend the production model's label map; they are never renumbered."""
+    from odapi_operators.core.data.label_map import build_label_map
+
+    summary = build_label_map(inputs.manifest, ctx.folder,
+                              previous=inputs.previous or _production_label_map(ctx))
+    return LabelMapped(**summary, num_classes=len(summary["classes"]))
+
+
+LABEL_MAP = StageSpec(name="label_map", help="write label_map.pbtxt (append-only ids)",
+                      inputs=LabelMapInputs, result=LabelMapped, run=label_map,
+                      folder=Stage.LABEL_MAP)
+
+
+# --- records --------------------------------------------------------------------------------
+
+class RecordsInputs(Inputs):
+    manifest: str = Field(description="verified manifest")
+    label_map: str = Field(description="label_map.pbtxt")
+
+
+class Records(Result):
+    data: str
+    splits: dict[str, dict[str, Any]]  # per split: images, boxes, per_class, pattern, ...
+    cached: bool = False
+
+    def log_line(self) -> str:
+        images = {split: stats.get("images") for split, stats in self.splits.items()}
+        return f"records in {self.data}: {images}" + (" (cached)" if self.cached else "")
+
+
+def _records_result(folder: Any, summary: dict) -> Records:
+    return Records(**{**summary, "data": str(folder)})
+
+
+def records(ctx: StageContext, inputs: RecordsInputs, options: RecordsConfig) -> Records:
+    from odapi_operators.core.data.shard import write_shards
+
+    summary = write_shards(inputs.manifest, inputs.label_map, ctx.folder, options.split,
+                           options.shards, target_shard_bytes=options.target_shard_mb << 20,
+                           workers=options.workers, cache_dir=options.cache)
+    return _records_result(ctx.folder, summary)
+
+
+RECORDS = StageSpec(name="shard", help="write sharded TFRecords per split",
+                    inputs=RecordsInputs, result=Records, run=records, section="records",
+                    folder=Stage.RECORDS,
+                    process="child")  # its writer pool needs a non-daemonic parent (Celery)
+
+
+# --- records as mapped tasks: plan, one shard each, finish ------------------------------------
+
+class ShardTask(Result):
+    split: str
+    index: int
+    count: int
+    counts: dict[str, int]
+    fingerprint: str
+
+
+class ShardPlan(Result):
+    shards: list[ShardTask]
+
+    def log_line(self) -> str:
+        return f"{len(self.shards)} shards"
+
+
+def plan(ctx: StageContext, inputs: RecordsInputs, options: RecordsConfig) -> ShardPlan:
+    """The shard layout, one task per shard: each carries the whole layout, so the plan's
+    `shards` can be mapped over (`WriteShardOperator.partial(...).expand(shard=...)`)."""
+    from odapi_operators.core.data.shard import plan_shards
+
+    layout = plan_shards(inputs.manifest, inputs.label_map, options.split, options.shards,
+                         target_shard_bytes=options.target_shard_mb << 20)
+    return ShardPlan(shards=[ShardTask(**shard, counts=layout["counts"],
+                                       fingerprint=layout["fingerprint"])
+                             for shard in layout["shards"]])
+
+
+class ShardInputs(RecordsInputs):
+    shard: ShardTask = Field(description="one task of the plan")
+
+
+class ShardWritten(Result):
+    name: str | None = None
+
+
+def write_one(ctx: StageContext, inputs: ShardInputs, options: RecordsConfig) -> ShardWritten:
+    from odapi_operators.core.data.shard import write_shard
+
+    shard = inputs.shard
+    return ShardWritten(**write_shard(inputs.manifest, inputs.label_map, ctx.folder,
+                                      options.split, shard.split, shard.index, shard.count,
+                                      counts=shard.counts))
+
+
+class FinishInputs(RecordsInputs):
+    plan: list[ShardTask] = Field(description="the plan's shards")
+
+
+def finish(ctx: StageContext, inputs: FinishInputs, options: RecordsConfig) -> Records:
+    from odapi_operators.core.data.shard import finish_shards
+
+    first = inputs.plan[0]
+    return _records_result(ctx.folder, finish_shards(
+        inputs.manifest, inputs.label_map, ctx.folder, options.split, first.counts,
+        fingerprint=first.fingerprint))
+
+
+PLAN_SHARDS = StageSpec(name="plan_shards", help="plan the shards, one mapped task each",
+                        inputs=RecordsInputs, result=ShardPlan, run=plan, section="records",
+                        folder=Stage.RECORDS)
+WRITE_SHARD = StageSpec(name="write_shard", help="write one planned shard",
+                        inputs=ShardInputs, result=ShardWritten, run=write_one,
+                        section="records", folder=Stage.RECORDS)
+FINISH_SHARDS = StageSpec(name="finish_shards", help="per-split stats and the records "
+                          "summary after every planned shard", inputs=FinishInputs,
+                          result=Records, run=finish, section="records", folder=Stage.RECORDS)
+
+STAGES = (SELECT_EXPORTS, INGEST, FETCH, VERIFY, LABEL_MAP, RECORDS, PLAN_SHARDS, WRITE_SHARD,
+          FINISH_SHARDS)

@@ -1,0 +1,159 @@
+"""Model stages, declared once: train, evaluate (candidate and production), export.
+
+All of them load TensorFlow, so they run in a child process (`process="child"`): the worker
+never holds TensorFlow or GPU memory after the task.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from odapi_operators.core.config import EvaluateConfig, ExportConfig, TrainConfig
+from odapi_operators.core.layout import METRICS, Stage
+from odapi_operators.core.stages.contract import Inputs, Result, StageContext, StageSpec
+
+
+# --- train ----------------------------------------------------------------------------------
+
+class TrainInputs(Inputs):
+    data: str = Field(description="records folder written by the shard stage")
+    warm_start_from: str | None = Field(
+        default=None, description="<serving base>/<model> to warm start from (default with "
+                                  "--warm-start: the pipeline's serving model)")
+
+
+class Trained(Result):
+    model_dir: str
+    checkpoint: str
+    steps: int
+
+    def log_line(self) -> str:
+        start = getattr(self, "start", None) or {}
+        return f"trained to step {self.steps} ({start.get('reason', 'resumed')})"
+
+
+def train(ctx: StageContext, inputs: TrainInputs, options: TrainConfig) -> Trained:
+    """Train (or resume) in the run's model dir; a retry resumes from the newest checkpoint."""
+    from odapi_operators.core.model.train import train as train_detector
+
+    warm_from = inputs.warm_start_from
+    if options.warm_start and not warm_from and not options.init_checkpoint:
+        if ctx.pipeline is None:
+            raise ValueError("warm_start needs the serving model folder (warm_start_from) "
+                             "or a pipeline config")
+        from odapi_operators.core.serving.serving_dir import model_dir
+
+        warm_from = model_dir(ctx.pipeline.serving.base, ctx.pipeline.serving.model_name)
+    summary = train_detector(options.model_config_path, inputs.data, ctx.folder, options.steps,
+                             options.batch_size, init_checkpoint=options.init_checkpoint,
+                             warm_start_from=warm_from)
+    return Trained(**summary)
+
+
+TRAIN = StageSpec(name="train", help="train a TF-Vision detector (resumes from the model dir)",
+                  inputs=TrainInputs, result=Trained, run=train, section="train",
+                  folder=Stage.TRAIN, process="child")
+
+
+# --- evaluate ------------------------------------------------------------------------------
+
+class EvaluateInputs(Inputs):
+    model: str = Field(description="a training model dir or a SavedModel folder")
+    data: str = Field(description="records folder (its val split is evaluated)")
+
+
+class Evaluated(Result):
+    metrics: str | None
+    AP: float | None = None
+    AP50: float | None = None
+    version: int | None = None  # the production version evaluated (evaluate_production)
+
+    def log_line(self) -> str:
+        if self.metrics is None:
+            return "no model in production yet: the gate applies the first-model rule"
+        extra = self.model_extra or {}
+        return (f"{extra.get('model')}: AP {self.AP}, AP50 {self.AP50} on "
+                f"{extra.get('eval_images')} val images; per class: {extra.get('per_class')}")
+
+
+def _evaluate(ctx: StageContext, model: str, data: str, options: EvaluateConfig,
+              version: int | None = None) -> Evaluated:
+    from odapi_operators.core.evaluation.evaluate import evaluate as evaluate_model
+
+    summary = evaluate_model(model, data, ctx.folder / METRICS, min_images=options.min_images,
+                             missing_classes=options.missing_classes)
+    return Evaluated(**summary, version=version)
+
+
+def evaluate(ctx: StageContext, inputs: EvaluateInputs, options: EvaluateConfig) -> Evaluated:
+    """COCO metrics of a model on the val split: metrics.json, detections, ground truth."""
+    return _evaluate(ctx, inputs.model, inputs.data, options)
+
+
+class DataInput(Inputs):
+    data: str = Field(description="records folder (its val split is evaluated)")
+
+
+def evaluate_production(ctx: StageContext, inputs: DataInput,
+                        options: EvaluateConfig) -> Evaluated:
+    """The SavedModel Serving answers with, on this run's val split: the gate's baseline,
+    measured like the candidate. Version None when nothing serves yet."""
+    from odapi_operators.core.serving.serving_dir import model_dir, production_version
+
+    if ctx.pipeline is None:
+        raise ValueError("evaluate_production needs the pipeline config (serving section)")
+    serving = ctx.pipeline.serving
+    version = production_version(serving.base, serving.model_name, serving)
+    if version is None:
+        return Evaluated(metrics=None)
+    return _evaluate(ctx, f"{model_dir(serving.base, serving.model_name)}/{version}",
+                     inputs.data, options, version)
+
+
+EVALUATE = StageSpec(name="evaluate", help="COCO metrics of a model on the val split",
+                     inputs=EvaluateInputs, result=Evaluated, run=evaluate,
+                     section="evaluate", folder=Stage.EVALUATE_CANDIDATE, process="child")
+EVALUATE_PRODUCTION = StageSpec(
+    name="evaluate_production", help="COCO metrics of the production model on the same split",
+    inputs=DataInput, result=Evaluated, run=evaluate_production, section="evaluate",
+    folder=Stage.EVALUATE_PRODUCTION, process="child")
+
+
+# --- export -----------------------------------------------------------------------------------
+
+class ExportInputs(Inputs):
+    model_dir: str = Field(description="training model dir (its newest checkpoint)")
+    data: str = Field(description="records folder (warmup requests from its val split)")
+    extras: list[str] = Field(default=[], description="files to ship in assets.extra/ "
+                              "(config, metrics, decision)")
+    model_name: str | None = Field(default=None, description="model name in the warmup "
+                                   "requests (default: serving.model_name, else 'model')")
+
+
+class Exported(Result):
+    saved_model: str
+
+    def log_line(self) -> str:
+        return f"export checked: {(self.model_extra or {}).get('check')}"
+
+
+def export(ctx: StageContext, inputs: ExportInputs, options: ExportConfig) -> Exported:
+    """Export and check a SavedModel; the run's frozen config rides along in assets.extra."""
+    from odapi_operators.core.model.exporter import export as export_model
+
+    extras = list(inputs.extras)
+    name = inputs.model_name
+    if ctx.pipeline is not None:
+        name = name or ctx.pipeline.serving.model_name
+        if ctx.layout is not None and ctx.layout.config.exists():
+            extras.insert(0, str(ctx.layout.config))
+    return Exported(**export_model(inputs.model_dir, inputs.data, ctx.folder,
+                                   options.input_type, model_name=name or "model",
+                                   extras=extras))
+
+
+EXPORT = StageSpec(name="export", help="export and check a SavedModel (with warmup requests)",
+                   inputs=ExportInputs, result=Exported, run=export, section="export",
+                   folder=Stage.EXPORT, process="child")
+
+STAGES = (TRAIN, EVALUATE, EVALUATE_PRODUCTION, EXPORT)
