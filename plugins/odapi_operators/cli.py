@@ -30,7 +30,8 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
     from odapi_operators.core.data.prepare import prepare
 
     images = ImagesConfig.model_validate(stage_cli.given(args, "images__"))
-    records = RecordsConfig.model_validate(stage_cli.given(args, "records__"))
+    records = RecordsConfig.model_validate(stage_cli.without_home_paths(
+        "records", RecordsConfig.model_fields, stage_cli.given(args, "records__")))
     return prepare(args.manifest, args.out, ratios=records.split, shards=records.shards,
                    target_shard_bytes=records.target_shard_mb << 20, max_side=images.max_side,
                    threads=images.threads, workers=images.workers,

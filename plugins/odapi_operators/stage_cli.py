@@ -108,6 +108,18 @@ def _cli_words(error: ValidationError, fields: dict[str, FieldInfo]) -> str:
     return "; ".join(lines)
 
 
+def without_home_paths(section: str, fields: dict[str, FieldInfo],
+                       flags: dict[str, Any]) -> dict[str, Any]:
+    """Flags plus None for optional path options not given: their defaults are relative to a
+    pipeline's home (`var/records-cache`), which a bare command does not have."""
+    from odapi_operators.core.config import PATH_KEYS
+
+    unset = {name: None for name, info in fields.items()
+             if f"{section}.{info.alias or name}" in PATH_KEYS and not info.is_required()
+             and name not in flags}
+    return {**unset, **flags}
+
+
 def build_options(spec: StageSpec, pipeline: Any, flags: dict[str, Any]) -> BaseModel | None:
     """The stage's options: the pipeline's section (if any) overridden by `flags`.
 
@@ -126,7 +138,7 @@ def build_options(spec: StageSpec, pipeline: Any, flags: dict[str, Any]) -> Base
         subset = create_model(f"{model.__name__}For{spec.name.title()}",
                               __config__=model.model_config,
                               **{name: (info.annotation, info) for name, info in own.items()})
-        checked = subset.model_validate(data)
+        checked = subset.model_validate(without_home_paths(spec.section, own, data))
         return model.model_construct(**{(own[n].alias or n): getattr(checked, n) for n in own})
     except ValidationError as exc:
         raise ConfigError(_cli_words(exc, own)) from None

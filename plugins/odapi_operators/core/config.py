@@ -273,7 +273,7 @@ class PipelineConfig(_Strict):
         return json.dumps(self.model_dump(by_alias=True), indent=2)
 
 
-_PATH_KEYS = ("runs", "datasets", "exports.ledger", "records.cache", "serving.models_config",
+PATH_KEYS = ("runs", "datasets", "exports.ledger", "records.cache", "serving.models_config",
               "serving.registry", "exports.path", "exports.images_root", "train.model_config",
               "train.init_checkpoint", "serving.base", "preannotate.pool",
               "preannotate.out_dir")
@@ -355,13 +355,13 @@ def load_pipeline_config(path: str | Path,
     if not home.is_absolute():
         home = (path.resolve().parent / home).resolve()
     data["home"] = str(home)
-    for key in _PATH_KEYS:  # a path left at its default resolves against home too
+    for key in PATH_KEYS:  # a path left at its default resolves against home too
         default = _field_default(key)
         if isinstance(default, str) and _get_dotted(data, key) is None:
             parent = _get_dotted(data, key.rpartition(".")[0]) if "." in key else data
             if parent is None or isinstance(parent, dict):
                 _set_dotted(data, key, default)
-    for key in _PATH_KEYS:
+    for key in PATH_KEYS:
         value = _get_dotted(data, key)
         if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
             _set_dotted(data, key, str(home / value))

@@ -14,17 +14,18 @@ import shutil
 import time
 from pathlib import Path
 
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
 from odapi_operators.core.storage import StorageError
 
-VERSION_FILES = ("manifest.jsonl", "label_map.pbtxt", "summary.json")
+VERSION_FILES = ("manifest.jsonl", "label_map.pbtxt", SUMMARY)
 
 
 def publish_version(datasets_dir: str | Path, ingest_dir: str | Path, summary: dict) -> bool:
     """Publish an ingest result as version `summary['fingerprint']`; False if it existed."""
     root = Path(datasets_dir)
     target = root / summary["fingerprint"]
-    if (target / "summary.json").exists():
+    if (target / SUMMARY).exists():
         return False
     try:
         with storage.atomic_directory(target, replace=False) as tmp:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.budget import DEFAULT_MAX_FAILED_SHARE, check_budget
@@ -255,7 +256,7 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
                "failures_by_reason": failures.by_reason(),
                "manifest": str(manifest_path), "failures": str(failures_path),
                "files": str(files)}
-    storage.write_text(out / "summary.json", json.dumps(summary, indent=2))
+    storage.write_text(out / SUMMARY, json.dumps(summary, indent=2))
     if not ok and total:
         raise StageError(f"no image could be fetched; see {failures_path}", Failure.TRANSIENT)
     check_budget("fetch", len(failures), total, max_failed_share, str(failures_path),

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
 
 from odapi_operators.core.data import formats
@@ -183,7 +184,7 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
         write_manifest(tmp / "manifest.jsonl", records)
         storage.write_text(tmp / "label_map.pbtxt", format_label_map(ids))
         log.write(tmp / "rejections.jsonl")
-        storage.write_text(tmp / "summary.json", json.dumps(summary, indent=2))
+        storage.write_text(tmp / SUMMARY, json.dumps(summary, indent=2))
     if not records:
         first = "; ".join(str(r) for r in log.items[:3])
         raise StageError(f"no usable records in {', '.join(inputs)}: {len(log)} rejected "

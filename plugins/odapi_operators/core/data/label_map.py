@@ -14,6 +14,7 @@ from pathlib import Path
 
 from google.protobuf import text_encoding
 
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.failures import Failure
 from odapi_operators.core import storage
 from odapi_operators.core.data.manifest import read_manifest
@@ -98,5 +99,5 @@ def build_label_map(manifest: str | Path, out_dir: str | Path,
     storage.write_text(path, format_label_map(label_map))
     summary = {"label_map": str(path), "classes": label_map,
                "new_classes": sorted(set(label_map) - set(existing))}
-    storage.write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2))
+    storage.write_text(Path(out_dir) / SUMMARY, json.dumps(summary, indent=2))
     return summary

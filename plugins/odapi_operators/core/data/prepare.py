@@ -14,6 +14,7 @@ import queue
 import threading
 from pathlib import Path
 
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
 from odapi_operators.core.budget import DEFAULT_MAX_FAILED_SHARE
 from odapi_operators.core.data.download import DownloadPolicy
@@ -93,5 +94,5 @@ def prepare(manifest: str | Path, out_dir: str | Path, *, ratios: dict[str, floa
         "failures": fetched["failures"], "quarantine": verified["quarantine"],
         "label_map": label_map["label_map"],
     }
-    storage.write_text(out / "summary.json", json.dumps(summary, indent=2))
+    storage.write_text(out / SUMMARY, json.dumps(summary, indent=2))
     return summary

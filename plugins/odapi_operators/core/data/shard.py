@@ -29,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.data.label_map import read_label_map
@@ -267,7 +268,7 @@ def finish_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str
     summary = {"splits": splits, "label_map": str(label_map_path),
                "num_classes": max(label_map.values()), "tag": tag,
                "fingerprint": fingerprint}
-    storage.write_text(out / "summary.json", json.dumps(summary, indent=2))
+    storage.write_text(out / SUMMARY, json.dumps(summary, indent=2))
     return summary
 
 
@@ -291,7 +292,7 @@ def _link_tree(source: Path, target: Path) -> None:
 
 def _current_summary(out: Path, tag: str) -> dict | None:
     try:
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / SUMMARY).read_text())
     except (OSError, ValueError):
         return None
     if summary.get("tag") != tag:
@@ -320,7 +321,7 @@ def write_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str 
     if current:
         return _counted(current, cached=True, written=0, total=shard_total)
     cached = Path(cache_dir) / plan["fingerprint"] if cache_dir else None
-    if cached and (cached / "summary.json").exists():
+    if cached and (cached / SUMMARY).exists():
         _link_tree(cached, out)
         # the cached files were written for another manifest path: re-stamp this layout
         for stats_file in (out / STATS_DIR).glob("*.json"):

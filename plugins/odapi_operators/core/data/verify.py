@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 from PIL import Image
 
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
 from odapi_operators.core.budget import check_budget
 from odapi_operators.core.data.manifest import ImageRecord, ImageSource, read_manifest, write_manifest
@@ -174,7 +175,7 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
                     "seconds": round(seconds, 3),
                     "images_per_s": round(decoder.fresh / seconds, 1) if seconds else None,
                     "max_side": options.max_side})
-    storage.write_text(out / "summary.json", json.dumps(summary, indent=2))
+    storage.write_text(out / SUMMARY, json.dumps(summary, indent=2))
     if not summary["ok"]:
         raise StageError(f"no image passed verification; see {summary['quarantine']}")
     check_budget("verify", summary["failed"], total, max_failed_share, summary["quarantine"])

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from odapi_operators.core.layout import DECISION
 from odapi_operators.core.failures import Failure
 from odapi_operators.core import storage
 
@@ -315,7 +316,7 @@ def gate(metrics_path: str | Path, out_dir: str | Path,
     if refusal:
         decision.update(promoted=False, rule="force_refused", reason=refusal,
                         force={"reason": None, "by": forced_by})
-    path = Path(out_dir) / "decision.json"
+    path = Path(out_dir) / DECISION
     decision = {**decision, "metrics": str(metrics_path),
                 "dataset_version": dataset_version or metrics.get("dataset_version"),
                 "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

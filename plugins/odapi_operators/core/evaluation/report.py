@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from odapi_operators.core.layout import METRICS
 from odapi_operators.core import storage
 from odapi_operators.core.layout import REPORT_PAGE
 from odapi_operators.core.model.tfvision import val_examples
@@ -330,8 +331,8 @@ def build_report(out_dir: str | Path, eval_dir: str | Path, data_dir: str | Path
     `baseline_eval_dir` no production column, without `decision` no gate section: the page
     says so instead of failing. Grid images are the first `grid_images` val records.
     """
-    metrics = _read_json(_file(eval_dir, "metrics.json"))
-    baseline = (_read_json(_file(baseline_eval_dir, "metrics.json"))
+    metrics = _read_json(_file(eval_dir, METRICS))
+    baseline = (_read_json(_file(baseline_eval_dir, METRICS))
                 if baseline_eval_dir is not None else None)
     gate = _read_json(decision) if decision is not None else None
     examples = val_examples(data_dir, grid_images) if grid_images > 0 else []

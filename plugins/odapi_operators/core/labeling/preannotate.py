@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
 
 from odapi_operators.core.labeling import annotation_tasks
@@ -245,7 +246,7 @@ def preannotate(pool: str, out_dir: str | os.PathLike[str], predictor: Predictor
             "boxes": sum(len(s.proposals) for s in selected), "format": options.fmt,
             "top_k": options.top_k, "score_threshold": options.score_threshold,
             "max_boxes": options.max_boxes, "out": batch, "sent_ledger": ledger.path,
-            "files": [str(out / Path(f).name) for f in files] + [str(out / "summary.json")],
+            "files": [str(out / Path(f).name) for f in files] + [str(out / SUMMARY)],
             "scoring_seconds": round(seconds, 3),
             "images_per_s": round(len(scored) / seconds, 2) if seconds and scored else None,
             "seconds": round(time.monotonic() - started, 3),
@@ -253,7 +254,7 @@ def preannotate(pool: str, out_dir: str | os.PathLike[str], predictor: Predictor
         }
         if labeled:
             summary["came_back"] = came_back(ledger.records(ref.name), labeled_ids)
-        storage.write_text(tmp / "summary.json", json.dumps(summary, indent=2))
+        storage.write_text(tmp / SUMMARY, json.dumps(summary, indent=2))
     if listing.records and not scored and not sum(skipped.values()):
         raise StageError(f"{pool}: no image could be read; see {out / 'summary.json'}")
     return summary

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
 from odapi_operators.core.model import tfvision
-from odapi_operators.core.model.saved_model import (ASSETS_EXTRA, EXPORT_INFO,
+from odapi_operators.core.model.saved_model import (ASSETS_EXTRA, EXPORT_INFO, INPUT_NAME,
                                                     INFERENCE_FUNCTIONS, INPUT_TYPES,
                                                     LABEL_MAP_FILE, PARAMS_FILE, WARMUP_FILE,
                                                     read_warmup, request_input, write_warmup)
@@ -40,7 +41,7 @@ def check_export(saved_model_dir: Path, module, input_type: str) -> dict:
     signature = loaded.signatures["serving_default"]
     reference = getattr(module, INFERENCE_FUNCTIONS[input_type])
     worst, detections = 0.0, 0
-    arrays = read_warmup(saved_model_dir / "assets.extra" / WARMUP_FILE)
+    arrays = read_warmup(saved_model_dir / ASSETS_EXTRA / WARMUP_FILE)
     for array in arrays:
         tensor = tf.constant(array, dtype=tf.string if array.dtype == object else tf.uint8)
         served, expected = _top(signature(**{INPUT_NAME: tensor})), _top(reference(tensor))
@@ -95,5 +96,5 @@ def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         check = check_export(tmp / "saved_model", module, input_type)
         summary = {"saved_model": str(Path(out_dir) / "saved_model"), "checkpoint": checkpoint,
                    "input_type": input_type, "check": check}
-        storage.write_text(tmp / "summary.json", json.dumps(summary, indent=2))
+        storage.write_text(tmp / SUMMARY, json.dumps(summary, indent=2))
     return summary

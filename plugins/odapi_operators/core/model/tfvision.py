@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.failures import Failure
 from odapi_operators.core import storage
 
@@ -46,7 +47,7 @@ def setup_tensorflow() -> None:
 
 def read_data_summary(data_dir: str | Path) -> dict:
     """The records stage summary of `data_dir` (split patterns, label map, class count)."""
-    path = Path(data_dir) / "summary.json"
+    path = Path(data_dir) / SUMMARY
     if not path.exists():
         raise FileNotFoundError(f"{data_dir}: not a records folder (no summary.json)")
     return json.loads(storage.read_text(path))

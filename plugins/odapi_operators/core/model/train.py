@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
 
 from odapi_operators.core.model import tfvision, warm_start
@@ -87,5 +88,5 @@ def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
                "seconds": round(time.monotonic() - started, 1),
                "parameters": int(model.count_params()),
                "losses": progress.losses}
-    storage.write_text(Path(model_dir) / "summary.json", json.dumps(summary, indent=2))
+    storage.write_text(Path(model_dir) / SUMMARY, json.dumps(summary, indent=2))
     return summary

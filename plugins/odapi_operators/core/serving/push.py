@@ -17,13 +17,12 @@ Pushes of one model are serialized: a lock file locally, generation precondition
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
 
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage, testpoints
 
 from odapi_operators.core.serving import models_config as serving_config
@@ -194,7 +193,7 @@ def push(saved_model_dir: str | os.PathLike, serving_base: str | os.PathLike, mo
                "labels": serving_config.labels(entry), "deleted": deleted,
                "models_config": config_path}
     if out_dir is not None:
-        storage.write_text(f"{os.fspath(out_dir)}/summary.json", json.dumps(summary, indent=2))
+        storage.write_text(f"{os.fspath(out_dir)}/{SUMMARY}", json.dumps(summary, indent=2))
     return summary
 
 
