@@ -75,11 +75,12 @@ def _argument(name: str, info: FieldInfo) -> dict[str, Any]:
 
 def add_fields(parser: argparse._ActionsContainer, fields: dict[str, FieldInfo], prefix: str,
                required_inputs: bool = False) -> None:
-    """A flag per field; `dest` is prefix + field name, unset flags stay None."""
+    """A flag per field; `dest` is prefix + field name, unset flags stay None. Options that
+    are whole sections (train.placement) stay in the YAML; inputs of a model type take JSON."""
     for name, info in fields.items():
         kind = _bare(info.annotation)
-        if isinstance(kind, type) and issubclass(kind, BaseModel):
-            continue  # a nested section (train.placement): the pipeline config's business
+        if prefix != _IN and isinstance(kind, type) and issubclass(kind, BaseModel):
+            continue
         spec = _argument(name, info)
         if "choices" not in spec and "action" not in spec:
             spec.setdefault("metavar", (info.alias or name).upper())

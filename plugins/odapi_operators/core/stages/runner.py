@@ -76,7 +76,8 @@ def stage_command(name: str, *, pipeline: Any, run_id: Any,
     catalog.get(name)  # an unknown stage fails here, at parse time, not in the child
     args: list[Any] = ["stage", "run", name, "--pipeline", pipeline, "--run-id", run_id]
     for key, value in (inputs or {}).items():
-        args += ["--input", key, _encode(value)]
+        if value is not None:  # left out: the input's default
+            args += ["--input", key, _encode(value)]
     return args
 
 
