@@ -169,6 +169,8 @@ class EvaluateConfig(_Strict):
 class ExportConfig(_Strict):
     input_type: Literal["image_tensor", "image_bytes", "tf_example"] = Field(
         default="image_tensor", description="what the SavedModel's serving_default takes")
+    warmup_images: int = Field(default=8, ge=1, le=1000, description="validation images "
+                               "replayed as warmup requests and through the export check")
 
 
 class ReportConfig(_Strict):

@@ -61,7 +61,7 @@ def check_export(saved_model_dir: Path, module, input_type: str) -> dict:
 
 def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
            input_type: str = "image_tensor", model_name: str = "model",
-           extras: list[str] | None = None, warmup_images: int = 8) -> dict:
+           extras: list[str] | None = None, *, warmup_images: int) -> dict:
     """Export the newest checkpoint of `model_dir`; return the checked SavedModel's summary.
 
     `extras` are files (config, metrics, decision) copied into `assets.extra/`.

@@ -149,7 +149,7 @@ def export(ctx: StageContext, inputs: ExportInputs, options: ExportConfig) -> Ex
             extras.insert(0, str(ctx.layout.config))
     return Exported(**export_model(inputs.model_dir, inputs.data, ctx.folder,
                                    options.input_type, model_name=name or "model",
-                                   extras=extras))
+                                   extras=extras, warmup_images=options.warmup_images))
 
 
 EXPORT = StageSpec(name="export", help="export and check a SavedModel (with warmup requests)",
