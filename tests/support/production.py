@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 # Not conftest.ROOT: workers import this module (worker_hostname), and importing conftest
 # would repoint their AIRFLOW_HOME and metadata DB.
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]
 PG_HOST, PG_PORT, PG_ADMIN_DB = "127.0.0.1", 5432, "test"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 SERVICES = {"PostgreSQL": (PG_HOST, PG_PORT), "Redis": (REDIS_HOST, REDIS_PORT)}

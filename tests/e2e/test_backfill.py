@@ -22,7 +22,7 @@ import yaml
 from conftest import ROOT, free_port, keep_all_detections_config
 from odapi_operators.core.layout import RunLayout
 from odapi_operators.core.data.sample_data import MARKER, generate
-from production import (Processes, airflow, airflow_env, postgres_database, query, require,
+from support.production import (Processes, airflow, airflow_env, postgres_database, query, require,
                         task_logs, wait_until)
 
 # Two days with an export (the second gated against the first's push) and one without: the

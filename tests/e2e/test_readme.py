@@ -2,7 +2,7 @@
 
 `odapi` lines are parsed by the real `odapi` parser, `make` targets must be in the Makefile,
 `airflow` lines are checked against the real `airflow ... --help` of that subcommand, and
-`docker compose` lines name the compose file tests/test_docker_compose.py checks. What they
+`docker compose` lines name the compose file tests/e2e/test_docker_compose.py checks. What they
 do is tested elsewhere (the stages' own tests, the end-to-end and backfill runs).
 """
 

@@ -17,7 +17,7 @@ from odapi_operators.core.serving.promote import promote
 from odapi_operators.core.serving.push import push
 from odapi_operators.core.serving.rollback import RollbackError, previous_stable, rollback
 from odapi_operators.core.serving.models_config import ServingOptions
-from test_core_config_gate_push import fake_saved_model
+from support.fakes import fake_saved_model
 
 POLICY = GatePolicy(min_ap50=0.5, vs_production={"AP": {}})
 

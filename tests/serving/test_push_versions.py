@@ -25,7 +25,7 @@ from odapi_operators.core.serving.serving_dir import RUN_MARKER, model_lock, pro
 from odapi_operators.core.serving.push import push
 from odapi_operators.core.serving.models_config import ServingOptions
 from odapi_operators.core.testpoints import ENV as PAUSE_ENV, SIGNAL_ENV
-from test_core_config_gate_push import fake_saved_model
+from support.fakes import fake_saved_model
 
 CHILD = ("import sys; from odapi_operators.core.serving.push import push; "
          "push(sys.argv[1], sys.argv[2], 'shapes', sys.argv[3])")

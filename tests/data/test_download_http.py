@@ -10,7 +10,7 @@ import time
 import pytest
 from PIL import Image
 
-from image_server import (ImageServer, drip, endless, huge, redirect, reset_after, send,
+from support.image_server import (ImageServer, drip, endless, huge, redirect, reset_after, send,
                           sequence, stall, status)
 from odapi_operators.core.data.download import (DownloadPolicy, FetchError, HttpDownloader,
                                            parse_retry_after)

@@ -26,8 +26,8 @@ from odapi_operators.core.data.ingest import ingest
 from odapi_operators.core.data.manifest import ImageSource, key_from_url, read_manifest
 from odapi_operators.core.rejections import RejectionLog, StageError
 
-RACCOON = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "raccoon"
-PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
+RACCOON = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "raccoon"
+PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 
 needs_csv_registry = pytest.mark.skipif(
     "csv" not in formats.AVAILABLE,

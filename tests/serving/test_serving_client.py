@@ -23,7 +23,7 @@ def served(exported_model, tmp_path_factory):
     protocol."""
     from odapi_operators.core.serving.promote import promote
     from odapi_operators.core.serving.push import push
-    from serving_standin import ServingStandin
+    from support.serving_standin import ServingStandin
 
     base = tmp_path_factory.mktemp("serving")
     push(exported_model, base, "shapes", "run-1")

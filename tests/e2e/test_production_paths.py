@@ -15,9 +15,9 @@ from typing import Iterator
 
 import pytest
 
-import production
+from support import production
 from conftest import ROOT, free_port
-from production import (REDIS_HOST, REDIS_PORT, TESTS, WORKER_NAME_VAR, Processes, airflow,
+from support.production import (REDIS_HOST, REDIS_PORT, TESTS, WORKER_NAME_VAR, Processes, airflow,
                         airflow_env, pg_url, postgres_database, query, redis_database,
                         require, task_logs, wait_until, write_pipeline)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hostile_inputs import tiny_filesystem
+from support.hostile_inputs import tiny_filesystem
 from odapi_operators.core.data import shard as shard_module
 from odapi_operators.core.data.label_map import format_label_map
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource, write_manifest

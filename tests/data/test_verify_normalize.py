@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from hostile_inputs import png_bomb
+from support.hostile_inputs import png_bomb
 from odapi_operators.core.data.manifest import (Box, ImageRecord, ImageSource, read_manifest,
                                            write_manifest)
 from odapi_operators.core.data.normalize import NormalizeOptions, normalize

@@ -14,6 +14,7 @@ import yaml
 
 from conftest import ROOT
 from odapi_operators.core.data.sample_data import generate, voc_xml
+from support.fakes import asset_events as _asset_events
 
 pytestmark = pytest.mark.slow
 
@@ -51,17 +52,6 @@ def pipeline(tmp_path, monkeypatch):
 
 def _task_states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
-
-
-def _asset_events(run_id: str) -> dict[str, dict]:
-    """{source task id: event extra} of the Asset events a run published."""
-    from airflow.models.asset import AssetEvent
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        events = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == run_id))
-        return {e.source_task_id: dict(e.extra) for e in events}
 
 
 def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):

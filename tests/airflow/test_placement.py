@@ -1,6 +1,6 @@
 """Where training runs: the generated task for each placement (local, Celery, Kubernetes pod).
 
-Celery routing runs for real in tests/test_production_paths.py; a Kubernetes cluster cannot
+Celery routing runs for real in tests/e2e/test_production_paths.py; a Kubernetes cluster cannot
 run here, so the pod the KubernetesPodOperator would create is checked as a spec.
 """
 

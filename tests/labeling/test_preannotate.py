@@ -309,7 +309,7 @@ def test_disagreement_with_a_candidate_ranks_first(pool, tmp_path):
 # ---------------------------------------------------------------- pools
 
 def test_url_and_gs_pools_use_the_fetcher(pool, tmp_path, gcs_with_preconditions):
-    from image_server import ImageServer, send
+    from support.image_server import ImageServer, send
 
     from odapi_operators.core import storage
 

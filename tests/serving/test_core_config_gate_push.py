@@ -15,8 +15,9 @@ from odapi_operators.core.config import (ConfigError, freeze_config, load_pipeli
 from odapi_operators.core.evaluation.gate import Baseline, GatePolicy, decide, gate
 from odapi_operators.core.serving.serving_dir import RUN_MARKER, production_label_map, versions
 from odapi_operators.core.serving.push import push
+from support.fakes import fake_saved_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ROOT / "include" / "configs" / "pipeline.yaml"
 
 # --- config ------------------------------------------------------------------------------
@@ -153,17 +154,6 @@ def test_gate_writes_decision(tmp_path):
 
 
 # --- push --------------------------------------------------------------------------------
-
-
-def fake_saved_model(path: Path, tag: str, label_map: str | None = "item { id: 1 name: 'a' }"):
-    (path / "variables").mkdir(parents=True)
-    (path / "saved_model.pb").write_bytes(b"graph-" + tag.encode())
-    (path / "variables" / "variables.index").write_bytes(b"index-" + tag.encode())
-    (path / "variables" / "variables.data-00000-of-00001").write_bytes(b"\0" * 1000)
-    if label_map is not None:
-        (path / "assets.extra").mkdir()
-        (path / "assets.extra" / "label_map.pbtxt").write_text(label_map)
-    return path
 
 
 def numeric_dirs(model_dir: Path) -> list[str]:

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import ROOT
 from odapi_operators.core.serving import registry, models_config as serving_config
-from test_e2e_retrain import _asset_events
+from support.fakes import asset_events as _asset_events
 
 
 @pytest.fixture()
@@ -47,7 +47,7 @@ def test_rollback_waits_for_serving_then_moves_stable_back(pipeline, rollback_da
                                                            monkeypatch):
     from odapi_operators.core.serving.promote import promote
     from odapi_operators.core.serving.push import push
-    from serving_standin import ServingStandin
+    from support.serving_standin import ServingStandin
 
     for run in ("run-1", "run-2"):
         promote(pipeline, "shapes", push(exported_model, pipeline, "shapes", run)["version"],

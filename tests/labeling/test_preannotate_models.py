@@ -81,7 +81,7 @@ def _assert_same_tasks(got: list[dict], want: list[dict]) -> None:
 
 
 def test_cli_local_saved_model_and_tf_serving_give_the_same_tasks(served):
-    from serving_standin import ServingStandin
+    from support.serving_standin import ServingStandin
 
     local, tasks = _cli(served, "local", str(served["base"] / "shapes"))
     assert local["model_version"] == "shapes/1" and local["inference"] == "local"

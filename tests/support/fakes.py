@@ -1,0 +1,28 @@
+"""Small fakes and readers the tests share: a SavedModel folder without TensorFlow, the Asset
+events a DAG run published."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def fake_saved_model(path: Path, tag: str, label_map: str | None = "item { id: 1 name: 'a' }"):
+    (path / "variables").mkdir(parents=True)
+    (path / "saved_model.pb").write_bytes(b"graph-" + tag.encode())
+    (path / "variables" / "variables.index").write_bytes(b"index-" + tag.encode())
+    (path / "variables" / "variables.data-00000-of-00001").write_bytes(b"\0" * 1000)
+    if label_map is not None:
+        (path / "assets.extra").mkdir()
+        (path / "assets.extra" / "label_map.pbtxt").write_text(label_map)
+    return path
+
+
+def asset_events(run_id: str) -> dict[str, dict]:
+    """{source task id: event extra} of the Asset events a run published."""
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        events = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == run_id))
+        return {e.source_task_id: dict(e.extra) for e in events}
