@@ -38,9 +38,9 @@ ONE_SHARD = {"train": 1, "val": 1}
 
 def child(args: list[str]) -> dict:
     """`odapi ARGS` in a child process; only its progress lines are shown."""
-    from odapi_operators.core.stages.child import run_stage
+    from odapi_operators.core.stages.child import run_json
 
-    return run_stage(args, lambda line: line.startswith("progress:") and print(
+    return run_json(args, lambda line: line.startswith("progress:") and print(
         f"    {line}", flush=True))
 
 
@@ -64,12 +64,12 @@ def records(manifest: Path, label_map: Path, out: Path, ratios: dict) -> str:
 def train_and_evaluate(name: str, data: str, eval_data: str, work: Path, steps: int,
                        batch_size: int, warm_start: str | None = None) -> tuple[Path, float]:
     model = work / f"model-{name}"
-    args = ["train", "--config", str(SAMPLE_MODEL), "--data", data, "--model-dir", str(model),
+    args = ["train", "--model-config", str(SAMPLE_MODEL), "--data", data, "--out", str(model),
             "--steps", str(steps), "--batch-size", str(batch_size)]
     print(f"  train {name} ({steps} steps{', warm start' if warm_start else ''})", flush=True)
-    child(args + (["--warm-start-from", warm_start] if warm_start else []))
+    child(args + (["--warm-start", "--warm-start-from", warm_start] if warm_start else []))
     metrics = child(["evaluate", "--model", str(model), "--data", eval_data, "--out",
-                     str(work / f"eval-{name}" / "metrics.json"), "--missing-classes", "warn"])
+                     str(work / f"eval-{name}"), "--missing-classes", "warn"])
     return model, float(metrics.get("AP50") or 0.0)
 
 
@@ -87,12 +87,16 @@ def main() -> None:
 
     from odapi_operators.core.data.label_map import format_label_map
     from odapi_operators.core.data.manifest import read_manifest, write_manifest
-    from odapi_operators.core.labeling.preannotate import SCORES_FILE, PreannotateOptions, preannotate
+    from odapi_operators.core.data.sample_data import CLASSES, generate
+    from odapi_operators.core.labeling.preannotate import (
+        SCORES_FILE,
+        PreannotateOptions,
+        preannotate,
+    )
     from odapi_operators.core.labeling.predictors import open_predictor, resolve_model
     from odapi_operators.core.serving.promote import promote
-    from odapi_operators.core.serving.serving_dir import model_dir
     from odapi_operators.core.serving.push import push
-    from odapi_operators.core.data.sample_data import CLASSES, generate
+    from odapi_operators.core.serving.serving_dir import model_dir
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="odapi-bench-al-") as tmp:

@@ -39,10 +39,10 @@ def build_model(root: Path) -> Path:
     """
     import yaml
 
-    from odapi_operators.core.stages.child import run_stage
     from odapi_operators.core.data.ingest import ingest
     from odapi_operators.core.data.prepare import prepare
     from odapi_operators.core.data.sample_data import generate
+    from odapi_operators.core.stages.child import run_json
 
     generate(root / "export", count=24, seed=0, max_side=128)
     ingest([str(root / "export")], root / "ingest")
@@ -52,11 +52,11 @@ def build_model(root: Path) -> Path:
     config["params"]["task"]["model"]["detection_generator"]["pre_nms_score_threshold"] = 0.0
     (root / "model.yaml").write_text(yaml.safe_dump(config))
     quiet = lambda line: None  # noqa: E731
-    run_stage(["train", "--config", str(root / "model.yaml"), "--data", data, "--model-dir",
-               str(root / "model"), "--steps", "2", "--batch-size", "2"], quiet)
-    run_stage(["export", "--model-dir", str(root / "model"), "--data", data, "--out",
-               str(root / "exported"), "--input-type", "image_bytes", "--model-name",
-               "shapes"], quiet)
+    run_json(["train", "--model-config", str(root / "model.yaml"), "--data", data, "--out",
+              str(root / "model"), "--steps", "2", "--batch-size", "2"], quiet)
+    run_json(["export", "--model-dir", str(root / "model"), "--data", data, "--out",
+              str(root / "exported"), "--input-type", "image_bytes", "--model-name",
+              "shapes"], quiet)
     return root / "exported" / "saved_model"
 
 
@@ -73,9 +73,12 @@ def main() -> None:
     parser.add_argument("--model", help="an exported SavedModel (default: build one)")
     args = parser.parse_args()
 
-    from odapi_operators.core.labeling.preannotate import PreannotateOptions, preannotate
-    from odapi_operators.core.labeling.predictors import open_predictor, resolve_model
     from odapi_operators.core.data.sample_data import generate
+    from odapi_operators.core.labeling.preannotate import (
+        PreannotateOptions,
+        preannotate,
+    )
+    from odapi_operators.core.labeling.predictors import open_predictor, resolve_model
 
     with tempfile.TemporaryDirectory(prefix="odapi-bench-preannotate-") as tmp:
         root = Path(tmp)

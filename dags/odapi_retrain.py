@@ -19,14 +19,25 @@ from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TaskGroup, Trigge
 from odapi_operators.assets import DATASET_VERSION, SERVED_MODEL
 from odapi_operators.core.config import load_pipeline_config
 from odapi_operators.notifiers import build_notifiers
-from odapi_operators.operators import (BuildLabelMapOperator, BuildReportOperator,
-                                       EvaluateDetectorOperator, EvaluateProductionOperator,
-                                       ExportSavedModelOperator, FetchImagesOperator,
-                                       IngestAnnotationsOperator, NotifyOperator,
-                                       PromotionGateOperator, PushToServingOperator,
-                                       RegisterRunOperator, ResolvePipelineConfigOperator,
-                                       SelectExportsOperator, VerifyImagesOperator,
-                                       WriteTFRecordsOperator, is_promoted, is_rejected)
+from odapi_operators.operators import (
+    BuildLabelMapOperator,
+    BuildReportOperator,
+    EvaluateDetectorOperator,
+    EvaluateProductionOperator,
+    ExportSavedModelOperator,
+    FetchImagesOperator,
+    IngestAnnotationsOperator,
+    NotifyOperator,
+    PromotionGateOperator,
+    PushToServingOperator,
+    RegisterRunOperator,
+    ResolvePipelineConfigOperator,
+    SelectExportsOperator,
+    VerifyImagesOperator,
+    WriteTFRecordsOperator,
+    is_promoted,
+    is_rejected,
+)
 from odapi_operators.placement import train_task
 from odapi_operators.sensors import AnnotationExportSensor
 

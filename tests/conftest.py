@@ -6,10 +6,10 @@ import json
 import os
 import socket
 import subprocess
-import threading
-from http import HTTPStatus
 import sys
 import tempfile
+import threading
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest

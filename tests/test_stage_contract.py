@@ -16,12 +16,13 @@ from typing import Any, Literal
 import pytest
 from pydantic import BaseModel
 
-from conftest import ROOT
 from odapi_operators.cli import build_parser
 from odapi_operators.core.config import PipelineConfig, load_pipeline_config
 from odapi_operators.core.stages import catalog
 from odapi_operators.core.stages.runner import decode_inputs, run_stage, stage_command
 from odapi_operators.stage_cli import flag_name
+
+from conftest import ROOT
 
 STAGES = sorted(catalog.stages())
 

@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
     import requests
-
     from airflow.sdk import Context
 
 Event = Literal["failure", "retry", "promoted", "not_promoted"]

@@ -52,8 +52,11 @@ class ResolvePipelineConfigOperator(BaseOperator):
     def execute(self, context: Any) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from odapi_operators.core.config import (ConfigError, freeze_config,
-                                                 load_pipeline_config)
+        from odapi_operators.core.config import (
+            ConfigError,
+            freeze_config,
+            load_pipeline_config,
+        )
         from odapi_operators.core.layout import RunLayout, Stage
         from odapi_operators.hooks import serving_addresses
 
@@ -170,22 +173,32 @@ class SelectExportsOperator(StageOperator):
 
 
 class IngestAnnotationsOperator(StageOperator):
+    """Parse the selected exports into the run's manifest and dataset version."""
+
     stage = "ingest"
 
 
 class FetchImagesOperator(StageOperator):
+    """Bring every manifest image into the run's resumable image store."""
+
     stage = "fetch"
 
 
 class VerifyImagesOperator(StageOperator):
+    """Decode every image, normalize it, quarantine the bad ones (child process)."""
+
     stage = "verify"
 
 
 class BuildLabelMapOperator(StageOperator):
+    """The run's label map: ids extend production's, never renumbered."""
+
     stage = "label_map"
 
 
 class WriteTFRecordsOperator(StageOperator):
+    """Sharded TFRecords per split, in one task (child process)."""
+
     stage = "shard"
 
 
@@ -197,34 +210,50 @@ class PlanShardsOperator(StageOperator):
 
 
 class WriteShardOperator(StageOperator):
+    """Write one shard of the plan (a mapped task instance)."""
+
     stage = "write_shard"
 
 
 class FinishShardsOperator(StageOperator):
+    """Per-split stats and the records summary after every mapped shard."""
+
     stage = "finish_shards"
 
 
 class TrainDetectorOperator(StageOperator):
+    """Train in a child process; a retry resumes from the newest checkpoint."""
+
     stage = "train"
 
 
 class EvaluateDetectorOperator(StageOperator):
+    """COCO metrics of the candidate on the val split (child process)."""
+
     stage = "evaluate"
 
 
 class EvaluateProductionOperator(StageOperator):
+    """The production model on the same split: the gate's baseline."""
+
     stage = "evaluate_production"
 
 
 class PromotionGateOperator(StageOperator):
+    """Write decision.json; `promoted` guards export and push."""
+
     stage = "gate"
 
 
 class BuildReportOperator(StageOperator):
+    """The run's HTML report: metrics vs production, decision, loss, boxes."""
+
     stage = "report"
 
 
 class ExportSavedModelOperator(StageOperator):
+    """Export and check a SavedModel with warmup requests (child process)."""
+
     stage = "export"
 
 

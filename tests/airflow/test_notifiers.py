@@ -19,8 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, free_port
 from odapi_operators.notifiers import EVENTS, WebhookNotifier, build_notifiers
+
+from conftest import ROOT, free_port
 
 
 class Webhook:

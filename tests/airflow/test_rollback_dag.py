@@ -8,8 +8,10 @@ import json
 import pytest
 import yaml
 
+from odapi_operators.core.serving import models_config as serving_config
+from odapi_operators.core.serving import registry
+
 from conftest import ROOT
-from odapi_operators.core.serving import registry, models_config as serving_config
 from support.fakes import asset_events as _asset_events
 
 
@@ -47,6 +49,7 @@ def test_rollback_waits_for_serving_then_moves_stable_back(pipeline, rollback_da
                                                            monkeypatch):
     from odapi_operators.core.serving.promote import promote
     from odapi_operators.core.serving.push import push
+
     from support.serving_standin import ServingStandin
 
     for run in ("run-1", "run-2"):

@@ -7,8 +7,9 @@ import textwrap
 
 import yaml
 
-from conftest import ROOT
 from odapi_operators.core.data.sample_data import generate
+
+from conftest import ROOT
 
 DAG_FILE = textwrap.dedent("""
     from datetime import datetime

@@ -14,10 +14,15 @@ from PIL import Image
 from odapi_operators.core.data import sample_data
 from odapi_operators.core.data.fetch import fetch_images
 from odapi_operators.core.data.ingest import ingest
-from odapi_operators.core.data.manifest import (Box, ImageRecord, ImageSource, read_manifest,
-                                           write_manifest)
-from odapi_operators.core.rejections import StageError
+from odapi_operators.core.data.manifest import (
+    Box,
+    ImageRecord,
+    ImageSource,
+    read_manifest,
+    write_manifest,
+)
 from odapi_operators.core.data.verify import check_image, verify_images
+from odapi_operators.core.rejections import StageError
 
 
 def lines(path: Path) -> list[dict]:

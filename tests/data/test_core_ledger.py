@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import join_all
-
 from odapi_operators.core.data.exports import list_exports
 from odapi_operators.core.data.ledger import Ledger, LedgerError, select_exports
+
+from conftest import join_all
 
 MARKER = "_SUCCESS"
 DAY0 = datetime(2026, 3, 1, tzinfo=timezone.utc)

@@ -13,13 +13,24 @@ from PIL import Image
 
 from odapi_operators.core.data import sample_data
 from odapi_operators.core.data.ingest import ingest
-from odapi_operators.core.data.label_map import (LabelMapError, build_label_map, extend_label_map,
-                                            format_label_map, parse_label_map, read_label_map)
+from odapi_operators.core.data.label_map import (
+    LabelMapError,
+    build_label_map,
+    extend_label_map,
+    format_label_map,
+    parse_label_map,
+    read_label_map,
+)
 from odapi_operators.core.data.manifest import read_manifest
 from odapi_operators.core.data.shard import shard_name, write_shards
 from odapi_operators.core.data.split import split_of
-from odapi_operators.core.data.tfrecord import (bytes_feature, encode_example, float_feature,
-                                           int64_feature, write_record)
+from odapi_operators.core.data.tfrecord import (
+    bytes_feature,
+    encode_example,
+    float_feature,
+    int64_feature,
+    write_record,
+)
 from odapi_operators.core.data.verify import verify_images
 
 # --- label map ---------------------------------------------------------------------------

@@ -10,10 +10,25 @@ import time
 import pytest
 from PIL import Image
 
-from support.image_server import (ImageServer, drip, endless, huge, redirect, reset_after, send,
-                          sequence, stall, status)
-from odapi_operators.core.data.download import (DownloadPolicy, FetchError, HttpDownloader,
-                                           parse_retry_after)
+from odapi_operators.core.data.download import (
+    DownloadPolicy,
+    FetchError,
+    HttpDownloader,
+    parse_retry_after,
+)
+
+from support.image_server import (
+    ImageServer,
+    drip,
+    endless,
+    huge,
+    redirect,
+    reset_after,
+    send,
+    sequence,
+    stall,
+    status,
+)
 
 FAST = DownloadPolicy(connect_timeout=2, read_timeout=1, deadline=3, retries=2, backoff=0.01,
                       backoff_max=0.05, retry_after_max=0.3, max_redirects=3, max_bytes=1 << 20)

@@ -18,13 +18,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from support.hostile_inputs import png_bomb, tiny_filesystem
-from support.image_server import ImageServer, send, stall, status
 from odapi_operators.core.data.download import DownloadPolicy
 from odapi_operators.core.data.fetch import fetch_images
-from odapi_operators.core.data.manifest import (Box, ImageRecord, ImageSource, read_manifest,
-                                           write_manifest)
+from odapi_operators.core.data.manifest import (
+    Box,
+    ImageRecord,
+    ImageSource,
+    read_manifest,
+    write_manifest,
+)
 from odapi_operators.core.rejections import StageError
+
+from support.hostile_inputs import png_bomb, tiny_filesystem
+from support.image_server import ImageServer, send, stall, status
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = DownloadPolicy(connect_timeout=2, read_timeout=2, deadline=5, retries=1, backoff=0.01)

@@ -14,8 +14,8 @@ from odapi_operators.core.data.datasets import list_versions
 from odapi_operators.core.data.ingest import ingest
 from odapi_operators.core.data.label_map import format_label_map, read_label_map
 from odapi_operators.core.data.manifest import read_manifest
-from odapi_operators.core.rejections import StageError
 from odapi_operators.core.data.sample_data import generate
+from odapi_operators.core.rejections import StageError
 
 
 @pytest.fixture()

@@ -16,13 +16,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.hostile_inputs import tiny_filesystem
 from odapi_operators.core.data import shard as shard_module
 from odapi_operators.core.data.label_map import format_label_map
-from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource, write_manifest
+from odapi_operators.core.data.manifest import (
+    Box,
+    ImageRecord,
+    ImageSource,
+    write_manifest,
+)
+from odapi_operators.core.data.shard import (
+    finish_shards,
+    plan_shards,
+    shard_name,
+    write_shard,
+    write_shards,
+)
 from odapi_operators.core.rejections import StageError
-from odapi_operators.core.data.shard import (finish_shards, plan_shards, shard_name, write_shard,
-                                        write_shards)
+
+from support.hostile_inputs import tiny_filesystem
 
 RATIOS = {"train": 0.75, "val": 0.25}
 LABELS = {"cat": 1, "dog": 2}

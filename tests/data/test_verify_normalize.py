@@ -10,12 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from support.hostile_inputs import png_bomb
-from odapi_operators.core.data.manifest import (Box, ImageRecord, ImageSource, read_manifest,
-                                           write_manifest)
+from odapi_operators.core.data.manifest import (
+    Box,
+    ImageRecord,
+    ImageSource,
+    read_manifest,
+    write_manifest,
+)
 from odapi_operators.core.data.normalize import NormalizeOptions, normalize
 from odapi_operators.core.data.orientation import transform_box
 from odapi_operators.core.data.verify import verify_images
+
+from support.hostile_inputs import png_bomb
 
 W, H = 120, 80
 RED_BOX = Box("red", 10 / W, 15 / H, 40 / W, 35 / H)       # off-centre, so a wrong

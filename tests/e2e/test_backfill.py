@@ -19,11 +19,20 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from conftest import ROOT, free_port, keep_all_detections_config
-from odapi_operators.core.layout import RunLayout
 from odapi_operators.core.data.sample_data import MARKER, generate
-from support.production import (Processes, airflow, airflow_env, postgres_database, query, require,
-                        task_logs, wait_until)
+from odapi_operators.core.layout import RunLayout
+
+from conftest import ROOT, free_port, keep_all_detections_config
+from support.production import (
+    Processes,
+    airflow,
+    airflow_env,
+    postgres_database,
+    query,
+    require,
+    task_logs,
+    wait_until,
+)
 
 # Two days with an export (the second gated against the first's push) and one without: the
 # least that shows consumption by landing day, skipping, and gating against production. The
@@ -186,7 +195,8 @@ def test_backfill_consumes_exports_by_landing_day_and_gates_against_production(
         pipeline: Path, database: str, tmp_path: Path) -> None:
     from odapi_operators.core.config import load_pipeline_config
     from odapi_operators.core.data.ledger import Ledger
-    from odapi_operators.core.serving.models_config import entry, labels, read as read_models_config
+    from odapi_operators.core.serving.models_config import entry, labels
+    from odapi_operators.core.serving.models_config import read as read_models_config
 
     command = ["backfill", "create", "--dag-id", DAG_ID, "--from-date", FROM_DATE,
                "--to-date", TO_DATE, "--reprocess-behavior", "none", "--max-active-runs", "1"]

@@ -12,8 +12,9 @@ import json
 import pytest
 import yaml
 
-from conftest import ROOT
 from odapi_operators.core.data.sample_data import generate, voc_xml
+
+from conftest import ROOT
 from support.fakes import asset_events as _asset_events
 
 pytestmark = pytest.mark.slow
@@ -85,8 +86,8 @@ def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
         "tf_serving_warmup_requests"}
     assert not [p for p in version.parent.iterdir() if p.name.startswith(".tmp")]
 
-    from odapi_operators.core.serving.registry import read as read_registry
     from odapi_operators.core.serving.models_config import read as read_config
+    from odapi_operators.core.serving.registry import read as read_registry
 
     models_config = read_config(pipeline / "serving" / "models.config")
     [entry] = [c for c in models_config.model_config_list.config if c.name == "shapes"]

@@ -15,11 +15,25 @@ from typing import Iterator
 
 import pytest
 
-from support import production
 from conftest import ROOT, free_port
-from support.production import (REDIS_HOST, REDIS_PORT, TESTS, WORKER_NAME_VAR, Processes, airflow,
-                        airflow_env, pg_url, postgres_database, query, redis_database,
-                        require, task_logs, wait_until, write_pipeline)
+from support import production
+from support.production import (
+    REDIS_HOST,
+    REDIS_PORT,
+    TESTS,
+    WORKER_NAME_VAR,
+    Processes,
+    airflow,
+    airflow_env,
+    pg_url,
+    postgres_database,
+    query,
+    redis_database,
+    require,
+    task_logs,
+    wait_until,
+    write_pipeline,
+)
 
 DAG_ID = "odapi_retrain"
 DAG_FILE = ROOT / "dags" / "odapi_retrain.py"

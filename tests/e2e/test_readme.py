@@ -15,8 +15,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT
 from odapi_operators.cli import build_parser
+
+from conftest import ROOT
 
 BLOCK = re.compile(r"```bash\n(.*?)```", re.S)
 INLINE = re.compile(r"`((?:odapi|make|airflow) [^`]+)`")

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from conftest import odapi
 from odapi_operators.core.evaluation.coco_metrics import coco_metrics
 from odapi_operators.core.evaluation.evaluate import EvaluationError, _check_split
+
+from conftest import odapi
 
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"},
               {"id": 3, "name": "triangle"}]

@@ -8,7 +8,14 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from odapi_operators.core.evaluation.gate import Baseline, Force, GateError, GatePolicy, decide, gate
+from odapi_operators.core.evaluation.gate import (
+    Baseline,
+    Force,
+    GateError,
+    GatePolicy,
+    decide,
+    gate,
+)
 
 PRODUCTION = {"AP": 0.50, "AP50": 0.70, "total_loss": 0.80, "eval_images": 40,
               "per_class": {"circle": 0.60, "square": 0.40, "rare": -1.0}}

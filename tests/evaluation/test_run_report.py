@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import prepare_records
 from odapi_operators.cli import build_parser
 from odapi_operators.core.evaluation import gate
-from odapi_operators.core.model.tfvision import val_examples
 from odapi_operators.core.evaluation.report import build_report
+from odapi_operators.core.model.tfvision import val_examples
+
+from conftest import prepare_records
 
 HOSTILE = "<script>alert('x')</script>"
 CLASSES = ("circle", "square", "triangle", HOSTILE)  # the last has no ground truth

@@ -19,16 +19,22 @@ import pytest
 from PIL import Image
 
 from odapi_operators.core.data import sample_data
-from odapi_operators.core.model.detector import Detections
 from odapi_operators.core.data.ingest import ingest
 from odapi_operators.core.data.label_map import format_label_map
 from odapi_operators.core.data.manifest import key_from_url, read_manifest
 from odapi_operators.core.labeling.pool import list_pool
-from odapi_operators.core.labeling.predictors import ModelRef
 from odapi_operators.core.labeling.preannotate import PreannotateOptions, preannotate
-from odapi_operators.core.labeling.selection import (SelectionPolicy, disagreement, hamming,
-                                            informativeness, pick_diverse, uncertainty)
+from odapi_operators.core.labeling.predictors import ModelRef
+from odapi_operators.core.labeling.selection import (
+    SelectionPolicy,
+    disagreement,
+    hamming,
+    informativeness,
+    pick_diverse,
+    uncertainty,
+)
 from odapi_operators.core.labeling.sent_ledger import SentLedger
+from odapi_operators.core.model.detector import Detections
 
 LABELS = {name: index for index, name in enumerate(sample_data.CLASSES, start=1)}
 EMPTY = Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=int))
@@ -309,9 +315,9 @@ def test_disagreement_with_a_candidate_ranks_first(pool, tmp_path):
 # ---------------------------------------------------------------- pools
 
 def test_url_and_gs_pools_use_the_fetcher(pool, tmp_path, gcs_with_preconditions):
-    from support.image_server import ImageServer, send
-
     from odapi_operators.core import storage
+
+    from support.image_server import ImageServer, send
 
     keys = sorted(pool["truth"])
     model = truth_model(pool)

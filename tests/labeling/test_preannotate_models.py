@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, odapi
 from odapi_operators.core.data import sample_data
+
+from conftest import ROOT, odapi
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT, prepare_records
 from odapi_operators.core.model.tfvision import PIPELINE_OWNED
+
+from conftest import ROOT, prepare_records
 
 CONFIG_DIR = ROOT / "include" / "configs" / "models"
 TEST_INPUT_SIZE = 256  # divisible by 2**max_level for every config (max_level <= 7)

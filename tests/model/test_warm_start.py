@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from conftest import odapi, prepare_records, keep_all_detections_config
 from odapi_operators.core.model import warm_start
 from odapi_operators.core.model.warm_start import StartPointError
+
+from conftest import keep_all_detections_config, odapi, prepare_records
 
 
 def test_both_start_points_at_once_are_refused():

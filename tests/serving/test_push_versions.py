@@ -15,16 +15,21 @@ import pytest
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2 as pb
 
-from conftest import join_all
-
 from odapi_operators.core import storage
-
 from odapi_operators.core.serving import models_config as serving_config
-from odapi_operators.core.serving.promote import promote
-from odapi_operators.core.serving.serving_dir import RUN_MARKER, model_lock, production_version, versions
-from odapi_operators.core.serving.push import push
 from odapi_operators.core.serving.models_config import ServingOptions
-from odapi_operators.core.testpoints import ENV as PAUSE_ENV, SIGNAL_ENV
+from odapi_operators.core.serving.promote import promote
+from odapi_operators.core.serving.push import push
+from odapi_operators.core.serving.serving_dir import (
+    RUN_MARKER,
+    model_lock,
+    production_version,
+    versions,
+)
+from odapi_operators.core.testpoints import ENV as PAUSE_ENV
+from odapi_operators.core.testpoints import SIGNAL_ENV
+
+from conftest import join_all
 from support.fakes import fake_saved_model
 
 CHILD = ("import sys; from odapi_operators.core.serving.push import push; "

@@ -10,13 +10,19 @@ import pytest
 
 from odapi_operators.cli import build_parser, main
 from odapi_operators.cli_models import cmd_models_list
-from odapi_operators.core.serving import registry, models_config as serving_config
 from odapi_operators.core.evaluation.gate import GatePolicy, gate
 from odapi_operators.core.layout import RunLayout, Stage
+from odapi_operators.core.serving import models_config as serving_config
+from odapi_operators.core.serving import registry
+from odapi_operators.core.serving.models_config import ServingOptions
 from odapi_operators.core.serving.promote import promote
 from odapi_operators.core.serving.push import push
-from odapi_operators.core.serving.rollback import RollbackError, previous_stable, rollback
-from odapi_operators.core.serving.models_config import ServingOptions
+from odapi_operators.core.serving.rollback import (
+    RollbackError,
+    previous_stable,
+    rollback,
+)
+
 from support.fakes import fake_saved_model
 
 POLICY = GatePolicy(min_ap50=0.5, vs_production={"AP": {}})

@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 
 from odapi_operators.core.serving import models_config as serving_config
-from odapi_operators.core.serving.client import (ServingClient, ServingError, ServingNotFound,
-                                                 confirm_served, from_json, to_json)
+from odapi_operators.core.serving.client import (
+    ServingClient,
+    ServingError,
+    ServingNotFound,
+    confirm_served,
+    from_json,
+    to_json,
+)
 from odapi_operators.core.serving.models_config import ServingOptions
 
 PROTOCOLS = ["grpc", "rest"]
@@ -23,6 +29,7 @@ def served(exported_model, tmp_path_factory):
     protocol."""
     from odapi_operators.core.serving.promote import promote
     from odapi_operators.core.serving.push import push
+
     from support.serving_standin import ServingStandin
 
     base = tmp_path_factory.mktemp("serving")

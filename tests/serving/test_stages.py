@@ -9,6 +9,7 @@ import pytest
 from odapi_operators.core.config import load_pipeline_config
 from odapi_operators.core.failures import StageSkipped
 from odapi_operators.core.stages.runner import run_stage
+
 from support.fakes import fake_saved_model
 
 

@@ -35,13 +35,18 @@ from typing import Any, Callable
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import (get_model_status_pb2, model_management_pb2,
-                                     model_service_pb2_grpc, predict_pb2,
-                                     prediction_service_pb2_grpc, status_pb2)
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    status_pb2,
+)
 from tensorflow_serving.config import model_server_config_pb2
 
-from odapi_operators.core.serving import models_config as serving_config
 from odapi_operators.core.model.saved_model import INPUT_NAME, WARMUP_FILE, read_warmup
+from odapi_operators.core.serving import models_config as serving_config
 
 _UNKNOWN = 2  # tensorflow.error.Code.UNKNOWN
 _LOADED: dict[str, Any] = {}  # SavedModels by content: one export pushed twice loads once

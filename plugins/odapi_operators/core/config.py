@@ -14,13 +14,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from odapi_operators.core.failures import Failure
 from odapi_operators.core import storage
-from odapi_operators.core.layout import PIPELINE
 from odapi_operators.core.evaluation.gate import GatePolicy
+from odapi_operators.core.failures import Failure
+from odapi_operators.core.layout import PIPELINE
 from odapi_operators.core.serving.models_config import ServingOptions
 
 

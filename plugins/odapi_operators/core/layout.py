@@ -43,6 +43,18 @@ DECISION = "decision.json"
 PIPELINE = "pipeline.json"
 REPORT_PAGE = "report.html"
 
+
+
+class RunFile(Enum):
+    """The files of a run that other stages and tools read: (folder, name)."""
+
+    CONFIG = (Stage.CONFIG, PIPELINE)
+    CANDIDATE_METRICS = (Stage.EVALUATE_CANDIDATE, METRICS)
+    PRODUCTION_METRICS = (Stage.EVALUATE_PRODUCTION, METRICS)
+    DECISION = (Stage.GATE, DECISION)
+    REPORT = (Stage.REPORT, REPORT_PAGE)
+
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -81,26 +93,10 @@ class RunLayout:
     def summary(self, stage: Stage | str) -> Path:
         return self.stage(stage) / SUMMARY
 
-    @property
-    def config(self) -> Path:
-        return self.stage(Stage.CONFIG) / PIPELINE
+    def file(self, which: RunFile) -> Path:
+        stage, name = which.value
+        return self.stage(stage) / name
 
     @property
     def model_dir(self) -> Path:
         return self.stage(Stage.TRAIN)
-
-    @property
-    def candidate_metrics(self) -> Path:
-        return self.stage(Stage.EVALUATE_CANDIDATE) / METRICS
-
-    @property
-    def production_metrics(self) -> Path:
-        return self.stage(Stage.EVALUATE_PRODUCTION) / METRICS
-
-    @property
-    def decision(self) -> Path:
-        return self.stage(Stage.GATE) / DECISION
-
-    @property
-    def report(self) -> Path:
-        return self.stage(Stage.REPORT) / REPORT_PAGE

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from odapi_operators.core.layout import RunLayout, Stage
+from odapi_operators.core.layout import RunFile, RunLayout, Stage
 
 
 def latest_run(runs: str | Path) -> Path:
@@ -27,9 +27,9 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     run = layout.root
     ingest = _read(layout.summary(Stage.INGEST))
     verify = _read(layout.summary(Stage.VERIFY))
-    metrics = _read(layout.candidate_metrics)
-    production = _read(layout.production_metrics)
-    decision = _read(layout.decision)
+    metrics = _read(layout.file(RunFile.CANDIDATE_METRICS))
+    production = _read(layout.file(RunFile.PRODUCTION_METRICS))
+    decision = _read(layout.file(RunFile.DECISION))
     pushed = _read(layout.summary(Stage.PUSH))
     train = _read(layout.summary(Stage.TRAIN))
     return {
@@ -46,5 +46,5 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
         "promoted": decision.get("promoted"),
         "decision": decision.get("reason"),
         "serving_path": pushed.get("path"),
-        "report": str(layout.report),
+        "report": str(layout.file(RunFile.REPORT)),
     }

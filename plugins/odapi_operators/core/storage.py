@@ -10,8 +10,8 @@ finished temporary file; object writes are atomic by nature).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import errno
+import fcntl
 import os
 import shutil
 import tempfile

@@ -14,8 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
-from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.storage import StorageError
 
 VERSION_FILES = ("manifest.jsonl", "label_map.pbtxt", SUMMARY)

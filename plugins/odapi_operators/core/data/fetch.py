@@ -28,17 +28,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
-from odapi_operators.core.failures import Failure
 from odapi_operators.core.budget import DEFAULT_MAX_FAILED_SHARE, check_budget
-from odapi_operators.core.data.content import (EXTENSIONS, ContentError, check_md5, md5_hex,
-                                          require_image, sniff_format)
-from odapi_operators.core.data.download import DownloadPolicy, FetchError, HttpDownloader
-from odapi_operators.core.data.manifest import ImageRecord, ImageSource, read_manifest, write_manifest
+from odapi_operators.core.data.content import (
+    EXTENSIONS,
+    ContentError,
+    check_md5,
+    md5_hex,
+    require_image,
+    sniff_format,
+)
+from odapi_operators.core.data.download import (
+    DownloadPolicy,
+    FetchError,
+    HttpDownloader,
+)
+from odapi_operators.core.data.manifest import (
+    ImageRecord,
+    ImageSource,
+    read_manifest,
+    write_manifest,
+)
+from odapi_operators.core.data.resume import ResumeIndex
+from odapi_operators.core.failures import Failure
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.progress import Log, Progress
 from odapi_operators.core.rejections import RecordError, RejectionLog, StageError
-from odapi_operators.core.data.resume import ResumeIndex
 
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 INDEX_NAME = "fetch-index.jsonl"

@@ -15,14 +15,18 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
-
 from odapi_operators.core.data import formats
 from odapi_operators.core.data.datasets import publish_version
-from odapi_operators.core.data.label_map import (LabelMapError, assert_no_renumbering,
-                                            extend_label_map, format_label_map, read_label_map)
+from odapi_operators.core.data.label_map import (
+    LabelMapError,
+    assert_no_renumbering,
+    extend_label_map,
+    format_label_map,
+    read_label_map,
+)
 from odapi_operators.core.data.manifest import ImageRecord, write_manifest
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.rejections import RecordError, RejectionLog, StageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from google.protobuf import text_encoding
 
-from odapi_operators.core.layout import SUMMARY
-from odapi_operators.core.failures import Failure
 from odapi_operators.core import storage
 from odapi_operators.core.data.manifest import read_manifest
+from odapi_operators.core.failures import Failure
+from odapi_operators.core.layout import SUMMARY
 
 _QUOTED = r"'(?:[^'\\]|\\.)*'" + "|" + r'"(?:[^"\\]|\\.)*"'
 _ITEM = re.compile(rf"""item\s*\{{(?P<body>(?:{_QUOTED}|[^}}'"])*)\}}""", re.S)

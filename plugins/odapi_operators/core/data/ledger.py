@@ -16,10 +16,10 @@ import os
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
-from odapi_operators.core.failures import Failure
 from odapi_operators.core.append_log import AppendLog
-from odapi_operators.core.jsonl import parse_json_lines
 from odapi_operators.core.data.exports import Export, describe_export
+from odapi_operators.core.failures import Failure
+from odapi_operators.core.jsonl import parse_json_lines
 
 Decide = Callable[[list[dict]], tuple[list[str], list[dict]]]
 

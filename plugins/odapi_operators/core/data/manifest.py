@@ -15,7 +15,6 @@ from typing import Any, Iterable, Iterator
 
 from odapi_operators.core import storage
 
-
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 

@@ -14,17 +14,16 @@ import queue
 import threading
 from pathlib import Path
 
-from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
 from odapi_operators.core.budget import DEFAULT_MAX_FAILED_SHARE
 from odapi_operators.core.data.download import DownloadPolicy
 from odapi_operators.core.data.fetch import fetch_images
-from odapi_operators.core.data.manifest import read_manifest
 from odapi_operators.core.data.label_map import build_label_map
-from odapi_operators.core.progress import Log
+from odapi_operators.core.data.manifest import read_manifest
 from odapi_operators.core.data.shard import DEFAULT_TARGET_SHARD_BYTES, write_shards
 from odapi_operators.core.data.verify import verify_images
-
+from odapi_operators.core.layout import SUMMARY
+from odapi_operators.core.progress import Log
 
 _DONE = object()
 

@@ -29,16 +29,21 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
-from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
-from odapi_operators.core.failures import Failure
 from odapi_operators.core.data.label_map import read_label_map
 from odapi_operators.core.data.manifest import ImageRecord, read_manifest
+from odapi_operators.core.data.split import split_of
+from odapi_operators.core.data.tfrecord import (
+    bytes_feature,
+    encode_example,
+    float_feature,
+    int64_feature,
+    write_record,
+)
+from odapi_operators.core.failures import Failure
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.progress import Log
 from odapi_operators.core.rejections import StageError
-from odapi_operators.core.data.split import split_of
-from odapi_operators.core.data.tfrecord import (bytes_feature, encode_example, float_feature,
-                                           int64_feature, write_record)
 
 MAX_SOURCE_ID = 2**22
 DEFAULT_TARGET_SHARD_BYTES = 128 << 20

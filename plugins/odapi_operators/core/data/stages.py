@@ -34,10 +34,9 @@ class Candidates(Inputs):
 
 
 class Selected(Result):
-    exports: list[str]
+    log_format = "run consumes these exports: {exports}"
 
-    def log_line(self) -> str:
-        return f"run consumes {len(self.exports)} export(s): {self.exports}"
+    exports: list[str]
 
 
 def select(ctx: StageContext, inputs: Candidates, options: ExportsConfig) -> Selected:
@@ -75,6 +74,9 @@ class IngestInputs(Inputs):
 
 
 class Ingested(Result):
+    log_format = ("ingested {images} images, {boxes} boxes, {rejected} rejected "
+                  "(dataset {fingerprint})")
+
     manifest: str
     label_map: str
     rejections: str
@@ -83,10 +85,6 @@ class Ingested(Result):
     rejected: int
     fingerprint: str
     new_version: bool | None = None
-
-    def log_line(self) -> str:
-        return (f"ingested {self.images} images, {self.boxes} boxes, {self.rejected} rejected "
-                f"(dataset {self.fingerprint})")
 
 
 def ingest(ctx: StageContext, inputs: IngestInputs, options: ExportsConfig) -> Ingested:
@@ -117,14 +115,13 @@ class FetchInputs(Inputs):
 
 
 class Fetched(Result):
+    log_format = "{ok} images stored, {failed} failed, {skipped} already there"
+
     manifest: str | None = None
     failures: str
     ok: int
     failed: int
     skipped: int
-
-    def log_line(self) -> str:
-        return f"{self.ok} images stored, {self.failed} failed, {self.skipped} already there"
 
 
 def fetch(ctx: StageContext, inputs: FetchInputs, options: ImagesConfig) -> Fetched:
@@ -203,12 +200,11 @@ class LabelMapInputs(Inputs):
 
 
 class LabelMapped(Result):
+    log_format = "{num_classes} classes, new: {new_classes}"
+
     label_map: str
     num_classes: int
     new_classes: list[str] = []
-
-    def log_line(self) -> str:
-        return f"{self.num_classes} classes, new: {self.new_classes}"
 
 
 def label_map(ctx: StageContext, inputs: LabelMapInputs, options: None) -> LabelMapped:
@@ -272,10 +268,9 @@ class ShardTask(Result):
 
 
 class ShardPlan(Result):
-    shards: list[ShardTask]
+    log_format = "shards planned: {shards}"
 
-    def log_line(self) -> str:
-        return f"{len(self.shards)} shards"
+    shards: list[ShardTask]
 
 
 def plan(ctx: StageContext, inputs: RecordsInputs, options: RecordsConfig) -> ShardPlan:

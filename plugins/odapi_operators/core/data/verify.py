@@ -21,15 +21,24 @@ from typing import Iterable, Iterator
 
 from PIL import Image
 
-from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
 from odapi_operators.core.budget import check_budget
-from odapi_operators.core.data.manifest import ImageRecord, ImageSource, read_manifest, write_manifest
-from odapi_operators.core.data.normalize import NormalizeOptions, normalize, open_checked
+from odapi_operators.core.data.manifest import (
+    ImageRecord,
+    ImageSource,
+    read_manifest,
+    write_manifest,
+)
+from odapi_operators.core.data.normalize import (
+    NormalizeOptions,
+    normalize,
+    open_checked,
+)
 from odapi_operators.core.data.orientation import transform_boxes
+from odapi_operators.core.data.resume import ResumeIndex
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.progress import Log, Progress
 from odapi_operators.core.rejections import StageError
-from odapi_operators.core.data.resume import ResumeIndex
 
 INDEX_NAME = "verify-index.jsonl"
 INLINE_BELOW = 16  # fewer images than this: a process pool costs more than it saves

@@ -16,12 +16,16 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from odapi_operators.core.failures import Failure
 from odapi_operators.core import storage
-
-from odapi_operators.core.model import tfvision
-from odapi_operators.core.evaluation.coco_metrics import COCO_KEYS, coco_metrics, detection_entries, ground_truth
 from odapi_operators.core.data.label_map import read_label_map
+from odapi_operators.core.evaluation.coco_metrics import (
+    COCO_KEYS,
+    coco_metrics,
+    detection_entries,
+    ground_truth,
+)
+from odapi_operators.core.failures import Failure
+from odapi_operators.core.model import tfvision
 
 __all__ = ["COCO_KEYS", "EvaluationError", "evaluate", "val_split"]
 

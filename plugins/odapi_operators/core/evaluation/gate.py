@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from odapi_operators.core.layout import DECISION
-from odapi_operators.core.failures import Failure
 from odapi_operators.core import storage
+from odapi_operators.core.failures import Failure
+from odapi_operators.core.layout import DECISION
 
 # Float noise must not flip a verdict: 0.7 - 0.6 is 0.0999..., not below a min_delta of 0.1.
 _EPS = 1e-9

@@ -20,9 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from odapi_operators.core.layout import METRICS
 from odapi_operators.core import storage
-from odapi_operators.core.layout import REPORT_PAGE
+from odapi_operators.core.layout import METRICS, REPORT_PAGE
 from odapi_operators.core.model.tfvision import val_examples
 
 METRIC_ROWS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax100", "eval_images")

@@ -11,7 +11,6 @@ from odapi_operators.core.evaluation.gate import GatePolicy
 from odapi_operators.core.layout import Stage
 from odapi_operators.core.stages.contract import Inputs, Result, StageContext, StageSpec
 
-
 # --- gate ---------------------------------------------------------------------------------
 
 class GateInputs(Inputs):
@@ -24,12 +23,11 @@ class GateInputs(Inputs):
 
 
 class Decision(Result):
+    log_format = "promoted: {promoted} ({reason})"
+
     promoted: bool
     decision: str
     reason: str
-
-    def log_line(self) -> str:
-        return f"promoted: {self.promoted} ({self.reason})"
 
 
 def gate(ctx: StageContext, inputs: GateInputs, options: GatePolicy) -> Decision:
@@ -66,10 +64,9 @@ class ReportInputs(Inputs):
 
 
 class Report(Result):
-    report: str
+    log_format = "report: {report}"
 
-    def log_line(self) -> str:
-        return f"report: {self.report}"
+    report: str
 
 
 def report(ctx: StageContext, inputs: ReportInputs, options: ReportConfig) -> Report:

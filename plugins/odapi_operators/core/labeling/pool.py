@@ -24,10 +24,15 @@ from typing import Iterator
 from odapi_operators.core import storage
 from odapi_operators.core.data.formats import remote_kind
 from odapi_operators.core.data.ingest import IMAGE_SUFFIXES
-from odapi_operators.core.jsonl import parse_json_lines
-from odapi_operators.core.data.manifest import (ImageRecord, ImageSource, key_from_path,
-                                           key_from_url, read_manifest)
+from odapi_operators.core.data.manifest import (
+    ImageRecord,
+    ImageSource,
+    key_from_path,
+    key_from_url,
+    read_manifest,
+)
 from odapi_operators.core.data.paths import resolve_inside
+from odapi_operators.core.jsonl import parse_json_lines
 from odapi_operators.core.rejections import RecordError, RejectionLog, StageError
 
 TF_FORMATS = ("JPEG", "PNG", "GIF", "BMP")  # what the model's decoder reads

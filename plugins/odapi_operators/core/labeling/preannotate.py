@@ -22,17 +22,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
-
 from odapi_operators.core.labeling import annotation_tasks
 from odapi_operators.core.labeling.annotation_tasks import Proposal
-from odapi_operators.core.labeling.pool import Pool, PoolImage, fetch_remote, list_pool, read_pool
+from odapi_operators.core.labeling.pool import (
+    Pool,
+    PoolImage,
+    fetch_remote,
+    list_pool,
+    read_pool,
+)
 from odapi_operators.core.labeling.predictors import Predictor
+from odapi_operators.core.labeling.selection import (
+    SelectionPolicy,
+    informativeness,
+    pick_diverse,
+    rank,
+)
+from odapi_operators.core.labeling.sent_ledger import (
+    SentLedger,
+    came_back,
+    entry_identities,
+    identities,
+    labeled_identities,
+)
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.rejections import StageError
-from odapi_operators.core.labeling.selection import SelectionPolicy, informativeness, pick_diverse, rank
-from odapi_operators.core.labeling.sent_ledger import (SentLedger, came_back, entry_identities,
-                                              identities, labeled_identities)
 
 SCORES_FILE = "scores.jsonl"
 

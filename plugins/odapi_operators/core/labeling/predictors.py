@@ -26,9 +26,8 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from odapi_operators.core import storage
-
-from odapi_operators.core.serving import serving_dir
 from odapi_operators.core.data.label_map import read_label_map
+from odapi_operators.core.serving import serving_dir
 
 SERVING_SCHEMES = ("grpc", "http", "https")
 SERVING_TIMEOUT_S = 300.0  # a batch on a loaded CPU Serving can take a while

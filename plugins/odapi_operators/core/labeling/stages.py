@@ -29,16 +29,14 @@ class PreannotateInputs(Inputs):
 
 
 class Preannotated(Result):
+    log_format = ("{model_version}: {selected} of {scored} scored images selected (skipped "
+                  "{skipped}); tasks: {tasks}")
+
     out: str
     tasks: str
     selected: int
     model_version: int | str | None = None
     came_back: int | None = None
-
-    def log_line(self) -> str:
-        extra = self.model_extra or {}
-        return (f"{self.model_version}: {self.selected} of {extra.get('scored')} scored images "
-                f"selected (skipped {extra.get('skipped')}); tasks: {self.tasks}")
 
 
 def batch_folder(pipeline: PipelineConfig, run_id: str) -> Path:
@@ -66,9 +64,9 @@ def _production_model(ctx: StageContext) -> tuple[str, str | None]:
 def preannotate(ctx: StageContext, inputs: PreannotateInputs,
                 options: PreannotateConfig) -> Preannotated:
     """Score the pool with the model, rank by informativeness, write the top tasks."""
-    from odapi_operators.core.labeling.predictors import open_predictor, resolve_model
     from odapi_operators.core.labeling.preannotate import PreannotateOptions
     from odapi_operators.core.labeling.preannotate import preannotate as run_preannotate
+    from odapi_operators.core.labeling.predictors import open_predictor, resolve_model
     from odapi_operators.core.labeling.selection import SelectionPolicy
 
     model, serving_dir = inputs.model, inputs.serving_dir

@@ -24,7 +24,6 @@ import yaml
 from PIL import Image
 
 from odapi_operators.core import storage
-
 from odapi_operators.core.model import tfvision
 
 

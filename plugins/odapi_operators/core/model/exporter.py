@@ -16,13 +16,22 @@ from pathlib import Path
 
 import numpy as np
 
-from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.model import tfvision
-from odapi_operators.core.model.saved_model import (ASSETS_EXTRA, EXPORT_INFO, INPUT_NAME,
-                                                    INFERENCE_FUNCTIONS, INPUT_TYPES,
-                                                    LABEL_MAP_FILE, PARAMS_FILE, WARMUP_FILE,
-                                                    read_warmup, request_input, write_warmup)
+from odapi_operators.core.model.saved_model import (
+    ASSETS_EXTRA,
+    EXPORT_INFO,
+    INFERENCE_FUNCTIONS,
+    INPUT_NAME,
+    INPUT_TYPES,
+    LABEL_MAP_FILE,
+    PARAMS_FILE,
+    WARMUP_FILE,
+    read_warmup,
+    request_input,
+    write_warmup,
+)
 
 MATCH_TOLERANCE = 1e-3
 

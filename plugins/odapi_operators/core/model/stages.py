@@ -9,9 +9,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from odapi_operators.core.config import EvaluateConfig, ExportConfig, TrainConfig
-from odapi_operators.core.layout import METRICS, Stage
+from odapi_operators.core.layout import METRICS, RunFile, Stage
 from odapi_operators.core.stages.contract import Inputs, Result, StageContext, StageSpec
-
 
 # --- train ----------------------------------------------------------------------------------
 
@@ -131,10 +130,9 @@ class ExportInputs(Inputs):
 
 
 class Exported(Result):
-    saved_model: str
+    log_format = "export checked: {check}"
 
-    def log_line(self) -> str:
-        return f"export checked: {(self.model_extra or {}).get('check')}"
+    saved_model: str
 
 
 def export(ctx: StageContext, inputs: ExportInputs, options: ExportConfig) -> Exported:
@@ -145,8 +143,8 @@ def export(ctx: StageContext, inputs: ExportInputs, options: ExportConfig) -> Ex
     name = inputs.model_name
     if ctx.pipeline is not None:
         name = name or ctx.pipeline.serving.model_name
-        if ctx.layout is not None and ctx.layout.config.exists():
-            extras.insert(0, str(ctx.layout.config))
+        if ctx.layout is not None and ctx.layout.file(RunFile.CONFIG).exists():
+            extras.insert(0, str(ctx.layout.file(RunFile.CONFIG)))
     return Exported(**export_model(inputs.model_dir, inputs.data, ctx.folder,
                                    options.input_type, model_name=name or "model",
                                    extras=extras, warmup_images=options.warmup_images))

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from odapi_operators.core.layout import SUMMARY
-from odapi_operators.core.failures import Failure
 from odapi_operators.core import storage
+from odapi_operators.core.failures import Failure
+from odapi_operators.core.layout import SUMMARY
 
 TRAIN_INFO = "odapi_train.json"
 PIPELINE_OWNED = (

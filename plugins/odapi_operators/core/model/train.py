@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage
-
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.model import tfvision, warm_start
 
 

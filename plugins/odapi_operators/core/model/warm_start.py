@@ -16,9 +16,8 @@ from __future__ import annotations
 import os
 import sys
 
-from odapi_operators.core.failures import Failure
 from odapi_operators.core import storage
-
+from odapi_operators.core.failures import Failure
 from odapi_operators.core.serving import serving_dir
 
 

@@ -25,12 +25,11 @@ import numpy as np
 import requests
 
 from odapi_operators.core import storage
-
-from odapi_operators.core.serving import models_config as serving_config
 from odapi_operators.core.model.saved_model import INPUT_NAME, WARMUP_FILE, read_warmup
 from odapi_operators.core.progress import Log
-from odapi_operators.core.serving.serving_dir import model_dir
+from odapi_operators.core.serving import models_config as serving_config
 from odapi_operators.core.serving.models_config import ServingOptions
+from odapi_operators.core.serving.serving_dir import model_dir
 
 if TYPE_CHECKING:
     from tensorflow_serving.config.model_server_config_pb2 import ModelServerConfig
@@ -67,7 +66,10 @@ class _Grpc:
 
     def __init__(self, address: str, timeout: float) -> None:
         import grpc
-        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+        from tensorflow_serving.apis import (
+            model_service_pb2_grpc,
+            prediction_service_pb2_grpc,
+        )
 
         self.address, self.timeout = address, timeout
         self.channel = grpc.insecure_channel(address, options=_GRPC_OPTIONS)

@@ -22,8 +22,8 @@ from google.protobuf import text_format
 from pydantic import BaseModel, ConfigDict, Field
 from tensorflow_serving.config import model_server_config_pb2 as pb
 
-from odapi_operators.core.failures import Failure
 from odapi_operators.core import storage, testpoints
+from odapi_operators.core.failures import Failure
 
 STABLE, CANARY = "stable", "canary"
 _LABEL = re.compile(r"^[A-Za-z0-9_]+$")

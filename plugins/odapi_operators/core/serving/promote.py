@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from odapi_operators.core.serving import registry, models_config as serving_config
-from odapi_operators.core.serving.serving_dir import model_dir, model_lock, versions
+from odapi_operators.core.serving import models_config as serving_config
+from odapi_operators.core.serving import registry
 from odapi_operators.core.serving.models_config import ServingOptions
+from odapi_operators.core.serving.serving_dir import model_dir, model_lock, versions
 
 
 def move_locked(serving_base: str | os.PathLike, model_name: str, version: int, *,

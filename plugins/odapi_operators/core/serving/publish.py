@@ -12,10 +12,10 @@ import os
 import sys
 from typing import Any
 
+from odapi_operators.core.serving.models_config import ServingOptions
 from odapi_operators.core.serving.promote import promote
 from odapi_operators.core.serving.push import push
 from odapi_operators.core.serving.rollback import rollback
-from odapi_operators.core.serving.models_config import ServingOptions
 
 
 def _log(message: str) -> None:

@@ -22,13 +22,17 @@ import os
 import shutil
 from pathlib import Path
 
-from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core import storage, testpoints
-
+from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.serving import models_config as serving_config
 from odapi_operators.core.serving.models_config import ServingOptions
-from odapi_operators.core.serving.serving_dir import (RUN_MARKER, model_dir, model_lock,
-                                                      object_children, versions)
+from odapi_operators.core.serving.serving_dir import (
+    RUN_MARKER,
+    model_dir,
+    model_lock,
+    object_children,
+    versions,
+)
 
 VERSIONS_FILE = ".odapi-versions"
 _GS_RETRIES = 20

@@ -19,7 +19,7 @@ from typing import Any
 
 from odapi_operators.core import storage
 from odapi_operators.core.jsonl import parse_json_lines
-from odapi_operators.core.layout import RunLayout, Stage
+from odapi_operators.core.layout import RunFile, RunLayout, Stage
 
 _GS_RETRIES = 20
 METRIC_COLUMNS = ("AP", "AP50")
@@ -102,13 +102,13 @@ def register_run(path: str | os.PathLike, run_dir: str | os.PathLike, model: str
     """
     run = os.fspath(run_dir).rstrip("/")
     layout = RunLayout.of(run)
-    metrics = _read_json(str(layout.candidate_metrics))
-    production = _read_json(str(layout.production_metrics))
-    report = str(layout.report)
-    decision = _read_json(str(layout.decision))
+    metrics = _read_json(str(layout.file(RunFile.CANDIDATE_METRICS)))
+    production = _read_json(str(layout.file(RunFile.PRODUCTION_METRICS)))
+    report = str(layout.file(RunFile.REPORT))
+    decision = _read_json(str(layout.file(RunFile.DECISION)))
     pushed = _read_json(str(layout.summary(Stage.PUSH)))
     ingest = _read_json(str(layout.summary(Stage.INGEST)))
-    config = str(layout.config)
+    config = str(layout.file(RunFile.CONFIG))
     record = {
         "kind": "candidate", "model": model, "run_id": run_id, "run_dir": run,
         "dataset_version": decision.get("dataset_version") or ingest.get("fingerprint"),
@@ -118,7 +118,7 @@ def register_run(path: str | os.PathLike, run_dir: str | os.PathLike, model: str
         "report": report if storage.exists(report) else None,
         "decision": ({k: decision.get(k) for k in ("promoted", "rule", "reason", "forced",
                                                    "force", "baseline")}
-                     | {"path": str(layout.decision)}) if decision else None,
+                     | {"path": str(layout.file(RunFile.DECISION))}) if decision else None,
         "version": pushed.get("version"), "path": pushed.get("path"),
         "decided_at": decision.get("decided_at"),
     }

@@ -11,10 +11,11 @@ import os
 from typing import Callable
 
 from odapi_operators.core.failures import Failure
-from odapi_operators.core.serving import registry, models_config as serving_config
+from odapi_operators.core.serving import models_config as serving_config
+from odapi_operators.core.serving import registry
+from odapi_operators.core.serving.models_config import STABLE, ServingOptions
 from odapi_operators.core.serving.promote import move_locked
 from odapi_operators.core.serving.serving_dir import model_dir, model_lock, versions
-from odapi_operators.core.serving.models_config import STABLE, ServingOptions
 
 
 class RollbackError(ValueError):

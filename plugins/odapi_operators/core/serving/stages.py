@@ -17,7 +17,6 @@ from odapi_operators.core.failures import StageSkipped
 from odapi_operators.core.layout import RunLayout, Stage
 from odapi_operators.core.stages.contract import Inputs, Result, StageContext, StageSpec
 
-
 # --- push -----------------------------------------------------------------------------------
 
 class PushInputs(Inputs):
@@ -26,14 +25,12 @@ class PushInputs(Inputs):
 
 
 class Pushed(Result):
+    log_format = ("pushed {model_name} version {version} to {path}; stable -> {stable} "
+                  "(Serving check: {serving})")
+
     model_name: str
     version: int
     path: str
-
-    def log_line(self) -> str:
-        extra = self.model_extra or {}
-        return (f"pushed {self.model_name} version {self.version} to {self.path}; stable -> "
-                f"{extra.get('stable')} (Serving check: {extra.get('serving')})")
 
 
 def push(ctx: StageContext, inputs: PushInputs, options: ServingConfig) -> Pushed:
@@ -102,13 +99,13 @@ class RollbackInputs(Inputs):
 
 
 class RolledBack(Result):
+    log_format = "stable: {previous} -> {version}"
+
     version: int
     previous: int | None
     path: str
     serving: dict | str | None = None
 
-    def log_line(self) -> str:
-        return f"stable: {self.previous} -> {self.version}"
 
 
 def rollback(ctx: StageContext, inputs: RollbackInputs, options: ServingConfig) -> RolledBack:

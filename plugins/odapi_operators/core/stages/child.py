@@ -7,6 +7,7 @@ holds TensorFlow or GPU memory after the task. The child leads its own process g
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import sys
 from collections import deque
 from typing import Callable
 
-from odapi_operators.core.failures import Failure
+from odapi_operators.core.failures import Failure, failure_from_exit
 
 _RUNNING: set[subprocess.Popen] = set()
 
@@ -51,6 +52,21 @@ def run_child(args: list[str], log: Callable[[str], None],
             if child.poll() is None:  # the caller is being torn down: take the group along
                 _kill_group(child)
     return code, list(tail)
+
+
+def run_json(args: list[str], log: Callable[[str], None]) -> dict:
+    """`odapi <args>` in a child (any command: benchmarks and tools); its JSON summary."""
+    code, tail = run_child(args, log)
+    if code != 0:
+        raise ChildStageError(f"odapi {args[0]} failed with exit code {code}:\n"
+                              + "\n".join(tail), failure_from_exit(code))
+    for line in reversed(tail):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    raise ChildStageError(f"odapi {args[0]} printed no JSON summary")
 
 
 def _kill_group(child: subprocess.Popen) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -45,14 +45,23 @@ class Result(BaseModel):
     extra keys the stage reports (counts, timings) ride along to its JSON summary."""
 
     model_config = ConfigDict(extra="allow")
+    log_format: ClassVar[str | None] = None  # str.format over the result, extras included
 
     def contract(self) -> dict[str, Any]:
         """The declared fields only, JSON-ready: what an operator pushes to XCom."""
         return self.model_dump(mode="json", include=set(type(self).model_fields))
 
     def log_line(self) -> str:
-        """One line for the task log; stages override it to say what mattered."""
+        """One line for the task log: `log_format` (a key the result lacks shows as `-`),
+        else the declared fields."""
+        if self.log_format:
+            return self.log_format.format_map(_OrDash(self.model_dump()))
         return ", ".join(f"{k}={v}" for k, v in self.contract().items())
+
+
+class _OrDash(dict):
+    def __missing__(self, key: str) -> str:
+        return "-"
 
 
 I = TypeVar("I", bound=Inputs)

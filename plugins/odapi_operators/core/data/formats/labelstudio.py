@@ -26,7 +26,11 @@ from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from odapi_operators.core.data.boxes import checked_box, normalized_box
-from odapi_operators.core.data.formats.common import image_size, is_number, json_root_char
+from odapi_operators.core.data.formats.common import (
+    image_size,
+    is_number,
+    json_root_char,
+)
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource
 from odapi_operators.core.rejections import RecordError
 
