@@ -74,10 +74,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from odapi_operators.core.data.sample_data import generate
-    from odapi_operators.core.labeling.preannotate import (
-        PreannotateOptions,
-        preannotate,
-    )
+    from odapi_operators.core.labeling.preannotate import PreannotateOptions, preannotate
     from odapi_operators.core.labeling.predictors import open_predictor, resolve_model
 
     with tempfile.TemporaryDirectory(prefix="odapi-bench-preannotate-") as tmp:

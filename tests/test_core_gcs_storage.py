@@ -8,11 +8,7 @@ import uuid
 import pytest
 
 from odapi_operators.core import storage
-from odapi_operators.core.data.exports import (
-    find_complete_exports,
-    list_exports,
-    scan_exports,
-)
+from odapi_operators.core.data.exports import find_complete_exports, list_exports, scan_exports
 from odapi_operators.core.data.ledger import Ledger
 from odapi_operators.core.storage import StorageError
 

@@ -15,12 +15,7 @@ import sys
 import traceback
 
 from odapi_operators import cli_models, stage_cli
-from odapi_operators.core.failures import (
-    EXIT_CODES,
-    EXIT_SKIPPED,
-    StageSkipped,
-    failure_of,
-)
+from odapi_operators.core.failures import EXIT_CODES, EXIT_SKIPPED, StageSkipped, failure_of
 
 
 def cmd_sample(args: argparse.Namespace) -> dict:

@@ -52,11 +52,7 @@ class ResolvePipelineConfigOperator(BaseOperator):
     def execute(self, context: Any) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from odapi_operators.core.config import (
-            ConfigError,
-            freeze_config,
-            load_pipeline_config,
-        )
+        from odapi_operators.core.config import ConfigError, freeze_config, load_pipeline_config
         from odapi_operators.core.layout import RunLayout, Stage
         from odapi_operators.hooks import serving_addresses
 
@@ -85,7 +81,6 @@ class StageOperator(BaseOperator):
     """
 
     stage: ClassVar[str]
-    returns: ClassVar[str | None] = None  # return only this result field (to map over it)
     ui_color = "#e8f0fe"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -112,7 +107,7 @@ class StageOperator(BaseOperator):
         spec = self.spec()
         inputs = {name: kwargs.pop(name) for name in list(kwargs)
                   if name in spec.inputs.model_fields}
-        kwargs.setdefault("multiple_outputs", self.returns is None)
+        kwargs.setdefault("multiple_outputs", spec.result.items is None)
         super().__init__(**kwargs)
         self.config = config
         for name in spec.inputs.model_fields:
@@ -148,7 +143,7 @@ class StageOperator(BaseOperator):
         self.log.info("%s", result.log_line())
         self.publish(context, result)
         contract = result.contract()
-        return contract[self.returns] if self.returns else contract
+        return contract[result.items] if result.items else contract  # a list to map over
 
     def publish(self, context: Any, result: Any) -> None:
         """Attach `outlet_extra(result)` to the events of this task's outlet Assets."""
@@ -169,7 +164,6 @@ class SelectExportsOperator(StageOperator):
     """The exports this run consumes (the ledger: exactly once per export); skips if none."""
 
     stage = "select_exports"
-    returns = "exports"
 
 
 class IngestAnnotationsOperator(StageOperator):
@@ -206,7 +200,6 @@ class PlanShardsOperator(StageOperator):
     """The shard plan as a list, to map `WriteShardOperator` over (`shard=plan.output`)."""
 
     stage = "plan_shards"
-    returns = "shards"
 
 
 class WriteShardOperator(StageOperator):

@@ -18,12 +18,7 @@ from PIL import Image
 
 from odapi_operators.core.data import shard as shard_module
 from odapi_operators.core.data.label_map import format_label_map
-from odapi_operators.core.data.manifest import (
-    Box,
-    ImageRecord,
-    ImageSource,
-    write_manifest,
-)
+from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource, write_manifest
 from odapi_operators.core.data.shard import (
     finish_shards,
     plan_shards,

@@ -18,11 +18,7 @@ from odapi_operators.core.config import (
 from odapi_operators.core.evaluation.gate import Baseline, GatePolicy, decide, gate
 from odapi_operators.core.serving import push as push_mod
 from odapi_operators.core.serving.push import push
-from odapi_operators.core.serving.serving_dir import (
-    RUN_MARKER,
-    production_label_map,
-    versions,
-)
+from odapi_operators.core.serving.serving_dir import RUN_MARKER, production_label_map, versions
 
 from support.fakes import fake_saved_model
 

@@ -17,11 +17,7 @@ from odapi_operators.core.serving import registry
 from odapi_operators.core.serving.models_config import ServingOptions
 from odapi_operators.core.serving.promote import promote
 from odapi_operators.core.serving.push import push
-from odapi_operators.core.serving.rollback import (
-    RollbackError,
-    previous_stable,
-    rollback,
-)
+from odapi_operators.core.serving.rollback import RollbackError, previous_stable, rollback
 
 from support.fakes import fake_saved_model
 

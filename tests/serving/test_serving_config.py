@@ -12,10 +12,7 @@ from pydantic import ValidationError
 from tensorflow_serving.config import model_server_config_pb2 as pb
 
 from odapi_operators.core.serving import models_config as sc
-from odapi_operators.core.serving.models_config import (
-    ServingConfigError,
-    ServingOptions,
-)
+from odapi_operators.core.serving.models_config import ServingConfigError, ServingOptions
 
 from conftest import join_all
 

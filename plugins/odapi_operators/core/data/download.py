@@ -22,12 +22,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
-from odapi_operators.core.data.content import (
-    SNIFF_BYTES,
-    ContentError,
-    check_md5,
-    require_image,
-)
+from odapi_operators.core.data.content import SNIFF_BYTES, ContentError, check_md5, require_image
 
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 1 << 16

@@ -38,11 +38,7 @@ from odapi_operators.core.data.content import (
     require_image,
     sniff_format,
 )
-from odapi_operators.core.data.download import (
-    DownloadPolicy,
-    FetchError,
-    HttpDownloader,
-)
+from odapi_operators.core.data.download import DownloadPolicy, FetchError, HttpDownloader
 from odapi_operators.core.data.manifest import (
     ImageRecord,
     ImageSource,

@@ -34,6 +34,7 @@ class Candidates(Inputs):
 
 
 class Selected(Result):
+    items = "exports"
     log_format = "run consumes these exports: {exports}"
 
     exports: list[str]
@@ -268,6 +269,7 @@ class ShardTask(Result):
 
 
 class ShardPlan(Result):
+    items = "shards"
     log_format = "shards planned: {shards}"
 
     shards: list[ShardTask]

@@ -29,11 +29,7 @@ from odapi_operators.core.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from odapi_operators.core.data.normalize import (
-    NormalizeOptions,
-    normalize,
-    open_checked,
-)
+from odapi_operators.core.data.normalize import NormalizeOptions, normalize, open_checked
 from odapi_operators.core.data.orientation import transform_boxes
 from odapi_operators.core.data.resume import ResumeIndex
 from odapi_operators.core.layout import SUMMARY

@@ -25,13 +25,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from odapi_operators.core import storage
 from odapi_operators.core.labeling import annotation_tasks
 from odapi_operators.core.labeling.annotation_tasks import Proposal
-from odapi_operators.core.labeling.pool import (
-    Pool,
-    PoolImage,
-    fetch_remote,
-    list_pool,
-    read_pool,
-)
+from odapi_operators.core.labeling.pool import Pool, PoolImage, fetch_remote, list_pool, read_pool
 from odapi_operators.core.labeling.predictors import Predictor
 from odapi_operators.core.labeling.selection import (
     SelectionPolicy,

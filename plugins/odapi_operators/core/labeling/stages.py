@@ -13,6 +13,17 @@ from odapi_operators.core.layout import safe_run_id
 from odapi_operators.core.stages.contract import Inputs, Result, StageContext, StageSpec
 
 
+class Preannotated(Result):
+    log_format = ("{model_version}: {selected} of {scored} scored images selected (skipped "
+                  "{skipped}); tasks: {tasks}")
+
+    out: str
+    tasks: str
+    selected: int
+    model_version: int | str | None = None
+    came_back: int | None = None
+
+
 class PreannotateInputs(Inputs):
     model: str | None = Field(default=None, description="<serving base>/<model> (its "
                               "production version), a version or SavedModel folder; or TF "
@@ -26,17 +37,6 @@ class PreannotateInputs(Inputs):
                                     "gs:// (default: sent-<model>.jsonl beside the batch)")
     cache: str | None = Field(default=None, description="store for downloaded pool images "
                               "(default: pool-cache beside the batch)")
-
-
-class Preannotated(Result):
-    log_format = ("{model_version}: {selected} of {scored} scored images selected (skipped "
-                  "{skipped}); tasks: {tasks}")
-
-    out: str
-    tasks: str
-    selected: int
-    model_version: int | str | None = None
-    came_back: int | None = None
 
 
 def batch_folder(pipeline: PipelineConfig, run_id: str) -> Path:

@@ -66,10 +66,7 @@ class _Grpc:
 
     def __init__(self, address: str, timeout: float) -> None:
         import grpc
-        from tensorflow_serving.apis import (
-            model_service_pb2_grpc,
-            prediction_service_pb2_grpc,
-        )
+        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         self.address, self.timeout = address, timeout
         self.channel = grpc.insecure_channel(address, options=_GRPC_OPTIONS)

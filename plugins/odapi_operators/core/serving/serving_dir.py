@@ -16,11 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from odapi_operators.core import storage
-from odapi_operators.core.model.saved_model import (
-    ASSETS_EXTRA,
-    LABEL_MAP_FILE,
-    extra_file,
-)
+from odapi_operators.core.model.saved_model import ASSETS_EXTRA, LABEL_MAP_FILE, extra_file
 from odapi_operators.core.serving import models_config as serving_config
 from odapi_operators.core.serving.models_config import ServingOptions
 

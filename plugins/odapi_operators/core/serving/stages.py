@@ -89,15 +89,6 @@ REGISTER_RUN = StageSpec(name="register_run", help="append a run's record to the
 
 # --- rollback -------------------------------------------------------------------------------
 
-class RollbackInputs(Inputs):
-    to: int | None = Field(default=None, description="version to make stable (default: the "
-                           "previous stable version; run.rollback_to in a pipeline)")
-    reason: str | None = Field(default=None, description="why (recorded in the registry; "
-                               "run.reason in a pipeline)")
-    by: str | None = Field(default=None, description="who (default: the run's triggering "
-                           "user, else $USER)")
-
-
 class RolledBack(Result):
     log_format = "stable: {previous} -> {version}"
 
@@ -106,6 +97,14 @@ class RolledBack(Result):
     path: str
     serving: dict | str | None = None
 
+
+class RollbackInputs(Inputs):
+    to: int | None = Field(default=None, description="version to make stable (default: the "
+                           "previous stable version; run.rollback_to in a pipeline)")
+    reason: str | None = Field(default=None, description="why (recorded in the registry; "
+                               "run.reason in a pipeline)")
+    by: str | None = Field(default=None, description="who (default: the run's triggering "
+                           "user, else $USER)")
 
 
 def rollback(ctx: StageContext, inputs: RollbackInputs, options: ServingConfig) -> RolledBack:

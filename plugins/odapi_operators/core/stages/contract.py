@@ -46,6 +46,8 @@ class Result(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     log_format: ClassVar[str | None] = None  # str.format over the result, extras included
+    # a list field that downstream tasks map over: an operator returns it alone
+    items: ClassVar[str | None] = None
 
     def contract(self) -> dict[str, Any]:
         """The declared fields only, JSON-ready: what an operator pushes to XCom."""

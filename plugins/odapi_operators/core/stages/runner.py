@@ -31,11 +31,7 @@ if typing.TYPE_CHECKING:
 def load_pipeline(pipeline: PipelineConfig | str | os.PathLike | None) -> PipelineConfig | None:
     """A frozen `pipeline.json` (what runs read), or a pipeline YAML (for a person at a
     terminal), or an already loaded config."""
-    from odapi_operators.core.config import (
-        PipelineConfig,
-        load_pipeline_config,
-        read_frozen_config,
-    )
+    from odapi_operators.core.config import PipelineConfig, load_pipeline_config, read_frozen_config
 
     if pipeline is None or isinstance(pipeline, PipelineConfig):
         return pipeline

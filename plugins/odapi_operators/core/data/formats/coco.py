@@ -17,11 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from odapi_operators.core.data.boxes import normalized_box
-from odapi_operators.core.data.formats.common import (
-    image_size,
-    is_number,
-    json_root_char,
-)
+from odapi_operators.core.data.formats.common import image_size, is_number, json_root_char
 from odapi_operators.core.data.manifest import Box, ImageRecord
 from odapi_operators.core.rejections import RecordError
 

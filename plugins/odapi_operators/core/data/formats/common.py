@@ -6,7 +6,13 @@ import codecs
 import csv
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from odapi_operators.core.rejections import RecordError
+
+if TYPE_CHECKING:
+    from odapi_operators.core.data.manifest import ImageRecord
+    from odapi_operators.core.rejections import RejectionLog
 
 _LEADING_BYTES = b"\xef\xbb\xbf \t\r\n"  # UTF-8 BOM and whitespace before a JSON value
 
@@ -73,3 +79,12 @@ def first_line_fields(head: bytes) -> list[str]:
         return [f.strip() for f in split_csv_line(line)]
     except csv.Error:
         return []
+
+
+def kept(log: RejectionLog, build: Callable[[], ImageRecord | None]) -> ImageRecord | None:
+    """`build()`, or None once its RecordError is logged: one bad record never stops the rest."""
+    try:
+        return build()
+    except RecordError as exc:
+        log.add(exc.rejection)
+        return None

@@ -32,12 +32,7 @@ from PIL import Image
 from odapi_operators.core.data.boxes import checked_box, normalized_box
 from odapi_operators.core.data.formats import remote_kind
 from odapi_operators.core.data.formats.common import first_line_fields, read_csv_lines
-from odapi_operators.core.data.manifest import (
-    Box,
-    ImageRecord,
-    ImageSource,
-    key_from_url,
-)
+from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource, key_from_url
 from odapi_operators.core.rejections import Rejection
 
 if TYPE_CHECKING:

@@ -26,11 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from odapi_operators.core.data.boxes import checked_box, normalized_box
-from odapi_operators.core.data.formats.common import (
-    image_size,
-    is_number,
-    json_root_char,
-)
+from odapi_operators.core.data.formats.common import image_size, is_number, json_root_char, kept
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource
 from odapi_operators.core.rejections import RecordError
 
@@ -186,6 +182,8 @@ def _source_model_version(task: dict, annotation: dict) -> Any:
 
 def _task_record(task: dict, index: int, folder: Path, file: str,
                  ctx: ParseContext) -> ImageRecord | None:
+    if not isinstance(task, dict):
+        raise RecordError(file, f"tasks[{index}]", "bad task: not a JSON object")
     task_id = task.get("id")
     record = f"task {task_id}" if task_id is not None else f"tasks[{index}]"
     data = task.get("data") if isinstance(task.get("data"), dict) else {}
@@ -213,15 +211,10 @@ def _task_record(task: dict, index: int, folder: Path, file: str,
     model_version = _source_model_version(task, annotation)
     if model_version is not None:  # pre-annotated: which model proposed the boxes
         provenance["model_version"] = model_version
-    return ImageRecord(
-        key=key,
-        source=source,
-        source_id=str(task_id if task_id is not None else index),
-        width=size[0] if size else None,
-        height=size[1] if size else None,
-        boxes=tuple(boxes),
-        provenance=provenance,
-    )
+    width, height = size or (None, None)
+    return ImageRecord(key=key, source=source,
+                       source_id=str(task_id if task_id is not None else index), width=width,
+                       height=height, boxes=tuple(boxes), provenance=provenance)
 
 
 def parse_labelstudio_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]:
@@ -235,13 +228,7 @@ def parse_labelstudio_file(json_path: Path, ctx: ParseContext) -> Iterator[Image
         raise RecordError(file, "document", "not a Label Studio export: not a list of tasks")
     folder = Path(json_path).parent
     for index, task in enumerate(tasks):
-        try:
-            if not isinstance(task, dict):
-                raise RecordError(file, f"tasks[{index}]", "bad task: not a JSON object")
-            record = _task_record(task, index, folder, file, ctx)
-        except RecordError as exc:
-            ctx.log.add(exc.rejection)
-            continue
+        record = kept(ctx.log, lambda: _task_record(task, index, folder, file, ctx))
         if record is not None:
             yield record
 

@@ -41,12 +41,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from odapi_operators.core.data.boxes import checked_box
 from odapi_operators.core.data.formats.common import first_line_fields, read_csv_lines
-from odapi_operators.core.data.manifest import (
-    Box,
-    ImageRecord,
-    ImageSource,
-    key_from_id,
-)
+from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource, key_from_id
 from odapi_operators.core.rejections import Rejection
 
 if TYPE_CHECKING:

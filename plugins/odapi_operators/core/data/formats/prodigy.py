@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from odapi_operators.core import storage
 from odapi_operators.core.data.boxes import normalized_box
-from odapi_operators.core.data.formats.common import image_size, is_number
+from odapi_operators.core.data.formats.common import image_size, is_number, kept
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource
 from odapi_operators.core.rejections import RecordError
 
@@ -180,15 +180,9 @@ def _task_record(task: Any, number: int, file: str, folder: Path,
     meta = task.get("meta")
     if isinstance(meta, dict) and meta.get("model_version") is not None:
         provenance["model_version"] = meta["model_version"]
-    return ImageRecord(
-        key=key,
-        source=source,
-        source_id=source_id,
-        width=size[0] if size else None,
-        height=size[1] if size else None,
-        boxes=tuple(boxes),
-        provenance=provenance,
-    )
+    width, height = size or (None, None)
+    return ImageRecord(key=key, source=source, source_id=source_id, width=width, height=height,
+                       boxes=tuple(boxes), provenance=provenance)
 
 
 def parse_prodigy_file(path: Path, ctx: ParseContext) -> Iterator[ImageRecord]:
@@ -200,19 +194,18 @@ def parse_prodigy_file(path: Path, ctx: ParseContext) -> Iterator[ImageRecord]:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")
             if not raw.strip():
                 continue
-            try:
-                try:
-                    task = json.loads(raw)
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    ending = "" if raw.endswith(b"\n") else " (truncated last line?)"
-                    raise RecordError(file, f"line {number}",
-                                      f"malformed line: {exc}{ending}") from None
-                record = _task_record(task, number, file, folder, ctx)
-            except RecordError as exc:
-                ctx.log.add(exc.rejection)
-                continue
+            record = kept(ctx.log, lambda: _task_record(_line_task(raw, number, file), number,
+                                                        file, folder, ctx))
             if record is not None:
                 yield record
+
+
+def _line_task(raw: bytes, number: int, file: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        ending = "" if raw.endswith(b"\n") else " (truncated last line?)"
+        raise RecordError(file, f"line {number}", f"malformed line: {exc}{ending}") from None
 
 
 def parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]:

@@ -59,7 +59,8 @@ def parse_voc_file(xml_path: Path, ctx: ParseContext) -> ImageRecord:
     except SafeET.ParseError as exc:
         raise RecordError(file, "document", f"not well-formed XML: {exc}") from None
     if root.tag != "annotation":
-        raise RecordError(file, "document", f"not a Pascal VOC annotation: root element <{root.tag}>")
+        raise RecordError(file, "document",
+                          f"not a Pascal VOC annotation: root element <{root.tag}>")
     filename = root.findtext("filename") or Path(root.findtext("path") or "").name
     if not filename.strip():
         raise RecordError(file, "document", "missing element: no <filename> or <path>")
