@@ -66,7 +66,10 @@ def pipeline(tmp_path: Path) -> Path:
         "train": {"model_config": str(keep_all_detections_config(tmp_path)),
                   "steps": 3, "batch_size": 2, "placement": {"pool": None}},
         "evaluate": {"missing_classes": "warn"},
-        "gate": {"min_ap50": 0.0, "vs_production": {"AP50": {"min_delta": 0.0}}},
+        # The first model is promoted by rule; a later one must beat production's AP50 by 1.0,
+        # which no model can: the second day is gated against the first day's push and
+        # rejected, so the backfill exports once.
+        "gate": {"min_ap50": 0.0, "vs_production": {"AP50": {"min_delta": 1.0}}},
         "serving": {"base": "serving", "model_name": "shapes"},
     }
     path = tmp_path / "pipeline.yaml"

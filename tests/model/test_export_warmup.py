@@ -11,25 +11,10 @@ from conftest import odapi
 pytestmark = pytest.mark.slow
 
 
-def _export(trained_model, tmp_path, input_type: str, exported_model) -> tuple[dict, object]:
-    """(export summary, SavedModel folder); image_bytes is the shared session export."""
-    if input_type == "image_bytes":
-        return json.loads((exported_model.parent / "summary.json").read_text()), exported_model
-    extra_file = tmp_path / "decision.json"
-    extra_file.write_text(json.dumps({"promoted": True}))
-    out = tmp_path / "export"
-    summary = json.loads(odapi(
-        "export", "--model-dir", str(trained_model["model_dir"]),
-        "--data", str(trained_model["records"]), "--out", str(out),
-        "--input-type", input_type, "--model-name", "shapes",
-        "--extras", str(extra_file)).stdout)
-    return summary, out / "saved_model"
-
-
-@pytest.mark.parametrize("input_type", ["tf_example", "image_bytes"])  # image_tensor: e2e
-def test_export_ships_assets_and_replayable_warmup(trained_model, exported_model, tmp_path,
-                                                   input_type):
-    summary, saved_model = _export(trained_model, tmp_path, input_type, exported_model)
+def test_export_ships_assets_and_replayable_warmup(exported_model):
+    """The session's export (image_bytes; image_tensor is exported end to end in e2e)."""
+    input_type, saved_model = "image_bytes", exported_model
+    summary = json.loads((exported_model.parent / "summary.json").read_text())
     extra = saved_model / "assets.extra"
     assert {p.name for p in extra.iterdir()} >= {
         "label_map.pbtxt", "params.yaml", "decision.json", "tf_serving_warmup_requests"}
@@ -60,3 +45,16 @@ def test_export_refuses_unknown_input_type(trained_model, tmp_path):
                  str(trained_model["records"]), "--out", str(tmp_path / "x"),
                  "--input-type", "jpeg", check=False)
     assert done.returncode == 2 and "invalid choice: 'jpeg'" in done.stderr
+
+
+def test_tf_example_requests_carry_the_serialized_example(trained_model, tmp_path):
+    """The tf_example input type without a third export: its warmup requests hold the
+    records' serialized examples, and read back through the Serving protos unchanged."""
+    from odapi_operators.core.model.saved_model import read_warmup, request_input, write_warmup
+    from odapi_operators.core.model.tfvision import val_examples
+
+    examples = val_examples(trained_model["records"], 2)
+    inputs = [request_input(example, "tf_example") for example in examples]
+    assert write_warmup(tmp_path / "warmup", "shapes", inputs) == len(examples)
+    replayed = read_warmup(tmp_path / "warmup")
+    assert [array[0] for array in replayed] == examples
