@@ -79,10 +79,3 @@ def serving_addresses(options: ServingOptions,
             return {}
         del found["timeout"]
     return {k: v for k, v in found.items() if v}
-
-
-def serving_args(options: ServingOptions,
-                 conn_id: str = TFServingHook.default_conn_name) -> list[str]:
-    """`--grpc-address`/`--rest-url` arguments for `odapi push`/`odapi rollback`."""
-    return [arg for key, value in serving_addresses(options, conn_id).items()
-            for arg in (f"--{key.replace('_', '-')}", value)]

@@ -161,7 +161,7 @@ def test_client_needs_an_address():
 
 
 def test_hook_reads_the_connection(monkeypatch):
-    from odapi_operators.hooks import TFServingHook, serving_addresses, serving_args
+    from odapi_operators.hooks import TFServingHook, serving_addresses
 
     monkeypatch.setenv("AIRFLOW_CONN_TF_SERVING_DEFAULT", json.dumps(
         {"conn_type": "tf_serving", "host": "serving.internal", "port": 9500,
@@ -174,6 +174,6 @@ def test_hook_reads_the_connection(monkeypatch):
         assert repr(client) == "ServingClient(rest: http://serving.internal:8501)"
     assert serving_addresses(ServingOptions()) == {"grpc_address": "serving.internal:9500",
                                                    "rest_url": "http://serving.internal:8501"}
-    assert serving_args(ServingOptions(rest_url="http://other:8501")) == [
-        "--rest-url", "http://other:8501"]  # the pipeline's address wins
+    assert serving_addresses(ServingOptions(rest_url="http://other:8501")) == {
+        "rest_url": "http://other:8501"}  # the pipeline's address wins
     assert serving_addresses(ServingOptions(), "no_such_connection") == {}
