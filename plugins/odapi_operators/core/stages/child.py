@@ -2,7 +2,9 @@
 
 TensorFlow stages (and stages with process pools) run this way so the calling worker never
 holds TensorFlow or GPU memory after the task. The child leads its own process group, and
-`terminate_children` (an operator's `on_kill`) ends the whole group, pools included.
+`terminate_children` (an operator's `on_kill`) ends the whole group, pools included; on Linux
+the child also dies with its parent (PR_SET_PDEATHSIG), so a worker killed with SIGKILL leaves
+no trainer behind.
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ class ChildStageError(RuntimeError):
         self.failure = failure
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_child(args: list[str], log: Callable[[str], None],
               env: dict[str, str] | None = None) -> tuple[int, list[str]]:
     """Run `odapi <args>` in a child; stream its output to `log`; return its exit status
@@ -35,10 +47,17 @@ def run_child(args: list[str], log: Callable[[str], None],
     command = [sys.executable, "-u", "-m", "odapi_operators", *args]
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_USE_LEGACY_KERAS": "1",
                  **(env or {})}
+    return stream(command, log, child_env)
+
+
+def stream(command: list[str], log: Callable[[str], None],
+           env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """Run `command` as a child that dies with us; stream its output; (status, last lines)."""
     log(f"running: {' '.join(command)}")
     tail: deque[str] = deque(maxlen=20)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=child_env, bufsize=1, start_new_session=True) as child:
+                          env=env, bufsize=1, start_new_session=True,
+                          preexec_fn=_die_with_parent) as child:
         _RUNNING.add(child)
         try:
             assert child.stdout is not None
