@@ -37,7 +37,7 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
                    threads=images.threads, workers=images.workers,
                    max_failed_share=images.max_failed_share, policy=images.policy(),
                    previous_label_map=args.previous_label_map, cache_dir=records.cache,
-                   **({} if args.no_progress else stage_cli._progress()))
+                   **({} if args.no_progress else stage_cli.progress_output()))
 
 
 def cmd_summary(args: argparse.Namespace) -> dict:

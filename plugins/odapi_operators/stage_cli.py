@@ -145,7 +145,7 @@ def build_options(spec: StageSpec, pipeline: Any, flags: dict[str, Any]) -> Base
         raise ConfigError(_cli_words(exc, own)) from None
 
 
-def _progress() -> dict[str, Any]:
+def progress_output() -> dict[str, Any]:
     """A bar on a terminal; otherwise a log line on stderr at a steady cadence."""
     if sys.stderr.isatty():
         return {"bar": True}
@@ -170,7 +170,7 @@ def run_command(spec: StageSpec, args: argparse.Namespace) -> dict:
     options = build_options(spec, pipeline, given(args, _OPT))
     result = run_stage(spec.name, pipeline=pipeline, run_id=args.run_id, inputs=inputs,
                        options=options, out=args.out, log=_log,
-                       progress={} if args.no_progress else _progress())
+                       progress={} if args.no_progress else progress_output())
     return result.model_dump(mode="json")
 
 

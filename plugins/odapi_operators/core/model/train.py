@@ -52,7 +52,7 @@ def _checkpoint_step(model_dir: str | Path) -> int:
 
 
 def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
-          steps: int, batch_size: int = 8, *, init_checkpoint: str | None = None,
+          steps: int, batch_size: int, *, init_checkpoint: str | None = None,
           warm_start_from: str | None = None) -> dict:
     """Train (or resume) in `model_dir`; a new run starts from `init_checkpoint`, from the
     production model under `warm_start_from` (`<serving base>/<model>`), or from scratch."""
