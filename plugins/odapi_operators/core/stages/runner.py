@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from odapi_operators.core.failures import StageSkipped, failure_from_exit
+from odapi_operators.core.failures import EXIT_SKIPPED, StageSkipped, failure_from_exit
 from odapi_operators.core.stages import catalog
 from odapi_operators.core.stages.child import ChildStageError, run_child
 from odapi_operators.core.stages.contract import Result, StageContext, StageSpec
@@ -124,8 +124,6 @@ def run_stage_in_child(name: str, *, pipeline: str | os.PathLike, run_id: str,
         code, tail = run_child(args, log)
         if code == 0:
             return spec.result.model_validate_json(Path(result_file).read_text())
-        from odapi_operators.core.failures import EXIT_SKIPPED
-
         if code == EXIT_SKIPPED:
             raise StageSkipped(tail[-1] if tail else f"{name}: nothing to do")
         raise ChildStageError(f"odapi stage run {name} failed with exit code {code}:\n"
