@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ON_DEMAND = {"active_learning.py": "three trainings: ~15-20 min on 2 quiet cores"}
+ON_DEMAND = {"active_learning.py": "three trainings: ~15-20 min on 2 quiet cores",
+             "export.py": "a training and four exports: ~10 min on 2 quiet cores"}
 
 for script in sorted(Path(__file__).parent.glob("*.py")):
     if script.name in ON_DEMAND:

@@ -10,9 +10,11 @@ export module, weights restored in memory) before the folder is renamed into pla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -40,6 +42,22 @@ def _top(outputs: dict) -> dict[str, np.ndarray]:
     count = int(np.asarray(outputs["num_detections"]).reshape(-1)[0])
     return {key: np.asarray(outputs[key])[0][:count]
             for key in ("detection_boxes", "detection_scores", "detection_classes")}
+
+
+@contextlib.contextmanager
+def _serving_signatures_only() -> Iterator[None]:
+    """Save the serving signature without tracing every Keras layer's call functions.
+
+    `tf.saved_model.save` of the export module also serializes the Keras model the way
+    `model.save` would, tracing each layer's call for Keras to reload it: most of an export's
+    time, for functions Serving never calls. The SavedModel keeps its signatures and weights
+    (the export check below replays them against the checkpoint); reloading it as a Keras
+    model is what it gives up, which nothing here does.
+    """
+    from tf_keras.src.saving.legacy.saved_model.utils import keras_option_scope
+
+    with keras_option_scope(save_traces=False, in_tf_saved_model_scope=True):
+        yield
 
 
 def check_export(saved_model_dir: Path, module, input_type: str) -> dict:
@@ -88,10 +106,11 @@ def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
     examples = tfvision.val_examples(data_dir, warmup_images)
     label_map = tfvision.read_data_summary(data_dir)["label_map"]
     with storage.atomic_directory(out_dir) as tmp:
-        export_saved_model_lib.export_inference_graph(
-            input_type=input_type, batch_size=None, input_image_size=size, params=params,
-            checkpoint_path=checkpoint, export_dir=str(tmp), export_module=module,
-            export_checkpoint_subdir="checkpoint", export_saved_model_subdir="saved_model")
+        with _serving_signatures_only():
+            export_saved_model_lib.export_inference_graph(
+                input_type=input_type, batch_size=None, input_image_size=size, params=params,
+                checkpoint_path=checkpoint, export_dir=str(tmp), export_module=module,
+                export_checkpoint_subdir="checkpoint", export_saved_model_subdir="saved_model")
         extra = tmp / "saved_model" / ASSETS_EXTRA
         extra.mkdir(parents=True, exist_ok=True)
         shutil.copy(label_map, extra / LABEL_MAP_FILE)
