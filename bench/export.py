@@ -69,7 +69,8 @@ def main() -> None:
                 [sys.executable, "-c", TRACING, *export, str(root / f"b{round_}")]))
         medians = {name: statistics.median(values) for name, values in times.items()}
         for name, value in medians.items():
-            print(f"{name:>16}: {value:6.1f} s  (runs: {', '.join(f'{v:.1f}' for v in times[name])})")
+            runs = ", ".join(f"{v:.1f}" for v in times[name])
+            print(f"{name:>16}: {value:6.1f} s  (runs: {runs})")
         print(f"ratio signatures only / tracing layers: "
               f"{medians['signatures only'] / medians['tracing layers']:.2f}")
 
