@@ -43,7 +43,8 @@ class ResolvePipelineConfigOperator(BaseOperator):
         dag_run = context["dag_run"]
         start, end = context.get("data_interval_start"), context.get("data_interval_end")
         params = dict(context.get("params") or {})
-        return {"run.id": context["run_id"], "run.type": str(dag_run.run_type).lower(),
+        run_type = getattr(dag_run.run_type, "value", dag_run.run_type)  # an enum or a str
+        return {"run.id": context["run_id"], "run.type": str(run_type).lower(),
                 "run.data_interval_start": start.isoformat() if start else None,
                 "run.data_interval_end": end.isoformat() if end else None,
                 "run.triggered_by": getattr(dag_run, "triggering_user_name", None),
