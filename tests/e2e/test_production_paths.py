@@ -187,7 +187,7 @@ def start_cluster(processes: Processes, env: dict[str, str], api_port: int) -> N
     for queue in ("default", "gpu"):
         name = f"{queue}-worker"
         worker_env = {**env, WORKER_NAME_VAR: name,
-                      "AIRFLOW__CORE__HOSTNAME_CALLABLE": "production.worker_hostname",
+                      "AIRFLOW__CORE__HOSTNAME_CALLABLE": "support.production.worker_hostname",
                       "PYTHONPATH": f"{TESTS}:{env.get('PYTHONPATH', '')}".rstrip(":")}
         # --skip-serve-logs: two workers on one machine would both bind port 8793
         processes.start(name, worker_env, "celery", "worker", "-q", queue, "--concurrency",
