@@ -147,3 +147,21 @@ def test_a_stage_runs_in_process_from_config_run_id_and_inputs(tmp_path):
     assert result.images == 4 and result.manifest == str(
         tmp_path / "var/runs/manual__1/ingest/manifest.jsonl")
     assert Path(result.manifest).is_file()
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_a_bare_command_builds_its_options_from_the_sections_defaults(name):
+    """Without --pipeline: only required options need a flag; the rest are the section's
+    defaults (home-relative optional paths, like the records cache, are off)."""
+    from odapi_operators.stage_cli import build_options
+
+    spec = catalog.get(name)
+    required = {field: "shapes" if field == "model_name" else sample(info.annotation)
+                for field, info in spec.option_fields().items() if info.is_required()}
+    options = build_options(spec, None, required)
+    if spec.section is None:
+        assert options is None
+        return
+    for field, info in spec.option_fields().items():
+        if not info.is_required() and field != "cache":
+            assert getattr(options, field) == info.default, field

@@ -117,7 +117,8 @@ def without_home_paths(section: str, fields: dict[str, FieldInfo],
 
     unset = {name: None for name, info in fields.items()
              if f"{section}.{info.alias or name}" in PATH_KEYS and not info.is_required()
-             and name not in flags}
+             and info.default is not None and _bare(info.annotation) != info.annotation
+             and name not in flags}  # only optional ones: `records.cache`, not `pool`
     return {**unset, **flags}
 
 
