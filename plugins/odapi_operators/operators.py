@@ -279,13 +279,8 @@ class RollbackOperator(StageOperator):
     stage = "rollback"
 
     def outlet_extra(self, result: Any) -> dict:
-        return {"model_name": self.model_name(), "version": result.version,
+        return {"model_name": result.model_name, "version": result.version,
                 "path": result.path, "action": "rollback"}
-
-    def model_name(self) -> str:
-        from odapi_operators.core.config import read_frozen_config
-
-        return read_frozen_config(self.config).serving.model_name
 
 
 class PreannotateOperator(StageOperator):

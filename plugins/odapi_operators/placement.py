@@ -55,9 +55,8 @@ def train_pod(task_id: str, *, config: Any, data: Any, spec: KubernetesPlacement
     return KubernetesPodOperator(
         task_id=task_id, name="odapi-train", namespace=spec.namespace, image=spec.image,
         cmds=["odapi"],
-        arguments=["--summary-file", XCOM_RETURN,
-                   *stage_command("train", pipeline=config, run_id="{{ run_id }}",
-                                  inputs={"data": data})],
+        arguments=stage_command("train", pipeline=config, run_id="{{ run_id }}",
+                                inputs={"data": data}, result_file=XCOM_RETURN),
         container_resources=resources, tolerations=tolerations, volumes=volumes,
         volume_mounts=mounts, node_selector=spec.node_selector or None,
         service_account_name=spec.service_account,

@@ -66,10 +66,11 @@ def test_kubernetes_pod_requests_gpus_and_runs_the_same_command(kubeconfig):
     container = pod.spec.containers[0]
     assert container.image == "registry.example.com/odapi:1.2"
     assert container.command == ["odapi"]
-    assert container.args == ["--summary-file", XCOM_RETURN, "stage", "run", "train",
+    assert container.args == ["stage", "run", "train",
                               "--pipeline", "/runs/r1/config/pipeline.json",
                               "--run-id", "scheduled__2026-03-02",
-                              "--input", "data", "/runs/r1/records"]
+                              "--input", "data", "/runs/r1/records",
+                              "--result-file", XCOM_RETURN]
     assert container.resources.limits == {"nvidia.com/gpu": "2"}
     assert container.resources.requests == {"nvidia.com/gpu": "2"}
     assert [t.key for t in pod.spec.tolerations] == ["nvidia.com/gpu"]

@@ -92,6 +92,7 @@ REGISTER_RUN = StageSpec(name="register_run", help="append a run's record to the
 class RolledBack(Result):
     log_format = "stable: {previous} -> {version}"
 
+    model_name: str
     version: int
     previous: int | None
     path: str

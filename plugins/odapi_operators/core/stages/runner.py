@@ -70,13 +70,17 @@ def _encode(value: Any) -> Any:
 
 
 def stage_command(name: str, *, pipeline: Any, run_id: Any,
-                  inputs: dict[str, Any] | None = None) -> list[Any]:
-    """`odapi` arguments that run stage `name` for one run, wherever they run."""
+                  inputs: dict[str, Any] | None = None,
+                  result_file: str | None = None) -> list[Any]:
+    """`odapi` arguments that run stage `name` for one run, wherever they run; the result
+    also goes to `result_file` (a child's temporary file, a pod's XCom file)."""
     catalog.get(name)  # an unknown stage fails here, at parse time, not in the child
     args: list[Any] = ["stage", "run", name, "--pipeline", pipeline, "--run-id", run_id]
     for key, value in (inputs or {}).items():
         if value is not None:  # left out: the input's default
             args += ["--input", key, _encode(value)]
+    if result_file is not None:
+        args += ["--result-file", result_file]
     return args
 
 
@@ -119,9 +123,8 @@ def run_stage_in_child(name: str, *, pipeline: str | os.PathLike, run_id: str,
     fd, result_file = tempfile.mkstemp(prefix=f"odapi-{name}-", suffix=".json")
     os.close(fd)
     try:
-        args = [*stage_command(name, pipeline=str(pipeline), run_id=run_id, inputs=inputs),
-                "--result-file", result_file]
-        code, tail = run_child(args, log)
+        code, tail = run_child(stage_command(name, pipeline=str(pipeline), run_id=run_id,
+                                             inputs=inputs, result_file=result_file), log)
         if code == 0:
             return spec.result.model_validate_json(Path(result_file).read_text())
         if code == EXIT_SKIPPED:
