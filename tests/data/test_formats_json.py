@@ -684,3 +684,32 @@ def test_prodigy_streams_line_by_line(tmp_path):
         tracemalloc.stop()
     assert rest == 38 and [r.record for r in ctx.log.items] == ["line 3"]
     assert peak < 3_000_000, f"peak {peak} bytes: the file was not streamed"
+
+
+# ---------------------------------------------------------------- hostile JSON values (#18)
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than any recursion limit
+
+
+def test_deeply_nested_value_rejects_its_file_or_line_not_the_ingest(tmp_path):
+    """json's C decoder raises RecursionError on deep nesting; it must cost one COCO file,
+    one Label Studio file or one Prodigy line, never the whole ingest."""
+    export = tmp_path / "export"
+    jpeg(export / "a.jpg")
+    jpeg(export / "b.jpg")
+    image = '{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80, "extra": %s}' % DEEP
+    (export / "deep_coco.json").write_text('{"images": [%s], "annotations": []}' % image)
+    (export / "deep_ls.json").write_text('[{"data": {"image": "a.jpg", "x": %s}, '
+                                         '"annotations": [{"result": []}]}]' % DEEP)
+    write_jsonl(export / "tasks.jsonl", [
+        '{"image": "a.jpg", "answer": "accept", "meta": %s}' % DEEP,
+        {"image": "b.jpg", "answer": "accept", "width": 100, "height": 80, "spans": [
+            {"label": "cat", "x": 10, "y": 10, "width": 20, "height": 20}]}])
+    out = tmp_path / "out"
+    summary = ingest([str(export)], out)
+    assert list(manifest(out)) == ["b"]
+    assert summary["rejected"] == 3
+    assert reasons(out)["line 1"] == "malformed line: nested too deeply to parse"
+    assert {(name, reason) for name, _, reason in rejections(out)} == {
+        ("deep_coco.json", "not valid JSON"), ("deep_ls.json", "not valid JSON"),
+        ("tasks.jsonl", "malformed line")}

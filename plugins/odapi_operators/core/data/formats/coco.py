@@ -12,12 +12,17 @@ formats so one image gets one key whichever export names it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from odapi_operators.core.data.boxes import normalized_box
-from odapi_operators.core.data.formats.common import image_size, is_number, json_root_char
+from odapi_operators.core.data.formats.common import (
+    brief,
+    image_size,
+    is_number,
+    json_root_char,
+    read_json_document,
+)
 from odapi_operators.core.data.manifest import Box, ImageRecord
 from odapi_operators.core.rejections import RecordError
 
@@ -46,14 +51,6 @@ def is_id(value: Any) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
-def _load(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8-sig") as fh:
-            return json.load(fh)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecordError(str(path), "document", f"not valid JSON: {exc}") from None
-
-
 def _categories(doc: dict, file: str, ctx: ParseContext) -> dict[Any, str]:
     names: dict[Any, str] = {}
     for index, category in enumerate(doc.get("categories") or []):
@@ -64,7 +61,7 @@ def _categories(doc: dict, file: str, ctx: ParseContext) -> dict[Any, str]:
             ctx.log.add(RecordError(file, record, "bad category: no name").rejection)
         elif category["id"] in names:
             ctx.log.add(RecordError(file, record,
-                                    f"duplicate category id: {category['id']!r}").rejection)
+                                    f"duplicate category id: {brief(category['id'])}").rejection)
         else:
             names[category["id"]] = category["name"]
     return names
@@ -74,9 +71,9 @@ def _box(annotation: dict, label: str, size: tuple[int, int] | None, image_id: A
     """Pixel `[x, y, w, h]` -> checked normalized box; raises ValueError with the reason."""
     bbox = annotation.get("bbox")
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
-        raise ValueError(f"bad bbox: expected [x, y, width, height] numbers, got {bbox!r}")
+        raise ValueError(f"bad bbox: expected [x, y, width, height] numbers, got {brief(bbox)}")
     if size is None:
-        raise ValueError(f"missing image size: image {image_id!r} has no valid width/height "
+        raise ValueError(f"missing image size: image {brief(image_id)} has no valid width/height "
                          f"to place a pixel box (image left out)")
     x, y, w, h = bbox
     return normalized_box(label, x, y, x + w, y + h, *size)
@@ -84,7 +81,7 @@ def _box(annotation: dict, label: str, size: tuple[int, int] | None, image_id: A
 
 def parse_coco_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]:
     file = str(json_path)
-    doc = _load(json_path)
+    doc = read_json_document(json_path)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise RecordError(file, "document", "not a COCO export: no images list")
     folder = Path(json_path).parent
@@ -97,7 +94,7 @@ def parse_coco_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]
             ctx.log.add(RecordError(file, record, "bad image entry: no id").rejection)
         elif image["id"] in images:
             first = images[image["id"]][0]
-            ctx.log.add(RecordError(file, record, f"duplicate image id: {image['id']!r} "
+            ctx.log.add(RecordError(file, record, f"duplicate image id: {brief(image['id'])} "
                                     f"already given by images[{first}]").rejection)
         else:
             images[image["id"]] = (index, image)
@@ -111,13 +108,14 @@ def parse_coco_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]
                 raise ValueError("bad annotation: not a JSON object")
             image_id = annotation.get("image_id")
             if not is_id(image_id) or image_id not in images:
-                raise ValueError(f"unknown image_id: {image_id!r}")
+                raise ValueError(f"unknown image_id: {brief(image_id)}")
             category = annotation.get("category_id")
             if not is_id(category) or category not in labels:
-                raise ValueError(f"unknown category_id: {category!r}")
+                raise ValueError(f"unknown category_id: {brief(category)}")
             if annotation.get("iscrowd"):
-                raise ValueError(f"crowd box: iscrowd={annotation['iscrowd']!r} regions are "
-                                 f"not single objects (annotation id {annotation.get('id')!r})")
+                raise ValueError(f"crowd box: iscrowd={brief(annotation['iscrowd'])} regions are "
+                                 f"not single objects (annotation id "
+                                 f"{brief(annotation.get('id'))})")
             entry = images[image_id][1]
             size = image_size(entry.get("width"), entry.get("height"))
             if size is None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import codecs
 import csv
+import json
 import math
+import reprlib
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -22,8 +25,53 @@ def json_root_char(head: bytes) -> bytes:
     return head.lstrip(_LEADING_BYTES)[:1]
 
 
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 80
+
+
+def load_json(data: str | bytes, file: str, record: str) -> Any:
+    """One JSON document, or a RecordError for `record`: a syntax error, bad UTF-8, a number
+    too long to convert or nesting deeper than Python's recursion limit (the C decoder raises
+    RecursionError, which would otherwise end the whole ingest) all reject only this record."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise RecordError(file, record, "not valid JSON: nested too deeply to parse") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise RecordError(file, record, f"not valid JSON: {exc}") from None
+
+
+def read_json_document(path: str | Path) -> Any:
+    """A whole JSON file (UTF-8, BOM allowed); a RecordError for its "document" otherwise."""
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as exc:
+        raise RecordError(str(path), "document", f"not valid JSON: {exc}") from None
+    return load_json(text, str(path), "document")
+
+
+def brief(value: Any) -> str:
+    """A bounded repr for a rejection reason: a value from an export may be megabytes long or
+    nested a thousand deep, and the reason must stay one short, printable line."""
+    return _BRIEF.repr(value)
+
+
+def scalar(value: Any) -> Any:
+    """`value` if it is a JSON scalar, else its `brief` repr: what goes into a manifest's
+    provenance, so writing it never recurses into a hostile structure."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return brief(value)
+
+
 def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or float that arithmetic with floats can use (a JSON integer of 400 digits
+    overflows float conversion, so it is not one)."""
+    if isinstance(value, float):
+        return True
+    return isinstance(value, int) and not isinstance(value, bool) \
+        and -sys.float_info.max <= value <= sys.float_info.max
 
 
 def image_size(width: Any, height: Any) -> tuple[int, int] | None:

@@ -16,7 +16,6 @@ their `d=` path or file name, never outside it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -26,7 +25,15 @@ from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from odapi_operators.core.data.boxes import checked_box, normalized_box
-from odapi_operators.core.data.formats.common import image_size, is_number, json_root_char, kept
+from odapi_operators.core.data.formats.common import (
+    brief,
+    image_size,
+    is_number,
+    json_root_char,
+    kept,
+    read_json_document,
+    scalar,
+)
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource
 from odapi_operators.core.rejections import RecordError
 
@@ -75,7 +82,7 @@ def _served_candidates(image: str) -> list[str] | None:
     if parts.path.startswith("/data/local-files"):
         wanted = parse_qs(parts.query).get("d", [""])[0]
         if not wanted:
-            raise ValueError(f"bad image reference: {image!r} has no ?d= path")
+            raise ValueError(f"bad image reference: {brief(image)} has no ?d= path")
         return [wanted, PurePosixPath(wanted).name]
     if parts.path.startswith("/data/upload/"):
         name = unquote(PurePosixPath(parts.path).name)
@@ -127,10 +134,10 @@ def _result_boxes(result: dict) -> list[Box]:
     rotation = value.get("rotation") or 0
     if not all(is_number(c) for c in coords) or not is_number(rotation):
         raise ValueError(f"bad result: x/y/width/height/rotation must be numbers, got "
-                         f"{coords + [rotation]!r}")
+                         f"{brief(coords + [rotation])}")
     labels = value.get(BOX_TYPE)
     if not isinstance(labels, list) or not labels or not all(isinstance(n, str) for n in labels):
-        raise ValueError(f"bad result: no label in value.{BOX_TYPE} ({labels!r})")
+        raise ValueError(f"bad result: no label in value.{BOX_TYPE} ({brief(labels)})")
     if math.isfinite(rotation) and rotation % 360 == 0:
         x, y, w, h = coords
         return [checked_box(label, x / 100, y / 100, (x + w) / 100, (y + h) / 100)
@@ -146,7 +153,7 @@ def _chosen_annotation(task: dict, file: str, record: str, ctx: ParseContext) ->
     live = []
     for annotation in annotations:
         if annotation.get("was_cancelled"):
-            ctx.log.add(RecordError(file, f"{record} annotation {annotation.get('id')}",
+            ctx.log.add(RecordError(file, f"{record} annotation {brief(annotation.get('id'))}",
                                     "cancelled annotation: skipped").rejection)
         else:
             live.append(annotation)
@@ -160,8 +167,9 @@ def _chosen_annotation(task: dict, file: str, record: str, ctx: ParseContext) ->
     for annotation in live:
         if annotation is not chosen:
             ctx.log.add(RecordError(
-                file, f"{record} annotation {annotation.get('id')}",
-                f"superseded annotation: annotation {chosen.get('id')} ({why}) is used").rejection)
+                file, f"{record} annotation {brief(annotation.get('id'))}",
+                f"superseded annotation: annotation {brief(chosen.get('id'))} ({why}) is used"
+            ).rejection)
     return chosen
 
 
@@ -170,13 +178,13 @@ def _source_model_version(task: dict, annotation: dict) -> Any:
     `parent_prediction` to its id, and may inline it as `prediction`), else None."""
     inline = annotation.get("prediction")
     if isinstance(inline, dict) and inline.get("model_version") is not None:
-        return inline["model_version"]
+        return scalar(inline["model_version"])
     parent = annotation.get("parent_prediction")
-    if parent is None:
+    if not isinstance(parent, (int, str)):  # an id; comparing a deep structure would recurse
         return None
     for prediction in task.get("predictions") or []:
         if isinstance(prediction, dict) and prediction.get("id") == parent:
-            return prediction.get("model_version")
+            return scalar(prediction.get("model_version"))
     return None
 
 
@@ -184,7 +192,7 @@ def _task_record(task: dict, index: int, folder: Path, file: str,
                  ctx: ParseContext) -> ImageRecord | None:
     if not isinstance(task, dict):
         raise RecordError(file, f"tasks[{index}]", "bad task: not a JSON object")
-    task_id = task.get("id")
+    task_id = scalar(task.get("id"))
     record = f"task {task_id}" if task_id is not None else f"tasks[{index}]"
     data = task.get("data") if isinstance(task.get("data"), dict) else {}
     key, source = _locate(data.get("image"), ctx, folder, file, record)
@@ -195,19 +203,19 @@ def _task_record(task: dict, index: int, folder: Path, file: str,
     size = None
     results = annotation.get("result") if isinstance(annotation.get("result"), list) else []
     for number, result in enumerate(results):
-        where = f"{record} annotation {annotation.get('id')} result[{number}]"
+        where = f"{record} annotation {brief(annotation.get('id'))} result[{number}]"
         kind = result.get("type") if isinstance(result, dict) else None
         if kind in TASK_LEVEL_TYPES:
             continue
         try:
             if kind != BOX_TYPE:
-                raise ValueError(f"unsupported result type: {kind!r} is not a box")
+                raise ValueError(f"unsupported result type: {brief(kind)} is not a box")
             size = size or image_size(result.get("original_width"), result.get("original_height"))
             boxes.extend(_result_boxes(result))
         except ValueError as exc:
             ctx.log.add(RecordError(file, where, str(exc)).rejection)
     provenance = {"format": NAME, "file": file, "element": f"tasks[{index}]",
-                  "task": task_id, "annotation": annotation.get("id")}
+                  "task": task_id, "annotation": scalar(annotation.get("id"))}
     model_version = _source_model_version(task, annotation)
     if model_version is not None:  # pre-annotated: which model proposed the boxes
         provenance["model_version"] = model_version
@@ -219,11 +227,7 @@ def _task_record(task: dict, index: int, folder: Path, file: str,
 
 def parse_labelstudio_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]:
     file = str(json_path)
-    try:
-        with open(json_path, encoding="utf-8-sig") as fh:
-            tasks = json.load(fh)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecordError(file, "document", f"not valid JSON: {exc}") from None
+    tasks = read_json_document(json_path)
     if not isinstance(tasks, list):
         raise RecordError(file, "document", "not a Label Studio export: not a list of tasks")
     folder = Path(json_path).parent

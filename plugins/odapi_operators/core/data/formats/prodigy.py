@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from odapi_operators.core import storage
 from odapi_operators.core.data.boxes import normalized_box
-from odapi_operators.core.data.formats.common import image_size, is_number, kept
+from odapi_operators.core.data.formats.common import (
+    brief,
+    image_size,
+    is_number,
+    kept,
+    load_json,
+    scalar,
+)
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource
 from odapi_operators.core.rejections import RecordError
 
@@ -57,7 +64,7 @@ def sniff(path: Path, head: bytes) -> bool:
     if newline:
         try:
             task = json.loads(first)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to judge
             task = None
         if isinstance(task, dict):
             return "image" in task
@@ -107,13 +114,13 @@ def _span_box(span: Any, size: tuple[int, int] | None) -> Box:
         raise ValueError("bad span: not a JSON object")
     label = span.get("label")
     if not isinstance(label, str):
-        raise ValueError(f"bad span: label is {label!r}")
+        raise ValueError(f"bad span: label is {brief(label)}")
     if span.get("points") is not None:
         extent = _points_extent(span)
     else:
         rect = [span.get(k) for k in ("x", "y", "width", "height")]
         if not all(is_number(c) for c in rect):
-            raise ValueError(f"bad span: no points and x/y/width/height are {rect!r}")
+            raise ValueError(f"bad span: no points and x/y/width/height are {brief(rect)}")
         x, y, w, h = rect
         extent = (x, y, x + w, y + h)
     if size is None:
@@ -137,7 +144,8 @@ def _task_record(task: Any, number: int, file: str, folder: Path,
         raise RecordError(file, record, "malformed line: not a JSON object")
     answer = task.get("answer")
     if answer != "accept":
-        raise RecordError(file, record, f"not accepted: {answer if answer else 'no answer'}")
+        shown = answer if isinstance(answer, str) else brief(answer)
+        raise RecordError(file, record, f"not accepted: {shown if answer else 'no answer'}")
     reference = _reference(task)
     hashes = [task.get(k) for k in ("_task_hash", "_input_hash") if task.get(k) is not None]
     inline = None
@@ -153,13 +161,13 @@ def _task_record(task: Any, number: int, file: str, folder: Path,
         target = Path(ctx.inline_dir) / f"{digest}.{inline[1]}"
         key, source = f"inline-{digest[:16]}", ImageSource("local", str(target))
         path = task.get("path") if isinstance(task.get("path"), str) else None
-        source_id = str(hashes[0]) if hashes else (path or key)
+        source_id = str(scalar(hashes[0])) if hashes else (path or key)
     else:
         name = reference
         if name and _ABSOLUTE.match(name) and "://" not in name:
             name = re.split(r"[\\/]", name)[-1]  # the annotator's machine: look up by name
         key, source = ctx.locate(name, folder, file, record)
-        source_id = str(hashes[0]) if hashes else reference
+        source_id = str(scalar(hashes[0])) if hashes else reference
 
     size = image_size(task.get("width"), task.get("height"))
     spans = task.get("spans") or []
@@ -179,7 +187,7 @@ def _task_record(task: Any, number: int, file: str, folder: Path,
     provenance: dict[str, Any] = {"format": NAME, "file": file, "line": number}
     meta = task.get("meta")
     if isinstance(meta, dict) and meta.get("model_version") is not None:
-        provenance["model_version"] = meta["model_version"]
+        provenance["model_version"] = scalar(meta["model_version"])
     width, height = size or (None, None)
     return ImageRecord(key=key, source=source, source_id=source_id, width=width, height=height,
                        boxes=tuple(boxes), provenance=provenance)
@@ -202,10 +210,11 @@ def parse_prodigy_file(path: Path, ctx: ParseContext) -> Iterator[ImageRecord]:
 
 def _line_task(raw: bytes, number: int, file: str) -> Any:
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return load_json(raw, file, f"line {number}")
+    except RecordError as exc:
         ending = "" if raw.endswith(b"\n") else " (truncated last line?)"
-        raise RecordError(file, f"line {number}", f"malformed line: {exc}{ending}") from None
+        reason = exc.rejection.reason.removeprefix("not valid JSON: ")
+        raise RecordError(file, f"line {number}", f"malformed line: {reason}{ending}") from None
 
 
 def parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]:
