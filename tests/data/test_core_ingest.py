@@ -329,3 +329,21 @@ def test_symlinked_image_pointing_outside_is_refused(tmp_path):
     [rej] = rejections(tmp_path / "out")
     assert rej["file"] == str(export / "link.xml") and "path outside the allowed root" in rej["reason"]
     assert [r.key for r in manifest(tmp_path / "out")] == ["good"]
+
+
+@pytest.mark.parametrize("width,height", [("0.9", "80"), ("100.5", "80"), ("70000", "80"),
+                                          ("100", "nan")])
+def test_voc_fractional_or_implausible_size_is_rejected_not_rescaled(tmp_path, width, height):
+    """Pixel boxes are divided by the annotation's size: `<width>0.9</width>` or 100.5 would
+    rescale every box silently (#18); the file is rejected naming its size instead."""
+    export = tmp_path / "export"
+    add_pair(export, "good", objects=[("cat", (10, 10, 60, 60))])
+    add_pair(export, "odd", objects=[("cat", (0.1, 0.1, 0.5, 0.5))])
+    (export / "odd.xml").write_text(voc("odd.jpg", width, height,
+                                        [("cat", (0.1, 0.1, 0.5, 0.5))]))
+    ingest([str(export)], tmp_path / "out")
+    assert [r.key for r in manifest(tmp_path / "out")] == ["good"]
+    [rejection] = rejections(tmp_path / "out")
+    assert (Path(rejection["file"]).name, rejection["record"]) == ("odd.xml", "size")
+    assert rejection["reason"].startswith(f"invalid image size: {float(width):g}x")
+    assert "whole pixels from 1 to 65535" in rejection["reason"]

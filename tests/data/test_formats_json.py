@@ -256,6 +256,7 @@ def test_coco_rejections(tmp_path):
     summary = ingest([str(export)], tmp_path / "out")
     assert rejections(tmp_path / "out") == sorted([
         ("broken.json", "document", "not valid JSON"),
+        ("instances.json", "images[2]", "no usable box"),  # its one box had no image size
         ("instances.json", "images[4]", "path outside the allowed root"),
         ("instances.json", "images[5]", "absolute path refused"),
         ("instances.json", "images[6]", "unsupported image location"),
@@ -269,7 +270,7 @@ def test_coco_rejections(tmp_path):
         ("instances.json", "annotations[7]", "bad bbox"),
         ("instances.json", "annotations[8]", "missing image size"),
     ])
-    assert summary["rejected"] == 13 and summary["images"] == 3 and summary["boxes"] == 2
+    assert summary["rejected"] == 14 and summary["images"] == 3 and summary["boxes"] == 2
     got = manifest(tmp_path / "out")
     assert sorted(got) == ["a", "b", "d"]
     a = got["a"]
@@ -451,9 +452,10 @@ def test_labelstudio_rotated_box_becomes_envelope(ls_export):
                                           abs=1e-9)]
     assert box("img_2") == [pytest.approx((0.4, 0.2, 0.5, 0.4), abs=1e-9)]
     assert box("img_3") == [pytest.approx((0.5, 0.2, 0.6, 0.4), abs=1e-9)]
-    assert got["img_4"].boxes == ()
+    assert "img_4" not in got  # its one box was refused: not a negative
     assert reasons(out) == {"task 4 annotation 4 result[0]":
-                            "missing image size: a rotated box needs original_width/height"}
+                            "missing image size: a rotated box needs original_width/height",
+                            "task 4": "no usable box: image dropped, all 1 results refused"}
 
 
 def test_labelstudio_image_references_refused_or_unsupported(ls_export):
@@ -639,6 +641,7 @@ def test_prodigy_missing_size_and_paths(tmp_path):
     ])
     ingest([str(export)], tmp_path / "out")
     assert rejections(tmp_path / "out") == sorted([
+        ("db.jsonl", "line 1", "no usable box"),
         ("db.jsonl", "line 1 span[0]", "missing image size"),
         ("db.jsonl", "line 1 span[1]", "missing image size"),
         ("db.jsonl", "line 3", "path outside the allowed root"),
@@ -646,10 +649,10 @@ def test_prodigy_missing_size_and_paths(tmp_path):
         ("db.jsonl", "line 5 span[0]", "empty class name"),
         ("db.jsonl", "line 5 span[1]", "non-finite coordinates"),
         ("db.jsonl", "line 5 span[2]", "bad span"),
+        ("db.jsonl", "line 5", "no usable box"),
     ])
     got = manifest(tmp_path / "out")
-    assert sorted(got) == ["a", "b"]
-    assert got["a"].provenance["line"] == 5 and got["a"].boxes == ()
+    assert sorted(got) == ["b"]  # "a": every span refused, twice; not a negative
     assert (got["b"].width, got["b"].boxes) == (None, ())
 
 
@@ -713,3 +716,36 @@ def test_deeply_nested_value_rejects_its_file_or_line_not_the_ingest(tmp_path):
     assert {(name, reason) for name, _, reason in rejections(out)} == {
         ("deep_coco.json", "not valid JSON"), ("deep_ls.json", "not valid JSON"),
         ("tasks.jsonl", "malformed line")}
+
+
+def test_image_whose_boxes_were_all_refused_is_dropped_not_kept_as_negative(tmp_path):
+    """One rule for every format (#18): an image that HAD boxes, all refused, is rejected with
+    a reason (kept, it would teach the model its objects are background); an image that had
+    none stays a negative."""
+    export = tmp_path / "export"
+    for name in ("coco_bad", "coco_empty", "ls_bad", "ls_empty", "pg_bad", "pg_empty"):
+        jpeg(export / f"{name}.jpg")
+    write_json(export / "instances.json", {
+        "images": [{"id": 1, "file_name": "coco_bad.jpg", "width": 100, "height": 80},
+                   {"id": 2, "file_name": "coco_empty.jpg", "width": 100, "height": 80}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [500, 10, 30, 20]},
+                        {"id": 2, "image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5]}],
+        "categories": [{"id": 1, "name": "cat"}]})
+    write_json(export / "ls.json", [
+        task(1, "ls_bad.jpg", [annotation(1, [rect(10, 10, 0, 5),
+                                              {"type": "polygonlabels", "value": {}}])]),
+        task(2, "ls_empty.jpg", [annotation(2, [])])])
+    write_jsonl(export / "db.jsonl", [
+        {"image": "pg_bad.jpg", "width": 100, "height": 80, "answer": "accept",
+         "spans": [{"label": "cat", "x": 10, "y": 10, "width": 500, "height": 5}]},
+        {"image": "pg_empty.jpg", "width": 100, "height": 80, "answer": "accept", "spans": []}])
+    out = tmp_path / "out"
+    ingest([str(export)], out)
+    assert sorted(manifest(out)) == ["coco_empty", "ls_empty", "pg_empty"]
+    rows = [json.loads(line) for line in (out / "rejections.jsonl").read_text().splitlines()]
+    dropped = {(Path(r["file"]).name, r["record"]): r["reason"] for r in rows
+               if r["reason"].startswith("no usable box")}
+    assert dropped == {
+        ("instances.json", "images[0]"): "no usable box: image dropped, all 2 annotations refused",
+        ("ls.json", "task 1"): "no usable box: image dropped, all 2 results refused",
+        ("db.jsonl", "line 1"): "no usable box: image dropped, all 1 spans refused"}

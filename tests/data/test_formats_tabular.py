@@ -227,7 +227,9 @@ def test_cvat_bad_numbers_and_sizes_are_reported(tmp_path):
     [record] = cvat.parse([tmp_path / "ann.xml"], ctx)
     assert len(record.boxes) == 1
     assert reasons(ctx.log) == ["not a number: xtl is 'ten'", "missing attribute: ybr",
-                                "empty class name", "invalid image size: 0x80"]
+                                "empty class name",
+                                "invalid image size: 0x80 (width and height must be whole "
+                                "pixels from 1 to 65535)"]
 
 
 def test_cvat_malformed_xml_is_refused_whole(tmp_path):

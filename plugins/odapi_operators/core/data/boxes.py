@@ -9,6 +9,21 @@ from odapi_operators.core.data.manifest import Box
 # Boxes may overshoot the image by this share of its side (annotation tools round); they are
 # clipped. Beyond it, a box is rejected as outside the image.
 CLIP_TOLERANCE = 0.02
+# The largest side a JPEG can have; an annotation naming a larger (or fractional) image size is
+# a typo or a unit mix-up, and dividing pixel boxes by it would rescale them silently.
+MAX_IMAGE_SIDE = 65_535
+
+
+def checked_size(width: float, height: float) -> tuple[int, int]:
+    """An annotation's image size as whole pixels, 1..MAX_IMAGE_SIDE; raises ValueError.
+
+    `<width>0.9</width>` must not become a width of 0.9 (every box scaled by 1.1) or of 0.
+    """
+    for side in (width, height):
+        if isinstance(side, bool) or not 1 <= side <= MAX_IMAGE_SIDE or side != int(side):
+            raise ValueError(f"invalid image size: {width:g}x{height:g} (width and height "
+                             f"must be whole pixels from 1 to {MAX_IMAGE_SIDE})")
+    return int(width), int(height)
 
 
 def normalized_box(label: str, xmin: float, ymin: float, xmax: float, ymax: float,

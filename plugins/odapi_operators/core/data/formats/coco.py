@@ -4,7 +4,8 @@
 from `file_name` relative to the JSON's folder (or the images root); an http(s) or gs://
 `file_name` is a remote image. Crowd regions (`iscrowd`) are not single objects and are left
 out, reported like every other dropped annotation. Images without annotations are kept:
-they are the negatives.
+they are the negatives; an image whose annotations were all refused is dropped (keeping it
+would teach the model that its objects are background).
 
 The image-location helpers here (`locate_image`, `local_key`) are shared by the other JSON
 formats so one image gets one key whichever export names it.
@@ -12,6 +13,7 @@ formats so one image gets one key whichever export names it.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -21,6 +23,8 @@ from odapi_operators.core.data.formats.common import (
     image_size,
     is_number,
     json_root_char,
+    kept,
+    no_usable_box,
     read_json_document,
 )
 from odapi_operators.core.data.manifest import Box, ImageRecord
@@ -67,16 +71,32 @@ def _categories(doc: dict, file: str, ctx: ParseContext) -> dict[Any, str]:
     return names
 
 
-def _box(annotation: dict, label: str, size: tuple[int, int] | None, image_id: Any) -> Box:
+def _box(annotation: dict, label: str, image: dict, image_id: Any) -> Box:
     """Pixel `[x, y, w, h]` -> checked normalized box; raises ValueError with the reason."""
     bbox = annotation.get("bbox")
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
         raise ValueError(f"bad bbox: expected [x, y, width, height] numbers, got {brief(bbox)}")
+    size = image_size(image.get("width"), image.get("height"))
     if size is None:
-        raise ValueError(f"missing image size: image {brief(image_id)} has no valid width/height "
-                         f"to place a pixel box (image left out)")
+        raise ValueError(f"missing image size: image {brief(image_id)} has no width/height "
+                         f"to place a pixel box")
     x, y, w, h = bbox
     return normalized_box(label, x, y, x + w, y + h, *size)
+
+
+def _label(annotation: Any, image_id: Any, images: dict, labels: dict) -> str:
+    """The class name of a usable annotation; raises ValueError with the reason."""
+    if not isinstance(annotation, dict):
+        raise ValueError("bad annotation: not a JSON object")
+    if not is_id(image_id) or image_id not in images:
+        raise ValueError(f"unknown image_id: {brief(image_id)}")
+    category = annotation.get("category_id")
+    if not is_id(category) or category not in labels:
+        raise ValueError(f"unknown category_id: {brief(category)}")
+    if annotation.get("iscrowd"):
+        raise ValueError(f"crowd box: iscrowd={brief(annotation['iscrowd'])} regions are "
+                         f"not single objects (annotation id {brief(annotation.get('id'))})")
+    return labels[category]
 
 
 def parse_coco_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]:
@@ -100,49 +120,47 @@ def parse_coco_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]
             images[image["id"]] = (index, image)
 
     boxes: dict[Any, list[Box]] = {image_id: [] for image_id in images}
-    size_missing: set[Any] = set()
-    for index, annotation in enumerate(doc.get("annotations") or []):
-        record = f"annotations[{index}]"
+    refused: Counter[Any] = Counter()  # image id -> its annotations that were refused
+    annotations = doc.get("annotations") or []
+    if not isinstance(annotations, list):
+        raise RecordError(file, "document", "not a COCO export: annotations is not a list")
+    for index, annotation in enumerate(annotations):
+        image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
         try:
-            if not isinstance(annotation, dict):
-                raise ValueError("bad annotation: not a JSON object")
-            image_id = annotation.get("image_id")
-            if not is_id(image_id) or image_id not in images:
-                raise ValueError(f"unknown image_id: {brief(image_id)}")
-            category = annotation.get("category_id")
-            if not is_id(category) or category not in labels:
-                raise ValueError(f"unknown category_id: {brief(category)}")
-            if annotation.get("iscrowd"):
-                raise ValueError(f"crowd box: iscrowd={brief(annotation['iscrowd'])} regions are "
-                                 f"not single objects (annotation id "
-                                 f"{brief(annotation.get('id'))})")
-            entry = images[image_id][1]
-            size = image_size(entry.get("width"), entry.get("height"))
-            if size is None:
-                size_missing.add(image_id)
-            boxes[image_id].append(_box(annotation, labels[category], size, image_id))
+            label = _label(annotation, image_id, images, labels)
+            boxes[image_id].append(_box(annotation, label, images[image_id][1], image_id))
         except ValueError as exc:
-            ctx.log.add(RecordError(file, record, str(exc)).rejection)
+            ctx.log.add(RecordError(file, f"annotations[{index}]", str(exc)).rejection)
+            if is_id(image_id) and image_id in images:
+                refused[image_id] += 1
 
     for image_id, (index, image) in images.items():
-        record = f"images[{index}]"
-        if image_id in size_missing:
-            continue  # its boxes are reported; without them it would train as a negative
-        try:
-            key, source = ctx.locate(image.get("file_name"), folder, file, record)
-        except RecordError as exc:
-            ctx.log.add(exc.rejection)
-            continue
+        record = kept(ctx.log, lambda: _image_record(image_id, index, image, boxes[image_id],
+                                                     refused[image_id], folder, file, ctx))
+        if record is not None:
+            yield record
+
+
+def _image_record(image_id: Any, index: int, image: dict, boxes: list[Box], refused: int,
+                  folder: Path, file: str, ctx: ParseContext) -> ImageRecord:
+    """The record of one image entry; raises RecordError if it cannot be used."""
+    record = f"images[{index}]"
+    if refused and not boxes:  # keeping it would teach the model its objects are background
+        raise no_usable_box(file, record, refused, "annotations")
+    try:
         size = image_size(image.get("width"), image.get("height"))
-        yield ImageRecord(
-            key=key,
-            source=source,
-            source_id=str(image_id),
-            width=size[0] if size else None,
-            height=size[1] if size else None,
-            boxes=tuple(boxes[image_id]),
-            provenance={"format": NAME, "file": file, "element": record, "image_id": image_id},
-        )
+    except ValueError as exc:
+        raise RecordError(file, record, str(exc)) from None
+    key, source = ctx.locate(image.get("file_name"), folder, file, record)
+    return ImageRecord(
+        key=key,
+        source=source,
+        source_id=str(image_id),
+        width=size[0] if size else None,
+        height=size[1] if size else None,
+        boxes=tuple(boxes),
+        provenance={"format": NAME, "file": file, "element": record, "image_id": image_id},
+    )
 
 
 def parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import codecs
 import csv
 import json
-import math
 import reprlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from odapi_operators.core.data.boxes import checked_size
 from odapi_operators.core.rejections import RecordError
 
 if TYPE_CHECKING:
@@ -75,10 +75,17 @@ def is_number(value: Any) -> bool:
 
 
 def image_size(width: Any, height: Any) -> tuple[int, int] | None:
-    """(width, height) if both are positive finite numbers, else None (size unknown)."""
-    if all(is_number(v) and math.isfinite(v) and v > 0 for v in (width, height)):
-        return int(width), int(height)
-    return None
+    """(width, height) in whole pixels; None if the export gives neither (size unknown).
+
+    Raises ValueError for a size that is given but unusable (not numbers, fractional, zero,
+    beyond `boxes.MAX_IMAGE_SIDE`): that is a defect to report, not an unknown size.
+    """
+    if width is None and height is None:
+        return None
+    if not (is_number(width) and is_number(height)):
+        raise ValueError(f"invalid image size: width {brief(width)}, height {brief(height)} "
+                         "(numbers expected)")
+    return checked_size(width, height)
 
 
 def split_csv_line(line: str) -> list[str]:
@@ -127,6 +134,13 @@ def first_line_fields(head: bytes) -> list[str]:
         return [f.strip() for f in split_csv_line(line)]
     except csv.Error:
         return []
+
+
+def no_usable_box(file: str, record: str, refused: int, what: str) -> RecordError:
+    """The one rule of every format: an image that had boxes, all refused, is dropped (kept,
+    it would teach the model its objects are background); one with none is a negative."""
+    return RecordError(file, record, f"no usable box: image dropped, all {refused} {what} "
+                                     "refused")
 
 
 def kept(log: RejectionLog, build: Callable[[], ImageRecord | None]) -> ImageRecord | None:

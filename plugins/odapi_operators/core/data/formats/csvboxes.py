@@ -21,7 +21,6 @@ disagree about its size, or whose rows were all refused, is dropped and reported
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from PIL import Image
 
-from odapi_operators.core.data.boxes import checked_box, normalized_box
+from odapi_operators.core.data.boxes import checked_box, checked_size, normalized_box
 from odapi_operators.core.data.formats import remote_kind
 from odapi_operators.core.data.formats.common import first_line_fields, read_csv_lines
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource, key_from_url
@@ -197,9 +196,8 @@ def parse_csv_file(csv_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]:
                 image.ignored_rows += 1
                 continue
             if width_in_rows:
-                size = _float(fields, columns, "width"), _float(fields, columns, "height")
-                if not all(math.isfinite(v) and v > 0 for v in size):
-                    raise ValueError(f"invalid image size: {size[0]:g}x{size[1]:g}")
+                size = checked_size(_float(fields, columns, "width"),
+                                    _float(fields, columns, "height"))
                 if image.width is None:
                     image.width, image.height = size
                     image.size_line = number

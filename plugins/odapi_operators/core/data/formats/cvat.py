@@ -36,7 +36,8 @@ from xml.etree.ElementTree import Element
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from odapi_operators.core.data.boxes import CLIP_TOLERANCE, normalized_box
+from odapi_operators.core.data.boxes import CLIP_TOLERANCE, checked_size, normalized_box
+from odapi_operators.core.data.formats.common import no_usable_box
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource
 from odapi_operators.core.rejections import RecordError, Rejection
 
@@ -124,8 +125,10 @@ def _image_record(element: Element, xml_path: Path, ctx: ParseContext,
         raise RecordError(file, record, str(exc)) from None
     width = _number(element, "width", file, record)
     height = _number(element, "height", file, record)
-    if not (math.isfinite(width) and math.isfinite(height)) or width <= 0 or height <= 0:
-        raise RecordError(file, record, f"invalid image size: {width:g}x{height:g}")
+    try:
+        width, height = checked_size(width, height)
+    except ValueError as exc:
+        raise RecordError(file, record, str(exc)) from None
     boxes: list[Box] = []
     refused = 0
     for index, child in enumerate(element):
@@ -142,8 +145,7 @@ def _image_record(element: Element, xml_path: Path, ctx: ParseContext,
             refused += 1
             rejections.append(exc.rejection)
     if refused and not boxes:
-        raise RecordError(file, record, f"no usable box: image dropped, all {refused} "
-                                        f"shapes refused")
+        raise no_usable_box(file, record, refused, "shapes")
     return ImageRecord(
         key=ctx.image_key(image_path, Path(xml_path).parent),
         source=ImageSource("local", str(image_path)),

@@ -4,7 +4,8 @@ Boxes are `rectanglelabels` results whose `x, y, width, height` are PERCENT of t
 anchored at the top-left corner; `rotation` turns the rectangle clockwise (degrees) about that
 corner, in pixels, so a rotated box needs `original_width/height` and becomes the axis-aligned
 envelope of its four corners. One annotation per task is used: a ground-truth one first, else
-the latest; cancelled and superseded annotations are reported. Predictions are model output,
+the latest; cancelled and superseded annotations are reported. A task whose box results were
+all refused is dropped; one without any is a negative. Predictions are model output,
 never labels: a task with only predictions is an unlabeled task. An annotation made from a
 prediction (`parent_prediction`) keeps that prediction's `model_version` in its provenance.
 
@@ -31,6 +32,7 @@ from odapi_operators.core.data.formats.common import (
     is_number,
     json_root_char,
     kept,
+    no_usable_box,
     read_json_document,
     scalar,
 )
@@ -201,11 +203,15 @@ def _task_record(task: dict, index: int, folder: Path, file: str,
         return None
     boxes: list[Box] = []
     size = None
-    results = annotation.get("result") if isinstance(annotation.get("result"), list) else []
+    refused = 0
+    chosen = f"{record} annotation {brief(annotation.get('id'))}"
+    results = annotation.get("result") or []
+    if not isinstance(results, list):
+        raise RecordError(file, chosen, f"bad annotation: result is {type(results).__name__}, "
+                                        "not a list")
     for number, result in enumerate(results):
-        where = f"{record} annotation {brief(annotation.get('id'))} result[{number}]"
         kind = result.get("type") if isinstance(result, dict) else None
-        if kind in TASK_LEVEL_TYPES:
+        if isinstance(kind, str) and kind in TASK_LEVEL_TYPES:
             continue
         try:
             if kind != BOX_TYPE:
@@ -213,7 +219,10 @@ def _task_record(task: dict, index: int, folder: Path, file: str,
             size = size or image_size(result.get("original_width"), result.get("original_height"))
             boxes.extend(_result_boxes(result))
         except ValueError as exc:
-            ctx.log.add(RecordError(file, where, str(exc)).rejection)
+            refused += 1
+            ctx.log.add(RecordError(file, f"{chosen} result[{number}]", str(exc)).rejection)
+    if refused and not boxes:  # keeping it would teach the model its objects are background
+        raise no_usable_box(file, record, refused, "results")
     provenance = {"format": NAME, "file": file, "element": f"tasks[{index}]",
                   "task": task_id, "annotation": scalar(annotation.get("id"))}
     model_version = _source_model_version(task, annotation)

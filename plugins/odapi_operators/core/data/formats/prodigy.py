@@ -2,7 +2,7 @@
 
 Only accepted tasks are labels (`reject`/`ignore` are reported). `spans` are boxes or polygons
 in original-image pixels: a span's box is the min/max over its `points`, else its `x, y, width,
-height`. The file is streamed line by line, so a multi-gigabyte export (images inlined as
+height`. A task whose spans were all refused is dropped; one without spans is a negative. The file is streamed line by line, so a multi-gigabyte export (images inlined as
 base64) never sits in memory; a malformed line, a truncated last one included, is reported by
 its line number and the rest keep flowing.
 
@@ -31,6 +31,7 @@ from odapi_operators.core.data.formats.common import (
     is_number,
     kept,
     load_json,
+    no_usable_box,
     scalar,
 )
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource
@@ -138,7 +139,7 @@ def _reference(task: dict) -> str | None:
 
 
 def _task_record(task: Any, number: int, file: str, folder: Path,
-                 ctx: ParseContext) -> ImageRecord | None:
+                 ctx: ParseContext) -> ImageRecord:
     record = f"line {number}"
     if not isinstance(task, dict):
         raise RecordError(file, record, "malformed line: not a JSON object")
@@ -169,7 +170,10 @@ def _task_record(task: Any, number: int, file: str, folder: Path,
         key, source = ctx.locate(name, folder, file, record)
         source_id = str(scalar(hashes[0])) if hashes else reference
 
-    size = image_size(task.get("width"), task.get("height"))
+    try:
+        size = image_size(task.get("width"), task.get("height"))
+    except ValueError as exc:
+        raise RecordError(file, record, str(exc)) from None
     spans = task.get("spans") or []
     if not isinstance(spans, list):
         raise RecordError(file, record, f"bad span: spans is {type(spans).__name__}, not a list")
@@ -179,8 +183,8 @@ def _task_record(task: Any, number: int, file: str, folder: Path,
             boxes.append(_span_box(span, size))
         except ValueError as exc:
             ctx.log.add(RecordError(file, f"{record} span[{index}]", str(exc)).rejection)
-    if size is None and spans:
-        return None  # its spans are reported; without them it would train as a negative
+    if spans and not boxes:  # keeping it would teach the model its objects are background
+        raise no_usable_box(file, record, len(spans), "spans")
 
     if inline and not Path(source.uri).exists():
         storage.write_bytes(source.uri, inline[0])

@@ -14,7 +14,7 @@ from xml.etree.ElementTree import Element
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from odapi_operators.core.data.boxes import normalized_box
+from odapi_operators.core.data.boxes import checked_size, normalized_box
 from odapi_operators.core.data.manifest import ImageRecord, ImageSource
 from odapi_operators.core.rejections import RecordError
 
@@ -69,8 +69,12 @@ def parse_voc_file(xml_path: Path, ctx: ParseContext) -> ImageRecord:
         image_path = ctx.resolve_image(filename, relative_to=Path(xml_path).parent)
     except ValueError as exc:
         raise RecordError(file, "filename", str(exc)) from None
-    width = _number(root, "size/width", file, "size")
-    height = _number(root, "size/height", file, "size")
+    width, height = _number(root, "size/width", file, "size"), _number(root, "size/height",
+                                                                         file, "size")
+    try:
+        width, height = checked_size(width, height)
+    except ValueError as exc:
+        raise RecordError(file, "size", str(exc)) from None
     boxes = []
     objects = list(root.iter("object"))
     for index, obj in enumerate(objects):
@@ -92,8 +96,8 @@ def parse_voc_file(xml_path: Path, ctx: ParseContext) -> ImageRecord:
         key=ctx.image_key(image_path, Path(xml_path).parent),
         source=ImageSource("local", str(image_path)),
         source_id=filename,
-        width=int(width),
-        height=int(height),
+        width=width,
+        height=height,
         boxes=tuple(boxes),
         provenance={"format": "voc", "file": file, "element": "annotation"},
     )
