@@ -347,3 +347,22 @@ def test_voc_fractional_or_implausible_size_is_rejected_not_rescaled(tmp_path, w
     assert (Path(rejection["file"]).name, rejection["record"]) == ("odd.xml", "size")
     assert rejection["reason"].startswith(f"invalid image size: {float(width):g}x")
     assert "whole pixels from 1 to 65535" in rejection["reason"]
+
+
+def test_symlinked_annotation_file_pointing_outside_is_refused_unread(tmp_path):
+    """A symlink in the export to a file elsewhere (#18): refused as a rejection naming the
+    link, its content never read (it used to be parsed, and its first line reported)."""
+    secret = tmp_path / "secret.csv"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    export = tmp_path / "export"
+    add_pair(export, "good", objects=[("cat", (10, 10, 60, 60))])
+    (export / "labels.csv").symlink_to(secret)
+    (export / "more.xml").symlink_to(secret)
+    summary = ingest([str(export)], tmp_path / "out")
+    assert [r.key for r in manifest(tmp_path / "out")] == ["good"]
+    assert sorted((r["file"], r["record"]) for r in rejections(tmp_path / "out")) == [
+        (str(export / "labels.csv"), "file"), (str(export / "more.xml"), "file")]
+    assert all(r["reason"].startswith("outside the export: a symlink")
+               for r in rejections(tmp_path / "out"))
+    written = "".join(p.read_text() for p in (tmp_path / "out").iterdir())
+    assert "root:x" not in written and summary["ignored_files"] == []

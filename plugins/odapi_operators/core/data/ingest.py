@@ -34,13 +34,27 @@ MARKER_NAMES = {"_SUCCESS", ".done"}
 SNIFF_BYTES = 4096
 
 
-def _classify(root: Path, fmt: str) -> tuple[dict[str, list[Path]], list[str], int]:
-    """Files of one export grouped by format, plus unclaimed non-image files and a file count."""
+def _leaves_export(path: Path, export: Path) -> bool:
+    """True for a file of export folder `export` that resolves (through a symlink) outside it."""
+    return export.is_dir() and export.resolve() not in path.resolve().parents
+
+
+def _classify(root: Path, fmt: str, log: RejectionLog
+              ) -> tuple[dict[str, list[Path]], list[str], int]:
+    """Files of one export grouped by format, plus unclaimed non-image files and a file count.
+
+    A symlink out of the export folder is refused unread (its first line would otherwise land
+    in a rejection reason): an export is what its folder holds.
+    """
     files = [Path(p) for p in storage.list_files(root)]
     claimed: dict[str, list[Path]] = {}
     other: list[str] = []
     for path in files:
         if path.suffix.lower() in IMAGE_SUFFIXES or path.name in MARKER_NAMES:
+            continue
+        if _leaves_export(path, root):
+            log.add(RecordError(str(path), "file", "outside the export: a symlink to a file "
+                                                   f"outside {root} (not read)").rejection)
             continue
         with open(path, "rb") as fh:
             head = fh.read(SNIFF_BYTES)
@@ -65,7 +79,7 @@ def _parse_exports(inputs: list[str], fmt: str, images_root: str | None, log: Re
         if not storage.exists(item):
             raise StageError(f"{item}: export not found")
         root = path if path.is_dir() else path.parent
-        claimed, other, count = _classify(path, fmt)
+        claimed, other, count = _classify(path, fmt, log)
         ignored.extend(other)
         if not claimed:
             raise StageError(f"{item}: no annotation files found ({count} files; "
