@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ from PIL import Image
 
 from odapi_operators.core.data import sample_data
 from odapi_operators.core.data.ingest import ingest
-from odapi_operators.core.data.manifest import read_manifest
+from odapi_operators.core.data.manifest import key_from_path, read_manifest
+from odapi_operators.core.failures import EXIT_CODES, Failure
 from odapi_operators.core.rejections import StageError
 
 
@@ -366,3 +369,72 @@ def test_symlinked_annotation_file_pointing_outside_is_refused_unread(tmp_path):
                for r in rejections(tmp_path / "out"))
     written = "".join(p.read_text() for p in (tmp_path / "out").iterdir())
     assert "root:x" not in written and summary["ignored_files"] == []
+
+
+def test_paths_that_flatten_alike_stay_distinct_images(tmp_path):
+    """`x/y.jpg` and `x__y.jpg` are two images (#18): both are kept, under distinct keys
+    (they were refused as a "conflicting duplicate"); plain paths keep their plain keys."""
+    export = tmp_path / "export"
+    add_pair(export / "x", "y", objects=[("cat", (10, 10, 60, 60))])
+    add_pair(export, "x__y", objects=[("dog", (10, 10, 60, 60))])
+    add_pair(export, "a b", objects=[("cat", (1, 1, 9, 9))])
+    add_pair(export, "a_b", objects=[("dog", (1, 1, 9, 9))])
+    summary = ingest([str(export)], tmp_path / "out")
+    assert rejections(tmp_path / "out") == []
+    records = {r.key: r for r in manifest(tmp_path / "out")}
+    assert summary["images"] == len(records) == 4
+    assert len({r.source.uri for r in records.values()}) == 4
+    assert records["x__y"].source.uri == str(export / "x" / "y.jpg")  # the plain one keeps it
+    assert records["a_b"].source.uri == str(export / "a_b.jpg")
+    assert [b.label for b in records["x__y"].boxes] == ["cat"]
+
+
+@pytest.mark.parametrize("path,key", [("0001.jpg", "0001"), ("day/0001.jpg", "day__0001"),
+                                      ("shapes_00001.jpg", "shapes_00001"),
+                                      ("v1.2/img-3.b.png", "v1.2__img-3.b")])
+def test_ordinary_paths_keep_their_keys(path, key):
+    assert key_from_path(path) == key
+
+
+def _mostly_bad_export(folder: Path) -> Path:
+    """1 usable image, 4 broken annotation files, and 3 annotator rejections (choices)."""
+    add_pair(folder, "good", objects=[("cat", (10, 10, 60, 60))])
+    for index in range(4):
+        (folder / f"broken{index}.xml").write_text("<annotation><filename>good.jpg")
+    (folder / "db.jsonl").write_text("".join(
+        json.dumps({"image": "good.jpg", "answer": "reject"}) + "\n" for _ in range(3)))
+    return folder
+
+
+def test_rejections_above_the_budget_fail_ingest_naming_count_threshold_and_setting(tmp_path):
+    """A run must not train on what is left of a mostly broken export (#18): 4 of 5 records
+    rejected is above a budget of 20%; the 3 Prodigy rejects are choices, not counted."""
+    export = _mostly_bad_export(tmp_path / "export")
+    out = tmp_path / "out"
+    with pytest.raises(StageError) as info:
+        ingest([str(export)], out, max_rejected_share=0.2)
+    message = str(info.value)
+    assert info.value.failure == Failure.DATA
+    assert "4 of 5 records rejected (80.0%), above the budget of 20.0%" in message
+    assert "exports.max_rejected_share" in message and "--max-rejected-share" in message
+    assert str(out / "rejections.jsonl") in message and len(rejections(out)) == 7
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["rejected"], summary["rejected_counted"], summary["read"]) == (7, 4, 5)
+    assert summary["rejected_share"] == 0.8 and summary["max_rejected_share"] == 0.2
+    kept = ingest([str(export)], tmp_path / "out2", max_rejected_share=0.8)
+    assert kept["images"] == 1 and kept["rejected_counted"] == 4
+
+
+def test_cli_fails_above_the_default_budget_and_its_flag_sets_it(tmp_path):
+    """`odapi ingest` takes exports.max_rejected_share's default (0.2): a real child process
+    exits with the data failure; --max-rejected-share raises the budget."""
+    export = _mostly_bad_export(tmp_path / "export")
+    command = [sys.executable, "-m", "odapi_operators", "ingest", str(export)]
+    failed = subprocess.run([*command, "--out", str(tmp_path / "a")], capture_output=True,
+                            text=True, timeout=120)
+    assert failed.returncode == EXIT_CODES[Failure.DATA], failed.stderr
+    assert "--max-rejected-share" in failed.stderr
+    done = subprocess.run([*command, "--out", str(tmp_path / "b"), "--max-rejected-share", "0.9"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rejected_counted"] == 4

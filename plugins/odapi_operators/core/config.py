@@ -60,6 +60,12 @@ class ExportsConfig(_Strict):
     csv_columns: dict[str, str] | None = Field(
         default=None, description="CSV layout, our name -> CSV header: image, label, xmin, "
                                   "ymin, xmax, ymax[, width, height]")
+    max_rejected_share: float = Field(
+        default=0.2, ge=0, le=1, json_schema_extra=only("ingest"),
+        description="fail the ingest when rejections exceed this share of what it read "
+                    "(images kept + rejections); annotators' choices (not accepted, cancelled, "
+                    "superseded, unlabeled), identical duplicates, crowd boxes and the classes "
+                    "/ unknown_classes filters do not count")
     ledger: str = Field(default="var/exports-ledger.jsonl",
                         json_schema_extra=only("select_exports"),
                         description="which run consumed which export")

@@ -29,6 +29,12 @@ from odapi_operators.core.data.manifest import ImageRecord, write_manifest
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.rejections import RecordError, RejectionLog, StageError
 
+# Rejections that record a choice (an annotator's, COCO's crowd convention, or the config's
+# classes / unknown_classes) rather than a defect of the export: the budget does not count them.
+CHOICES = frozenset({"not accepted", "cancelled annotation", "superseded annotation",
+                     "unlabeled task", "duplicate record", "crowd box", "unknown class",
+                     "unknown class skipped", "class not selected", "no selected class"})
+BUDGET_SETTING = "exports.max_rejected_share (--max-rejected-share)"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 MARKER_NAMES = {"_SUCCESS", ".done"}
 SNIFF_BYTES = 4096
@@ -143,6 +149,26 @@ def apply_class_policy(records: list[ImageRecord], known: dict[str, int] | None,
     return kept
 
 
+def rejection_budget(log: RejectionLog, kept: int, max_share: float | None) -> dict:
+    """The budget's numbers: rejections that count (defects, not `CHOICES`) against all that
+    was read (kept images + counted rejections), their share and the limit."""
+    counted = sum(r.reason.split(":", 1)[0] not in CHOICES for r in log.items)
+    read = kept + counted
+    return {"rejected_counted": counted, "read": read,
+            "rejected_share": round(counted / read, 4) if read else 0.0,
+            "max_rejected_share": max_share}
+
+
+def check_rejection_budget(budget: dict, report: str) -> None:
+    """Raise a DATA StageError when the counted rejections are above the budget: training on
+    what is left of such an export would silently skew the data."""
+    counted, read, limit = budget["rejected_counted"], budget["read"], budget["max_rejected_share"]
+    if limit is not None and read and counted / read > limit:
+        raise StageError(f"ingest: {counted} of {read} records rejected ({counted / read:.1%}), "
+                         f"above the budget of {limit:.1%} set by {BUDGET_SETTING}; "
+                         f"see {report}")
+
+
 def fingerprint(records: list[ImageRecord], label_map: dict[str, int] | None = None) -> str:
     """Content fingerprint of a dataset version: same records in, same fingerprint out."""
     digest = hashlib.sha256(json.dumps(sorted((label_map or {}).items())).encode())
@@ -157,14 +183,17 @@ def fingerprint(records: list[ImageRecord], label_map: dict[str, int] | None = N
 def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = None,
            fmt: str = "auto", options: dict | None = None, label_map: str | None = None,
            unknown_classes: str = "add", datasets_dir: str | None = None,
-           production_label_map: str | None = None) -> dict:
+           production_label_map: str | None = None,
+           max_rejected_share: float | None = None) -> dict:
     """Parse `inputs` (files or export folders) into `out_dir`; return the summary.
 
     Writes `manifest.jsonl`, `label_map.pbtxt` (the given `label_map` extended append-only
     when `unknown_classes` is "add"), `rejections.jsonl` and `summary.json` atomically.
     Images embedded in an export are written, by content hash, to `<out_dir>-inline/`.
     With `datasets_dir`, the result is also published as an immutable dataset version. A
-    `label_map` that renumbers `production_label_map`'s classes is refused.
+    `label_map` that renumbers `production_label_map`'s classes is refused. More rejections
+    than `max_rejected_share` of what was read fail the stage (outputs written, no version
+    published); None checks no budget (the stage passes `exports.max_rejected_share`).
     """
     if fmt != "auto":
         try:
@@ -192,6 +221,7 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
         "classes": dict(sorted(classes.items())),
         "rejected": len(log),
         "rejections_by_reason": log.by_reason(),
+        **rejection_budget(log, len(records), max_rejected_share),
         "ignored_files": other,
         "fingerprint": fingerprint(records, ids),
         "manifest": str(Path(out_dir) / "manifest.jsonl"),
@@ -207,6 +237,7 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
         first = "; ".join(str(r) for r in log.items[:3])
         raise StageError(f"no usable records in {', '.join(inputs)}: {len(log)} rejected "
                          f"(e.g. {first}); see {summary['rejections']}")
+    check_rejection_budget(summary, summary["rejections"])
     if datasets_dir:
         summary["new_version"] = publish_version(datasets_dir, out_dir, summary)
     return summary

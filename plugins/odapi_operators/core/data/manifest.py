@@ -16,24 +16,54 @@ from typing import Any, Iterable, Iterator
 from odapi_operators.core import storage
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# A path part that flattens reversibly: safe characters, no "__", no "_" at either end.
+_PLAIN_PART = re.compile(r"[A-Za-z0-9.-]+(?:_[A-Za-z0-9.-]+)*")
+# A key names files (`files/<key>.jpeg` and its `.tmp-<name>-<8 hex>` sibling, 255 bytes at most).
+MAX_KEY_LENGTH = 220
+
+
+def _distinct(flat: str, original: str, plain: bool) -> str:
+    """`flat` itself when flattening lost nothing, else `flat` plus a short hash of `original`:
+    distinct names keep distinct keys, and plain names keep the keys they always had."""
+    if plain and flat and len(flat) <= MAX_KEY_LENGTH:
+        return flat
+    digest = hashlib.sha256(original.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{flat[:MAX_KEY_LENGTH] or 'image'}-{digest}"
 
 
 def key_from_path(relative_path: str) -> str:
-    """Stable image key from an image path relative to its export (or images) root."""
+    """Stable image key from an image path relative to its export (or images) root.
+
+    Folders join with "__" and unsafe characters become "_" (`day/0001.jpg` -> `day__0001`).
+    Where that could give two paths one key (`x/y.jpg` and `x__y.jpg`, `a b.jpg` and
+    `a_b.jpg`) or a key too long for a file name, a hash of the path is appended. The
+    extension is not part of the key: `a.jpg` and `a.png` name one image in two encodings.
+    """
+    stem = _stem(relative_path)
+    plain = "\\" not in relative_path and all(_PLAIN_PART.fullmatch(p) for p in stem.split("/"))
+    return _distinct(_flatten(stem), relative_path, plain)
+
+
+def _stem(relative_path: str) -> str:
     name = relative_path.replace("\\", "/")
-    stem = name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
+    return name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
+
+
+def _flatten(stem: str) -> str:
     return _KEY_UNSAFE.sub("_", stem.replace("/", "__")).strip("_")
 
 
 def key_from_url(url: str) -> str:
     """Stable key for a remote image: its file stem plus a short hash of the full URL."""
-    stem = key_from_path(url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]) or "image"
+    stem = _flatten(_stem(url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1])) or "image"
     return f"{stem[:64]}-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
 
 
 def key_from_id(source_id: str) -> str:
-    """Stable key from a source's own image id (e.g. an Open Images ImageID)."""
-    return _KEY_UNSAFE.sub("_", source_id).strip("_")
+    """Stable key from a source's own image id (e.g. an Open Images ImageID); an id that is
+    not already a safe file name gets a hash, so two ids never share a key."""
+    flat = _KEY_UNSAFE.sub("_", source_id).strip("_")
+    return _distinct(flat, source_id, flat == source_id)
 
 
 @dataclass(frozen=True)

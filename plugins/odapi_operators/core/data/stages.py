@@ -95,6 +95,7 @@ def ingest(ctx: StageContext, inputs: IngestInputs, options: ExportsConfig) -> I
                              fmt=options.format, options=options.parser_options(),
                              label_map=inputs.label_map or _production_label_map(ctx),
                              unknown_classes=options.unknown_classes,
+                             max_rejected_share=options.max_rejected_share,
                              datasets_dir=ctx.pipeline.datasets if ctx.pipeline else None)
     for path in summary.get("ignored_files", []):
         ctx.log(f"not an annotation or image file, ignored: {path}")
