@@ -438,3 +438,15 @@ def test_cli_fails_above_the_default_budget_and_its_flag_sets_it(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["rejected_counted"] == 4
+
+
+@pytest.mark.parametrize("name", [".", "sub/.."])
+def test_image_name_of_the_folder_itself_is_refused(tmp_path, name):
+    """Found by fuzzing: "." resolved to the export folder, "inside" it but no image."""
+    export = tmp_path / "export"
+    add_pair(export, "good", objects=[("cat", (10, 10, 60, 60))])
+    (export / "dot.xml").write_text(voc(name, objects=[("cat", (1, 1, 9, 9))]))
+    ingest([str(export)], tmp_path / "out")
+    [rejection] = rejections(tmp_path / "out")
+    assert (rejection["record"], rejection["reason"].split(":")[0]) == ("filename",
+                                                                         "not a file name")

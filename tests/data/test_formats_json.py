@@ -749,3 +749,15 @@ def test_image_whose_boxes_were_all_refused_is_dropped_not_kept_as_negative(tmp_
         ("instances.json", "images[0]"): "no usable box: image dropped, all 2 annotations refused",
         ("ls.json", "task 1"): "no usable box: image dropped, all 2 results refused",
         ("db.jsonl", "line 1"): "no usable box: image dropped, all 1 spans refused"}
+
+
+def test_coco_annotations_that_are_not_a_list_reject_the_file(tmp_path):
+    """Found by fuzzing: `"annotations": true` raised TypeError out of the parser."""
+    jpeg(tmp_path / "a.jpg")
+    write_json(tmp_path / "x.json", {"images": [{"id": 1, "file_name": "a.jpg"}],
+                                     "annotations": True})
+    ctx = context(tmp_path)
+    assert list(coco.parse([tmp_path / "x.json"], ctx)) == []
+    [rejection] = ctx.log.items
+    assert (rejection.record, rejection.reason) == (
+        "document", "not a COCO export: annotations is not a list")

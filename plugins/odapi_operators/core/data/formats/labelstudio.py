@@ -195,7 +195,8 @@ def _task_record(task: dict, index: int, folder: Path, file: str,
     if not isinstance(task, dict):
         raise RecordError(file, f"tasks[{index}]", "bad task: not a JSON object")
     task_id = scalar(task.get("id"))
-    record = f"task {task_id}" if task_id is not None else f"tasks[{index}]"
+    named = isinstance(task.get("id"), (int, str)) and not isinstance(task.get("id"), bool)
+    record = f"task {task_id}" if named else f"tasks[{index}]"  # never "task [[[...]]]"
     data = task.get("data") if isinstance(task.get("data"), dict) else {}
     key, source = _locate(data.get("image"), ctx, folder, file, record)
     annotation = _chosen_annotation(task, file, record, ctx)
