@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -35,6 +35,7 @@ from odapi_operators.core.data.resume import ResumeIndex
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.progress import Log, Progress
 from odapi_operators.core.rejections import StageError
+from odapi_operators.core.stages.child import process_pool
 
 INDEX_NAME = "verify-index.jsonl"
 INLINE_BELOW = 16  # fewer images than this: a process pool costs more than it saves
@@ -162,7 +163,7 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
     total = incoming_total if incoming is not None else sum(1 for _ in read_manifest(manifest))
     index = ResumeIndex(out / INDEX_NAME)
     started = time.monotonic()
-    pool = ProcessPoolExecutor(workers) if workers > 1 and total >= INLINE_BELOW else None
+    pool = process_pool(workers) if workers > 1 and total >= INLINE_BELOW else None
     decoder = _Decoder(out, options, workers, index, pool)
     try:
         with Progress("verify", total, log=log, every=progress_every, bar=bar) as progress:
