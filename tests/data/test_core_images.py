@@ -18,6 +18,7 @@ from odapi_operators.core.data.manifest import (
     Box,
     ImageRecord,
     ImageSource,
+    key_from_path,
     read_manifest,
     write_manifest,
 )
@@ -94,6 +95,42 @@ def test_fetch_over_failure_budget_fails_naming_report(ingested, tmp_path):
         fetch_images(ingested, tmp_path / "images")
     [failure] = lines(tmp_path / "images" / "failures.jsonl")
     assert failure["record"] == victim.key
+
+
+def test_keys_too_long_for_a_file_name_are_fetched_and_verified(tmp_path):
+    """Keys flattened from deep export paths: one whose temporary name passes 255 bytes,
+    two longer than a file name that share their first 300 characters."""
+    deep = "/".join(["d" * 100] * 3)
+    relative = ["x" * 120 + "/" + "y" * 119 + ".jpg", f"{deep}/one.jpg", f"{deep}/two.jpg"]
+    records = []
+    for seed, name in enumerate(relative):
+        path = tmp_path / "export" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg_bytes(noise(seed=seed)))
+        records.append(record(key_from_path(name), path))
+    assert [len(r.key) for r in records] == [241, 309, 309]
+    write_manifest(tmp_path / "m.jsonl", records)
+
+    first = fetch_images(tmp_path / "m.jsonl", tmp_path / "images")
+    assert (first["ok"], first["failed"]) == (3, 0)
+    fetched = list(read_manifest(tmp_path / "images" / "manifest.jsonl"))
+    stored = [Path(r.source.uri) for r in fetched]
+    assert [p.read_bytes() for p in stored] == [Path(r.source.uri).read_bytes() for r in records]
+    assert all(p.name.startswith(r.key[:100]) for p, r in zip(stored, records))
+    assert len({p.name for p in stored}) == 3
+    assert all(len(p.name.encode()) <= 255 - 32 and p.suffix == ".jpg" for p in stored)
+    again = fetch_images(tmp_path / "m.jsonl", tmp_path / "images")
+    assert (again["skipped"], again["copied"]) == (3, 0)  # the same names are found again
+    assert [Path(r.source.uri) for r in read_manifest(tmp_path / "images" / "manifest.jsonl")] \
+        == stored
+
+    verified = verify_images(tmp_path / "images" / "manifest.jsonl", tmp_path / "verify",
+                             max_side=32)
+    assert (verified["ok"], verified["resized"]) == (3, 3)
+    outputs = [Path(r.source.uri) for r in read_manifest(tmp_path / "verify" / "manifest.jsonl")]
+    assert all(p.parent == tmp_path / "verify" / "files" and p.is_file() for p in outputs)
+    assert len({p.name for p in outputs}) == 3
+    assert not list((tmp_path / "verify" / "files").glob(".tmp-*"))
 
 
 # --- verify ------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from odapi_operators.core.data.content import (
     sniff_format,
 )
 from odapi_operators.core.data.download import DownloadPolicy, FetchError, HttpDownloader
+from odapi_operators.core.data.file_names import fitting_name, name_limit
 from odapi_operators.core.data.manifest import (
     ImageRecord,
     ImageSource,
@@ -73,16 +74,18 @@ class _DiskError(Exception):
 
 
 class _Store:
-    """`files/<key><ext>` written atomically; identical content becomes a hard link."""
+    """`files/<key><ext>` written atomically (a key too long for a file name is shortened,
+    `file_names.fitting_name`); identical content becomes a hard link."""
 
     def __init__(self, files: Path, by_hash: dict[str, str]):
         self.files = files
         self.by_hash = by_hash
         self.lock = threading.Lock()
+        self.name_limit = name_limit(files)
 
     def put(self, key: str, data: bytes, suffix: str) -> tuple[Path, str, bool]:
         sha = hashlib.sha256(data).hexdigest()
-        target = self.files / f"{key}{suffix}"
+        target = self.files / fitting_name(key, suffix, self.name_limit)
         with self.lock:
             first = self.by_hash.setdefault(sha, str(target))
         try:

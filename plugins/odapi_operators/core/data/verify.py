@@ -23,6 +23,7 @@ from PIL import Image
 
 from odapi_operators.core import storage
 from odapi_operators.core.budget import check_budget
+from odapi_operators.core.data.file_names import fitting_name, name_limit
 from odapi_operators.core.data.manifest import (
     ImageRecord,
     ImageSource,
@@ -112,6 +113,7 @@ class _Decoder:
         self.out, self.options, self.workers, self.index, self.pool = \
             out, options, workers, index, pool
         self.digest = _options_digest(options)
+        self.name_limit = name_limit(out)
         self.fresh = 0
 
     def run(self, records: Iterable[ImageRecord], progress: Progress | None) -> None:
@@ -125,7 +127,8 @@ class _Decoder:
                 continue
             expected = _expected(record)
             args = (record.source.uri, record.rotation, tuple(expected) if expected else None,
-                    self.options, str(self.out / "files" / f"{record.key}.jpg"))
+                    self.options,
+                    str(self.out / "files" / fitting_name(record.key, ".jpg", self.name_limit)))
             outcome = self.pool.submit(_verify_file, *args) if self.pool else _verify_file(*args)
             window.append((record, stamp, outcome))
             while window and (len(window) > 4 * self.workers or not self.pool):
