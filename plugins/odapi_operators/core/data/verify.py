@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 from PIL import Image
 
 from odapi_operators.core import storage
-from odapi_operators.core.budget import check_budget
+from odapi_operators.core.budget import DEFAULT_MAX_FAILED_SHARE, check_budget
 from odapi_operators.core.data.file_names import fitting_name, name_limit
 from odapi_operators.core.data.manifest import (
     ImageRecord,
@@ -149,16 +149,19 @@ class _Decoder:
 
 def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | None = None,
                   workers: int | None = None, options: NormalizeOptions | None = None,
-                  max_failed_share: float = 1.0, log: Log | None = None,
+                  max_quarantined_share: float = DEFAULT_MAX_FAILED_SHARE,
+                  log: Log | None = None,
                   progress_every: float = 15.0, bar: bool = False,
                   incoming: Iterable[ImageRecord] | None = None, incoming_total: int = 0) -> dict:
     """Verify and normalize every image of `manifest` into `out_dir`; return the summary.
 
     Writes `manifest.jsonl` (verified records, manifest order, boxes transformed with their
     pixels), `quarantine.jsonl` and `summary.json`. Fails when no image passes, or when more
-    than `max_failed_share` of them are quarantined. `incoming` (with `incoming_total`) are
-    records still being fetched: they are decoded as they arrive, and `manifest` is read only
-    once `incoming` is exhausted (see `prepare.fetch_and_verify`).
+    than `max_quarantined_share` of them are quarantined (a few bad files are listed and
+    left out; many mean a broken export, and training on the rest would skew the data).
+    `incoming` (with `incoming_total`) are records still being fetched: they are decoded as
+    they arrive, and `manifest` is read only once `incoming` is exhausted (see
+    `prepare.fetch_and_verify`).
     """
     out = Path(out_dir)
     options = (options or NormalizeOptions(max_side=max_side)).resolved()
@@ -183,11 +186,15 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
     summary.update({"skipped": total - decoder.fresh, "total": total,
                     "seconds": round(seconds, 3),
                     "images_per_s": round(decoder.fresh / seconds, 1) if seconds else None,
-                    "max_side": options.max_side})
+                    "max_side": options.max_side,
+                    "quarantined_share": round(summary["failed"] / total, 4) if total else 0.0,
+                    "max_quarantined_share": max_quarantined_share})
     storage.write_text(out / SUMMARY, json.dumps(summary, indent=2))
     if not summary["ok"]:
         raise StageError(f"no image passed verification; see {summary['quarantine']}")
-    check_budget("verify", summary["failed"], total, max_failed_share, summary["quarantine"])
+    check_budget("verify", summary["failed"], total, max_quarantined_share,
+                 summary["quarantine"], lost="quarantined",
+                 setting="images.max_quarantined_share")
     return summary
 
 
