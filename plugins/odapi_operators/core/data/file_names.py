@@ -3,8 +3,9 @@
 Keys flattened from deep export paths can pass a file system's name limit (255 bytes on
 ext4, xfs, tmpfs), and atomic writes add a temporary prefix and suffix to the name. A name
 that would not fit keeps the start of its key and gains a hash of the whole key instead of
-the rest: the same key always gives the same name (a re-run finds its files), two keys never
-share one, and the extension stays.
+the rest: the same key always gives the same name (a re-run finds its files), two keys do not
+share one (64 bits of hash, and `~` is not in keys made by `manifest.key_from_*`), and the
+extension stays.
 """
 
 from __future__ import annotations
