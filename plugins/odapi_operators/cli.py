@@ -35,7 +35,8 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
     return prepare(args.manifest, args.out, ratios=records.split, shards=records.shards,
                    target_shard_bytes=records.target_shard_mb << 20, max_side=images.max_side,
                    threads=images.threads, workers=images.workers,
-                   max_failed_share=images.max_failed_share, policy=images.policy(),
+                   max_failed_share=images.max_failed_share,
+                   max_quarantined_share=images.max_quarantined_share, policy=images.policy(),
                    previous_label_map=args.previous_label_map, cache_dir=records.cache,
                    **({} if args.no_progress else stage_cli.progress_output()))
 

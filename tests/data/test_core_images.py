@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from odapi_operators.core.data.manifest import (
     Box,
     ImageRecord,
     ImageSource,
+    key_from_path,
     read_manifest,
     write_manifest,
 )
@@ -84,7 +87,8 @@ def test_fetch_reports_missing_source(ingested, tmp_path):
     summary = fetch_images(ingested, tmp_path / "images", max_failed_share=0.2)
     assert (summary["ok"], summary["failed"]) == (4, 1)
     [failure] = lines(tmp_path / "images" / "failures.jsonl")
-    assert failure["record"] == victim.key and "fetch failed" in failure["reason"]
+    assert failure["record"] == victim.key and failure["reason"].startswith("not found: ")
+    assert summary["failures_by_reason"] == {"not found": 1}
 
 
 def test_fetch_over_failure_budget_fails_naming_report(ingested, tmp_path):
@@ -94,6 +98,42 @@ def test_fetch_over_failure_budget_fails_naming_report(ingested, tmp_path):
         fetch_images(ingested, tmp_path / "images")
     [failure] = lines(tmp_path / "images" / "failures.jsonl")
     assert failure["record"] == victim.key
+
+
+def test_keys_too_long_for_a_file_name_are_fetched_and_verified(tmp_path):
+    """Keys flattened from deep export paths: one whose temporary name passes 255 bytes,
+    two longer than a file name that share their first 300 characters."""
+    deep = "/".join(["d" * 100] * 3)
+    relative = ["x" * 120 + "/" + "y" * 119 + ".jpg", f"{deep}/one.jpg", f"{deep}/two.jpg"]
+    records = []
+    for seed, name in enumerate(relative):
+        path = tmp_path / "export" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg_bytes(noise(seed=seed)))
+        records.append(record(key_from_path(name), path))
+    assert [len(r.key) for r in records] == [241, 309, 309]
+    write_manifest(tmp_path / "m.jsonl", records)
+
+    first = fetch_images(tmp_path / "m.jsonl", tmp_path / "images")
+    assert (first["ok"], first["failed"]) == (3, 0)
+    fetched = list(read_manifest(tmp_path / "images" / "manifest.jsonl"))
+    stored = [Path(r.source.uri) for r in fetched]
+    assert [p.read_bytes() for p in stored] == [Path(r.source.uri).read_bytes() for r in records]
+    assert all(p.name.startswith(r.key[:100]) for p, r in zip(stored, records))
+    assert len({p.name for p in stored}) == 3
+    assert all(len(p.name.encode()) <= 255 - 32 and p.suffix == ".jpg" for p in stored)
+    again = fetch_images(tmp_path / "m.jsonl", tmp_path / "images")
+    assert (again["skipped"], again["copied"]) == (3, 0)  # the same names are found again
+    assert [Path(r.source.uri) for r in read_manifest(tmp_path / "images" / "manifest.jsonl")] \
+        == stored
+
+    verified = verify_images(tmp_path / "images" / "manifest.jsonl", tmp_path / "verify",
+                             max_side=32)
+    assert (verified["ok"], verified["resized"]) == (3, 3)
+    outputs = [Path(r.source.uri) for r in read_manifest(tmp_path / "verify" / "manifest.jsonl")]
+    assert all(p.parent == tmp_path / "verify" / "files" and p.is_file() for p in outputs)
+    assert len({p.name for p in outputs}) == 3
+    assert not list((tmp_path / "verify" / "files").glob(".tmp-*"))
 
 
 # --- verify ------------------------------------------------------------------------------
@@ -138,7 +178,7 @@ def test_half_jpeg_passes_pil_verify_but_fails_check(bad_images):
 ])
 def test_bad_image_quarantined_with_reason(bad_images, key, reason):
     root, records = bad_images
-    verify_images(root / "manifest.jsonl", root / "verify")
+    verify_images(root / "manifest.jsonl", root / "verify", max_quarantined_share=1.0)
     entries = {e["record"]: e for e in lines(root / "verify" / "quarantine.jsonl")}
     entry = entries[key]
     assert entry["file"] == records[key].source.uri
@@ -149,7 +189,7 @@ def test_bad_image_quarantined_with_reason(bad_images, key, reason):
 
 def test_verify_summary_counts(bad_images):
     root, records = bad_images
-    summary = verify_images(root / "manifest.jsonl", root / "verify")
+    summary = verify_images(root / "manifest.jsonl", root / "verify", max_quarantined_share=1.0)
     assert (summary["ok"], summary["failed"]) == (1, 4)
     assert summary["boxes_quarantined"] == 3 + 1 + 2 + 4
     assert len(lines(root / "verify" / "quarantine.jsonl")) == 4
@@ -158,6 +198,52 @@ def test_verify_summary_counts(bad_images):
     assert kept.source.uri == records["good"].source.uri  # clean RGB JPEG untouched
     assert kept.boxes == records["good"].boxes
     assert json.loads((root / "verify" / "summary.json").read_text())["boxes_quarantined"] == 10
+
+
+def test_default_budget_stops_a_mostly_quarantined_export(bad_images):
+    """4 of 5 images do not pass: by default the stage fails (before, 1.0 let a run train on
+    what was left) and says by how much, what the threshold is and how to change it."""
+    root, _ = bad_images
+    out = root / "verify"
+    with pytest.raises(StageError) as info:
+        verify_images(root / "manifest.jsonl", out)
+    assert str(info.value) == (
+        "verify: 4 of 5 images quarantined (80.0%), more than the budget "
+        "images.max_quarantined_share = 0.05 (5.0%; --max-quarantined-share on the command "
+        f"line); see {out / 'quarantine.jsonl'}")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["ok"], summary["failed"], summary["quarantined_share"],
+            summary["max_quarantined_share"]) == (1, 4, 0.8, 0.05)
+    assert len(lines(out / "quarantine.jsonl")) == 4
+
+
+def test_cli_verify_budget_default_and_flag(bad_images):
+    """`odapi verify` takes its budget from the `images:` config section: the default
+    fails the mostly broken export (exit 4, bad data), the flag lets it through."""
+    root, _ = bad_images
+    command = [sys.executable, "-m", "odapi_operators", "verify", "--manifest",
+               str(root / "manifest.jsonl"), "--out", str(root / "verify"), "--no-progress"]
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode == 4, refused.stderr
+    assert "more than the budget images.max_quarantined_share = 0.05" in refused.stderr
+    assert "--max-quarantined-share" in refused.stderr
+    allowed = subprocess.run([*command, "--max-quarantined-share", "0.8"], capture_output=True,
+                             text=True)
+    assert allowed.returncode == 0, allowed.stderr
+    summary = json.loads(allowed.stdout)
+    assert (summary["ok"], summary["failed"], summary["max_quarantined_share"]) == (1, 4, 0.8)
+
+
+def test_cli_prepare_verifies_with_the_quarantine_budget(bad_images):
+    """`odapi prepare` judges quarantines by --max-quarantined-share, downloads by
+    --max-failed-share (before, the download budget was applied to both)."""
+    root, _ = bad_images
+    done = subprocess.run([sys.executable, "-m", "odapi_operators", "prepare", "--manifest",
+                           str(root / "manifest.jsonl"), "--out", str(root / "prep"),
+                           "--max-failed-share", "0", "--max-quarantined-share", "0.8",
+                           "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (json.loads(done.stdout)["ok"], json.loads(done.stdout)["quarantined"]) == (1, 4)
 
 
 def test_verify_all_bad_raises_but_writes_quarantine(bad_images):
@@ -216,7 +302,8 @@ def test_disallowed_format_quarantined(tmp_path, fmt, allowed, reason):
                                           record("ok", tmp_path / "ok.jpg", size=(32, 32))])
     (tmp_path / "ok.jpg").write_bytes(jpeg_bytes(noise((32, 32))))
     options = NormalizeOptions(allowed_formats=allowed) if allowed else None
-    verify_images(tmp_path / "m.jsonl", tmp_path / "verify", options=options)
+    verify_images(tmp_path / "m.jsonl", tmp_path / "verify", options=options,
+                  max_quarantined_share=0.5)  # 1 of 2
     [entry] = lines(tmp_path / "verify" / "quarantine.jsonl")
     assert entry["record"] == "bad" and reason in entry["reason"]
 
@@ -240,7 +327,8 @@ def test_decompression_bomb_quarantined(tmp_path, monkeypatch, side):
     ok.write_bytes(jpeg_bytes(noise((20, 20))))  # 400 pixels: under the limit
     write_manifest(tmp_path / "m.jsonl", [record("bomb", bomb, size=(side, side), boxes=2),
                                           record("ok", ok, size=(20, 20))])
-    summary = verify_images(tmp_path / "m.jsonl", tmp_path / "verify")
+    summary = verify_images(tmp_path / "m.jsonl", tmp_path / "verify",
+                            max_quarantined_share=0.5)  # 1 of 2
     assert (summary["ok"], summary["failed"], summary["boxes_quarantined"]) == (1, 1, 2)
     [entry] = lines(tmp_path / "verify" / "quarantine.jsonl")
     assert entry["record"] == "bomb" and "not a readable image" in entry["reason"]

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from odapi_operators.core.data.manifest import (
 from odapi_operators.core.rejections import StageError
 
 from support.hostile_inputs import png_bomb, tiny_filesystem
-from support.image_server import ImageServer, send, stall, status
+from support.image_server import ImageServer, huge, redirect, reset_after, send, stall, status
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = DownloadPolicy(connect_timeout=2, read_timeout=2, deadline=5, retries=1, backoff=0.01)
@@ -111,17 +112,51 @@ def test_failure_budget(server, tmp_path, dead, budget, fails):
         server.routes[f"/img/{i}.jpg"] = status(404)
     out = tmp_path / "images"
     if fails:
-        with pytest.raises(StageError, match=rf"{dead} of 20 images failed \(10.0%, budget 5.0%\)"
-                                             rf"; see {out}/failures.jsonl"):
+        with pytest.raises(StageError, match=rf"^fetch: {dead} of 20 images failed \(10.0%\), "
+                                             r"more than the budget images.max_failed_share = "
+                                             r"0.05 \(5.0%; --max-failed-share on the command "
+                                             rf"line\); see {out}/failures.jsonl$"):
             fetch_images(manifest, out, policy=FAST, max_failed_share=budget)
     else:
         summary = fetch_images(manifest, out, policy=FAST, max_failed_share=budget)
         assert (summary["ok"], summary["failed"]) == (20 - dead, dead)
-        assert summary["failures_by_reason"] == {"fetch failed": dead}
+        assert summary["failures_by_reason"] == {"http 404": dead}
+        assert (summary["failed_share"], summary["max_failed_share"]) == (dead / 20, budget)
     failures = sorted(lines(out / "failures.jsonl"), key=lambda f: f["record"])
     assert [(f["record"], f["file"]) for f in failures] == \
         [(f"k{i:03d}", server.url(f"/img/{i}.jpg")) for i in range(dead)]
-    assert all(f["reason"] == "fetch failed: HTTP 404" for f in failures)
+    assert all(f["reason"] == "http 404: HTTP 404 Not Found" for f in failures)
+
+
+def test_failures_counted_by_their_real_reason(server, tmp_path):
+    """Every way a host can fail an image has its own short key in `failures_by_reason`, and
+    each failure's reason starts with it (before, all of them were one "fetch failed")."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}/x.jpg"  # nothing listens there
+    server.routes.update({
+        "/ok.jpg": send(jpeg(1)), "/gone.jpg": status(404), "/forbidden.jpg": status(403),
+        "/down.jpg": status(503), "/slow.jpg": stall(5, send(jpeg(2))),
+        "/reset.jpg": reset_after(jpeg(3), 100), "/big.jpg": huge(10 << 30, jpeg(4)[:16]),
+        "/page.jpg": send(b"<html>sign in</html>", content_type="image/jpeg"),
+        "/a": redirect("/b"), "/b": redirect("/a"),
+    })
+    for i in range(6):
+        server.routes[f"/r{i}"] = redirect(f"/r{i + 1}")
+    paths = ["/ok.jpg", "/gone.jpg", "/forbidden.jpg", "/down.jpg", "/slow.jpg", "/reset.jpg",
+             "/big.jpg", "/page.jpg", "/a", "/r0"]
+    records = [url_record(f"k{i}", server.url(p)) for i, p in enumerate(paths)]
+    write_manifest(tmp_path / "m.jsonl", [*records, url_record("refused", closed)])
+    policy = DownloadPolicy(connect_timeout=2, read_timeout=0.3, deadline=5, retries=0)
+    summary = fetch_images(tmp_path / "m.jsonl", tmp_path / "images", policy=policy,
+                           max_failed_share=1.0)
+    expected = {"http 404": 1, "http 403": 1, "http 503": 1, "timeout": 1,
+                "connection reset": 1, "too large": 1, "not an image": 1, "redirect loop": 1,
+                "too many redirects": 1, "connection refused": 1}
+    assert summary["failures_by_reason"] == expected
+    assert (summary["ok"], summary["failed"]) == (1, 10)
+    reasons = [f["reason"] for f in lines(tmp_path / "images" / "failures.jsonl")]
+    assert sorted(r.split(": ", 1)[0] for r in reasons) == sorted(expected)
 
 
 def test_identical_bytes_stored_once(server, tmp_path):
@@ -206,8 +241,9 @@ def test_cli_download_open_images_index(server, tmp_path):
     for image_id, data in images.items():
         assert (out / f"{image_id}.jpg").read_bytes() == data
     reasons = {f["record"]: f["reason"] for f in lines(out / "failures.jsonl")}
-    assert reasons["bad_md5"].startswith("fetch failed: md5 mismatch")
-    assert reasons["html"].startswith("fetch failed: not an image")
+    assert reasons["bad_md5"].startswith("md5 mismatch: expected ")
+    assert reasons["html"].startswith("not an image: content starts with ")
+    assert summary["failures_by_reason"] == {"md5 mismatch": 1, "not an image": 1}
     [rejected] = lines(out / "index-rejections.jsonl")
     assert rejected["record"] == "line 8" and "invalid URL" in rejected["reason"]
     second = subprocess.run([sys.executable, "-m", "odapi_operators", "download", "--index",
@@ -262,7 +298,8 @@ def test_hostile_images_pass_magic_check_then_verify_quarantines(server, tmp_pat
                                           for k in ("bomb.png", "half.jpg", "ok.jpg")])
     fetched = fetch_images(tmp_path / "m.jsonl", tmp_path / "images", policy=FAST)
     assert fetched["ok"] == 3  # bytes look like images: download cannot know better
-    verified = verify_images(fetched["manifest"], tmp_path / "verify")
+    verified = verify_images(fetched["manifest"], tmp_path / "verify",
+                             max_quarantined_share=1.0)  # 2 of 3: the reasons are the point
     assert (verified["ok"], verified["failed"], verified["boxes_quarantined"]) == (1, 2, 2)
     reasons = {e["record"]: e["reason"] for e in lines(tmp_path / "verify" / "quarantine.jsonl")}
     assert "decompression bomb" in reasons["bomb.png"]

@@ -216,8 +216,11 @@ def test_quarantine_lists_reason_and_boxes(dataset):
 def test_verify_budget_fails_with_report(dataset):
     from odapi_operators.core.rejections import StageError
 
-    with pytest.raises(StageError, match=r"verify: 1 of 20 images failed .*quarantine.jsonl"):
-        verify_images(dataset / "m.jsonl", dataset / "verify", max_failed_share=0.01)
+    with pytest.raises(StageError, match=r"^verify: 1 of 20 images quarantined \(5.0%\), more "
+                                         r"than the budget images.max_quarantined_share = 0.01 "
+                                         r"\(1.0%; --max-quarantined-share on the command "
+                                         r"line\); see .*/quarantine.jsonl$"):
+        verify_images(dataset / "m.jsonl", dataset / "verify", max_quarantined_share=0.01)
 
 
 def test_rerun_decodes_nothing_and_option_change_redoes(dataset):

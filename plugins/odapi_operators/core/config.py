@@ -82,10 +82,11 @@ class ImagesConfig(_Strict):
                                  description="shrink larger images to this longest side")
     max_failed_share: float = Field(default=0.05, ge=0, le=1, json_schema_extra=only("fetch"),
                                     description="fail above this share of failed downloads")
-    max_quarantined_share: float = Field(default=1.0, ge=0, le=1,
+    max_quarantined_share: float = Field(default=0.05, ge=0, le=1,
                                          json_schema_extra=only("verify"),
-                                         description="fail above this share of images that "
-                                                     "do not decode")
+                                         description="fail above this share of quarantined "
+                                                     "images (undecodable, refused format or "
+                                                     "wrong size)")
     threads: int | None = Field(default=None, gt=0, json_schema_extra=only("fetch"),
                                 description="requests in flight (default: 64 per core)")
     workers: int | None = Field(default=None, gt=0, json_schema_extra=only("verify"),

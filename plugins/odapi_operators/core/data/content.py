@@ -23,7 +23,11 @@ SNIFF_BYTES = 16
 
 
 class ContentError(ValueError):
-    """The bytes are not what the record says (not an image, wrong checksum)."""
+    """The bytes are not what the record says; `kind` is `not an image` or `md5 mismatch`."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -46,14 +50,14 @@ def require_image(head: bytes) -> str:
     """The format of `head`, or ContentError naming what the content looks like instead."""
     fmt = sniff_format(head)
     if fmt is None:
-        raise ContentError(f"not an image: content starts with {describe_head(head)} "
-                           f"(expected {'/'.join(IMAGE_FORMATS)} magic bytes)")
+        raise ContentError("not an image", f"content starts with {describe_head(head)} "
+                                           f"(expected {'/'.join(IMAGE_FORMATS)} magic bytes)")
     return fmt
 
 
 def check_md5(digest: str, expected: str | None) -> None:
     if expected and digest.lower() != expected.lower():
-        raise ContentError(f"md5 mismatch: expected {expected.lower()}, got {digest}")
+        raise ContentError("md5 mismatch", f"expected {expected.lower()}, got {digest}")
 
 
 def md5_hex(data: bytes) -> str:

@@ -6,20 +6,28 @@ that breaks off mid-stream, and both matter at scale. Every request has connect/
 and the whole body a deadline (a slow-loris host dripping a byte a second never trips a read
 timeout); the body size is checked against `Content-Length` before reading and counted while
 streaming; the first bytes must be an image's magic bytes (`content.require_image`).
+
+A failure's `kind` is a short stable key (`http 404`, `http 503`, `timeout`, `connection
+refused`, `too large`, `not an image`, `redirect loop`, ...): the fetch summary counts failures
+by it, and each failure's reason starts with it.
 """
 
 from __future__ import annotations
 
 import email.utils
+import errno
 import hashlib
 import random
+import socket
+import ssl
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import NewConnectionError
+from urllib3.exceptions import NameResolutionError, NewConnectionError, ProtocolError
+from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from odapi_operators.core.data.content import SNIFF_BYTES, ContentError, check_md5, require_image
@@ -45,13 +53,21 @@ class DownloadPolicy:
 
 
 class FetchError(Exception):
-    """One image could not be fetched; `reason` is what the failure list shows."""
+    """One image could not be fetched: `kind` (a short stable key) and `detail`; `reason`,
+    `<kind>: <detail>`, is what the failure list shows."""
 
-    def __init__(self, reason: str, retryable: bool = False, retry_after: float | None = None):
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, kind: str, detail: str, retryable: bool = False,
+                 retry_after: float | None = None):
+        super().__init__(kind, detail)
+        self.kind, self.detail = kind, detail
         self.retryable = retryable
         self.retry_after = retry_after
+        self.attempts = 1
+
+    @property
+    def reason(self) -> str:
+        tries = f" (after {self.attempts} attempts)" if self.attempts > 1 else ""
+        return f"{self.kind}: {self.detail}{tries}"
 
     def __str__(self) -> str:
         return self.reason
@@ -99,8 +115,7 @@ class HttpDownloader:
                 return Fetched(data, fmt, final, attempt + 1)
             except FetchError as exc:
                 if not exc.retryable or attempt >= policy.retries:
-                    if attempt:
-                        exc.reason = f"{exc.reason} (after {attempt + 1} attempts)"
+                    exc.attempts = attempt + 1
                     raise
                 if exc.retry_after is not None:
                     delay = min(exc.retry_after, policy.retry_after_max)
@@ -116,7 +131,7 @@ class HttpDownloader:
         seen = [url]
         for _ in range(policy.max_redirects + 1):
             if urlsplit(url).scheme not in ("http", "https"):
-                raise FetchError(f"unsupported URL scheme: {url!r}")
+                raise FetchError("unsupported scheme", f"not an http(s) URL: {url!r}")
             remaining = deadline - time.monotonic()
             timeout = urllib3.Timeout(connect=min(policy.connect_timeout, remaining),
                                       read=min(policy.read_timeout, remaining))
@@ -130,8 +145,11 @@ class HttpDownloader:
                 if response.status in REDIRECTS:
                     location = response.headers.get("Location")
                     if not location:
-                        raise FetchError(f"HTTP {response.status} without Location")
+                        raise FetchError("redirect without location",
+                                         f"HTTP {response.status} with no Location header")
                     url = urljoin(url, location)
+                    if url in seen:
+                        raise FetchError("redirect loop", " -> ".join([*seen, url]))
                     seen.append(url)
                     continue
                 result = self._body(response, md5, deadline) + (url,)
@@ -141,41 +159,39 @@ class HttpDownloader:
                 if not complete:
                     response.close()  # a connection with an unread body must not be reused
                 response.release_conn()
-        raise FetchError(f"too many redirects: more than {policy.max_redirects} "
-                         f"({' -> '.join(seen[-3:])})")
+        raise FetchError("too many redirects", f"more than {policy.max_redirects} "
+                                               f"({' -> '.join(seen[-3:])})")
 
     def _body(self, response, md5: str | None, deadline: float) -> tuple[bytes, str]:
-        policy, status = self.policy, response.status
-        if status == 429 or 500 <= status < 600:
-            raise FetchError(f"HTTP {status}", retryable=True,
-                             retry_after=parse_retry_after(response.headers.get("Retry-After")))
-        if status != 200:
-            raise FetchError(f"HTTP {status}")
+        policy = self.policy
+        if response.status != 200:
+            raise _status_error(response)
         length = response.headers.get("Content-Length")
         if length and length.strip().isdigit() and int(length) > policy.max_bytes:
-            raise FetchError(f"too large: Content-Length {int(length)} > limit {policy.max_bytes}")
+            raise FetchError("too large",
+                             f"Content-Length {int(length)} > limit {policy.max_bytes}")
         chunks: list[bytes] = []
         size, fmt = 0, None
         digest = hashlib.md5(usedforsecurity=False) if md5 else None
         try:
             while True:
                 if time.monotonic() > deadline:
-                    raise FetchError(f"deadline exceeded: body incomplete after "
+                    raise FetchError("deadline exceeded", f"body incomplete after "
                                      f"{policy.deadline:g} s ({size} bytes)", retryable=True)
                 chunk = response.read1(CHUNK)
                 if not chunk:
                     break
                 size += len(chunk)
                 if size > policy.max_bytes:
-                    raise FetchError(f"too large: body exceeds limit {policy.max_bytes} bytes")
+                    raise FetchError("too large", f"body exceeds limit {policy.max_bytes} bytes")
                 chunks.append(chunk)
                 if digest:
                     digest.update(chunk)
                 if fmt is None and (size >= SNIFF_BYTES):
                     fmt = require_image(b"".join(chunks)[:SNIFF_BYTES])
         except ContentError as exc:
-            raise FetchError(f"{exc} (Content-Type: {response.headers.get('Content-Type')})") \
-                from None
+            raise FetchError(exc.kind, f"{exc.detail} "
+                             f"(Content-Type: {response.headers.get('Content-Type')})") from None
         except (Urllib3Timeout, Urllib3Error, OSError) as exc:
             raise _transport_error(exc, size) from None
         data = b"".join(chunks)
@@ -185,15 +201,58 @@ class HttpDownloader:
             if digest:
                 check_md5(digest.hexdigest(), md5)
         except ContentError as exc:
-            raise FetchError(str(exc)) from None
+            raise FetchError(exc.kind, exc.detail) from None
         return data, fmt
+
+
+def _status_error(response) -> FetchError:
+    """`http <status>`; 429 and 5xx are retryable, after their Retry-After if they give one."""
+    status = response.status
+    detail = f"HTTP {status} {response.reason or ''}".strip()
+    if status == 429 or 500 <= status < 600:
+        return FetchError(f"http {status}", detail, retryable=True,
+                          retry_after=parse_retry_after(response.headers.get("Retry-After")))
+    return FetchError(f"http {status}", detail)
 
 
 def _transport_error(exc: BaseException, received: int | None = None) -> FetchError:
     """Timeouts and connection failures are retryable; the reason keeps urllib3's detail."""
-    where = "" if received is None else f" after {received} body bytes"
-    # NewConnectionError subclasses urllib3's timeout error, but a refusal is no timeout
-    timed_out = isinstance(exc, Urllib3Timeout) and not isinstance(exc, NewConnectionError)
-    kind = "timeout" if timed_out else "connection error"
+    where = "" if received is None else f"after {received} body bytes: "
     detail = str(exc).split(": ", 1)[-1] if ": " in str(exc) else str(exc)
-    return FetchError(f"{kind}{where}: {type(exc).__name__}: {detail[:200]}", retryable=True)
+    return FetchError(_transport_kind(exc), f"{where}{type(exc).__name__}: {detail[:200]}",
+                      retryable=True)
+
+
+def _transport_kind(exc: BaseException) -> str:
+    """The failure's key, from urllib3's exception and the OS error it wraps."""
+    causes = _causes(exc)
+    errnos = {c.errno for c in causes if isinstance(c, OSError)}
+    if any(isinstance(c, ConnectionRefusedError) for c in causes) or errno.ECONNREFUSED in errnos:
+        return "connection refused"
+    if any(isinstance(c, ConnectionResetError) for c in causes) or errno.ECONNRESET in errnos:
+        return "connection reset"
+    if any(isinstance(c, (NameResolutionError, socket.gaierror)) for c in causes):
+        return "name not resolved"
+    if any(isinstance(c, (Urllib3SSLError, ssl.SSLError)) for c in causes):
+        return "tls error"
+    # NewConnectionError subclasses urllib3's timeout error, but a failed connect is no timeout
+    if any(isinstance(c, (Urllib3Timeout, TimeoutError)) and not isinstance(c, NewConnectionError)
+           for c in causes):
+        return "timeout"
+    if any(isinstance(c, ProtocolError) for c in causes):
+        return "connection broken"  # closed mid-response: a body shorter than announced
+    return "connection error"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc`, the exceptions it was raised from and those urllib3 carries in its args."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo and len(found) < 16:
+        current = todo.pop()
+        if current in found:
+            continue
+        found.append(current)
+        todo += [e for e in (current.__cause__, current.__context__, *current.args)
+                 if isinstance(e, BaseException)]
+    return found

@@ -39,6 +39,7 @@ from odapi_operators.core.data.content import (
     sniff_format,
 )
 from odapi_operators.core.data.download import DownloadPolicy, FetchError, HttpDownloader
+from odapi_operators.core.data.file_names import fitting_name, name_limit
 from odapi_operators.core.data.manifest import (
     ImageRecord,
     ImageSource,
@@ -73,16 +74,18 @@ class _DiskError(Exception):
 
 
 class _Store:
-    """`files/<key><ext>` written atomically; identical content becomes a hard link."""
+    """`files/<key><ext>` written atomically (a key too long for a file name is shortened,
+    `file_names.fitting_name`); identical content becomes a hard link."""
 
     def __init__(self, files: Path, by_hash: dict[str, str]):
         self.files = files
         self.by_hash = by_hash
         self.lock = threading.Lock()
+        self.name_limit = name_limit(files)
 
     def put(self, key: str, data: bytes, suffix: str) -> tuple[Path, str, bool]:
         sha = hashlib.sha256(data).hexdigest()
-        target = self.files / f"{key}{suffix}"
+        target = self.files / fitting_name(key, suffix, self.name_limit)
         with self.lock:
             first = self.by_hash.setdefault(sha, str(target))
         try:
@@ -121,22 +124,24 @@ def _read(record: ImageRecord, http: HttpDownloader) -> tuple[bytes, str, int]:
         fetched = http.get(uri, record.md5)
         return fetched.data, EXTENSIONS[fetched.format], fetched.attempts
     if kind not in ("local", "gs"):
-        raise FetchError(f"unsupported source kind {kind!r}")
+        raise FetchError("unsupported source", f"source kind {kind!r}")
     limit = http.policy.max_bytes
     try:
         if kind == "local" and os.path.getsize(uri) > limit:
-            raise FetchError(f"too large: {os.path.getsize(uri)} bytes > limit {limit}")
+            raise FetchError("too large", f"{os.path.getsize(uri)} bytes > limit {limit}")
         data = storage.read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise FetchError("not found", str(exc)) from None
     except OSError as exc:
-        raise FetchError(f"unreadable: {exc}") from None
+        raise FetchError("unreadable", str(exc)) from None
     if len(data) > limit:
-        raise FetchError(f"too large: {len(data)} bytes > limit {limit}")
+        raise FetchError("too large", f"{len(data)} bytes > limit {limit}")
     try:
         check_md5(md5_hex(data), record.md5)
         if kind == "gs":
             return data, EXTENSIONS[require_image(data[:16])], 1
     except ContentError as exc:
-        raise FetchError(str(exc)) from None
+        raise FetchError(exc.kind, exc.detail) from None
     fmt = sniff_format(data[:16])
     return data, EXTENSIONS[fmt] if fmt else Path(uri).suffix.lower(), 0
 
@@ -213,8 +218,7 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
         try:
             stored = future.result()
         except FetchError as exc:
-            failures.add(RecordError(record.source.uri, record.key,
-                                     f"fetch failed: {exc.reason}").rejection)
+            failures.add(RecordError(record.source.uri, record.key, exc.reason).rejection)
             progress.update(ok=False)
             return
         except _DiskError as exc:
@@ -264,7 +268,8 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
     summary = {"ok": ok, "failed": len(failures), "skipped": ok - fetched, "fetched": fetched,
                **counts, "total": total, "seconds": round(seconds, 3),
                "images_per_s": round(fetched / seconds, 1) if seconds else None,
-               "failures_by_reason": failures.by_reason(),
+               "failed_share": round(len(failures) / total, 4) if total else 0.0,
+               "max_failed_share": max_failed_share, "failures_by_reason": failures.by_reason(),
                "manifest": str(manifest_path), "failures": str(failures_path),
                "files": str(files)}
     storage.write_text(out / SUMMARY, json.dumps(summary, indent=2))

@@ -31,6 +31,7 @@ _DONE = object()
 def fetch_and_verify(manifest: str | Path, out_dir: str | Path, *, max_side: int | None = None,
                      threads: int | None = None, workers: int | None = None,
                      max_failed_share: float = DEFAULT_MAX_FAILED_SHARE,
+                     max_quarantined_share: float = DEFAULT_MAX_FAILED_SHARE,
                      policy: DownloadPolicy | None = None, log: Log | None = None,
                      bar: bool = False) -> tuple[dict, dict]:
     """Fetch into `out_dir/images` and verify into `out_dir/verify`, concurrently."""
@@ -53,7 +54,7 @@ def fetch_and_verify(manifest: str | Path, out_dir: str | Path, *, max_side: int
     try:
         verified = verify_images(out / "images" / "manifest.jsonl", out / "verify",
                                  max_side=max_side, workers=workers,
-                                 max_failed_share=max_failed_share, log=log,
+                                 max_quarantined_share=max_quarantined_share, log=log,
                                  incoming=_until_done(arrived, outcome),
                                  incoming_total=sum(1 for _ in read_manifest(manifest)))
     finally:
@@ -73,11 +74,13 @@ def prepare(manifest: str | Path, out_dir: str | Path, *, ratios: dict[str, floa
             target_shard_bytes: int = DEFAULT_TARGET_SHARD_BYTES, max_side: int | None = None,
             threads: int | None = None, workers: int | None = None,
             max_failed_share: float = DEFAULT_MAX_FAILED_SHARE,
+            max_quarantined_share: float = DEFAULT_MAX_FAILED_SHARE,
             policy: DownloadPolicy | None = None, previous_label_map: str | None = None,
             cache_dir: str | None = None, log: Log | None = None, bar: bool = False) -> dict:
     out = Path(out_dir)
     fetched, verified = fetch_and_verify(manifest, out, max_side=max_side, threads=threads,
                                          workers=workers, max_failed_share=max_failed_share,
+                                         max_quarantined_share=max_quarantined_share,
                                          policy=policy, log=log, bar=bar)
     label_map = build_label_map(verified["manifest"], out / "label_map",
                                 previous=previous_label_map)

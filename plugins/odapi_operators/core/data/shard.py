@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -44,6 +43,7 @@ from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.progress import Log
 from odapi_operators.core.rejections import StageError
+from odapi_operators.core.stages.child import process_pool
 
 MAX_SOURCE_ID = 2**22
 DEFAULT_TARGET_SHARD_BYTES = 128 << 20
@@ -343,7 +343,7 @@ def write_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str 
     groups = _groups(todo, workers)
     with contextlib.ExitStack() as stack:
         if workers > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            pool = stack.enter_context(process_pool(workers))
             results = [f.result() for f in [pool.submit(_write_group, *args, g, tag)
                                             for g in groups]]
         else:

@@ -183,7 +183,7 @@ def verify(ctx: StageContext, inputs: ManifestInput, options: ImagesConfig) -> V
 
     return Verified(**verify_images(inputs.manifest, ctx.folder, max_side=options.max_side,
                                     workers=options.workers,
-                                    max_failed_share=options.max_quarantined_share,
+                                    max_quarantined_share=options.max_quarantined_share,
                                     **(ctx.progress or {"log": ctx.log})))
 
 

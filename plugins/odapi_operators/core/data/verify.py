@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,7 +22,8 @@ from typing import Iterable, Iterator
 from PIL import Image
 
 from odapi_operators.core import storage
-from odapi_operators.core.budget import check_budget
+from odapi_operators.core.budget import DEFAULT_MAX_FAILED_SHARE, check_budget
+from odapi_operators.core.data.file_names import fitting_name, name_limit
 from odapi_operators.core.data.manifest import (
     ImageRecord,
     ImageSource,
@@ -35,6 +36,7 @@ from odapi_operators.core.data.resume import ResumeIndex
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.progress import Log, Progress
 from odapi_operators.core.rejections import StageError
+from odapi_operators.core.stages.child import process_pool
 
 INDEX_NAME = "verify-index.jsonl"
 INLINE_BELOW = 16  # fewer images than this: a process pool costs more than it saves
@@ -111,6 +113,7 @@ class _Decoder:
         self.out, self.options, self.workers, self.index, self.pool = \
             out, options, workers, index, pool
         self.digest = _options_digest(options)
+        self.name_limit = name_limit(out)
         self.fresh = 0
 
     def run(self, records: Iterable[ImageRecord], progress: Progress | None) -> None:
@@ -124,7 +127,8 @@ class _Decoder:
                 continue
             expected = _expected(record)
             args = (record.source.uri, record.rotation, tuple(expected) if expected else None,
-                    self.options, str(self.out / "files" / f"{record.key}.jpg"))
+                    self.options,
+                    str(self.out / "files" / fitting_name(record.key, ".jpg", self.name_limit)))
             outcome = self.pool.submit(_verify_file, *args) if self.pool else _verify_file(*args)
             window.append((record, stamp, outcome))
             while window and (len(window) > 4 * self.workers or not self.pool):
@@ -145,16 +149,19 @@ class _Decoder:
 
 def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | None = None,
                   workers: int | None = None, options: NormalizeOptions | None = None,
-                  max_failed_share: float = 1.0, log: Log | None = None,
+                  max_quarantined_share: float = DEFAULT_MAX_FAILED_SHARE,
+                  log: Log | None = None,
                   progress_every: float = 15.0, bar: bool = False,
                   incoming: Iterable[ImageRecord] | None = None, incoming_total: int = 0) -> dict:
     """Verify and normalize every image of `manifest` into `out_dir`; return the summary.
 
     Writes `manifest.jsonl` (verified records, manifest order, boxes transformed with their
     pixels), `quarantine.jsonl` and `summary.json`. Fails when no image passes, or when more
-    than `max_failed_share` of them are quarantined. `incoming` (with `incoming_total`) are
-    records still being fetched: they are decoded as they arrive, and `manifest` is read only
-    once `incoming` is exhausted (see `prepare.fetch_and_verify`).
+    than `max_quarantined_share` of them are quarantined (a few bad files are listed and
+    left out; many mean a broken export, and training on the rest would skew the data).
+    `incoming` (with `incoming_total`) are records still being fetched: they are decoded as
+    they arrive, and `manifest` is read only once `incoming` is exhausted (see
+    `prepare.fetch_and_verify`).
     """
     out = Path(out_dir)
     options = (options or NormalizeOptions(max_side=max_side)).resolved()
@@ -162,7 +169,7 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
     total = incoming_total if incoming is not None else sum(1 for _ in read_manifest(manifest))
     index = ResumeIndex(out / INDEX_NAME)
     started = time.monotonic()
-    pool = ProcessPoolExecutor(workers) if workers > 1 and total >= INLINE_BELOW else None
+    pool = process_pool(workers) if workers > 1 and total >= INLINE_BELOW else None
     decoder = _Decoder(out, options, workers, index, pool)
     try:
         with Progress("verify", total, log=log, every=progress_every, bar=bar) as progress:
@@ -179,11 +186,15 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
     summary.update({"skipped": total - decoder.fresh, "total": total,
                     "seconds": round(seconds, 3),
                     "images_per_s": round(decoder.fresh / seconds, 1) if seconds else None,
-                    "max_side": options.max_side})
+                    "max_side": options.max_side,
+                    "quarantined_share": round(summary["failed"] / total, 4) if total else 0.0,
+                    "max_quarantined_share": max_quarantined_share})
     storage.write_text(out / SUMMARY, json.dumps(summary, indent=2))
     if not summary["ok"]:
         raise StageError(f"no image passed verification; see {summary['quarantine']}")
-    check_budget("verify", summary["failed"], total, max_failed_share, summary["quarantine"])
+    check_budget("verify", summary["failed"], total, max_quarantined_share,
+                 summary["quarantine"], lost="quarantined",
+                 setting="images.max_quarantined_share")
     return summary
 
 

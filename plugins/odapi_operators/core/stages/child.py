@@ -4,17 +4,20 @@ TensorFlow stages (and stages with process pools) run this way so the calling wo
 holds TensorFlow or GPU memory after the task. The child leads its own process group, and
 `terminate_children` (an operator's `on_kill`) ends the whole group, pools included; on Linux
 the child also dies with its parent (PR_SET_PDEATHSIG), so a worker killed with SIGKILL leaves
-no trainer behind.
+no trainer behind. Pool workers (`process_pool`) die with their owner the same way, so a
+killed stage leaves nothing writing into its folder while the re-run runs.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
 from odapi_operators.core.failures import Failure, failure_from_exit
@@ -38,6 +41,26 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers are SIGKILLed when the process owning it dies.
+
+    Without this, workers of a killed stage wait forever on their queue, after finishing
+    (and writing out) the work already handed to them. Workers are forked (their parent must
+    be the owner for the check below, whatever the interpreter's default start method), all
+    by the thread that first submits: PR_SET_PDEATHSIG fires when that thread ends, so one
+    thread creates, uses and shuts down the pool.
+    """
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_pool_worker_start, initargs=(os.getpid(),))
+
+
+def _pool_worker_start(owner: int) -> None:
+    """Die with the owner; if it died before that took effect, leave at once."""
+    _die_with_parent()
+    if os.getppid() != owner:
+        os._exit(1)
 
 
 def run_child(args: list[str], log: Callable[[str], None],
