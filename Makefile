@@ -15,7 +15,7 @@ export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN ?= sqlite:///$(AIRFLOW_HOME)/airflow.
 export TF_USE_LEGACY_KERAS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv sample demo test test-fast airflow bench clean
+.PHONY: venv browser sample demo test test-fast airflow bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ $(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Debian's Chromium and its chromedriver for the real-browser UI test (tests/e2e/
+# test_browser_ui.py drives them with Selenium; nothing downloads a browser of its own).
+BROWSER_PACKAGES := chromium chromium-driver
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y \
+	    -qq --no-install-recommends $(BROWSER_PACKAGES) > /dev/null; fi
 
 $(SAMPLE)/_SUCCESS: | $(VENV)/.installed
 	odapi sample --out $(SAMPLE) --count 200 --seed 0
@@ -49,7 +58,7 @@ demo: venv sample $(AIRFLOW_HOME)/airflow.db
 	odapi summary --runs var/runs --text > /dev/null; \
 	exit $$status
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest
 
 test-fast: venv

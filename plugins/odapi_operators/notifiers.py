@@ -8,8 +8,10 @@ The pipeline YAML's `notify:` section says who hears about what:
 
 `build_notifiers(section, event)` turns it into the notifiers for one event, to hang on a task
 callback. A webhook URL with a secret in it belongs in an Airflow Variable, not in the YAML:
-`url: "{{ var.value.odapi_webhook_url }}"` is rendered when the callback runs. Events (all task
-callbacks):
+`url: "{{ var.value.odapi_webhook_url }}"` is rendered when the callback runs. Wherever it comes
+from, the rendered URL's secrets (userinfo, query values, token path segments) never reach the
+log: the notifier names the webhook as scheme://host/… and registers the secrets with Airflow's
+secrets masker before sending. Events (all task callbacks):
 
     failure       on_failure_callback (e.g. in default_args): a task failed for good
     retry         on_retry_callback: a task failed and will be retried
@@ -25,6 +27,7 @@ e-mail is configured (the SMTP provider). A notification never fails the task it
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal, get_args
+from urllib.parse import unquote_plus, urlsplit
 
 from airflow.sdk import BaseNotifier
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -45,6 +48,13 @@ MESSAGES: dict[str, str] = {
                     "promote",
 }
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+# Path segments after one of these are a webhook's credentials: Slack .../services/T../B../<token>,
+# Discord .../api/webhooks/<id>/<token>, Mattermost .../hooks/<key>,
+# Teams .../webhookb2/<guid>@<guid>/IncomingWebhook/<id>/<guid>.
+SECRET_PATH_MARKERS = frozenset({"services", "webhooks", "hooks", "webhookb2"})
+# Shorter parts (`channel=ml`) are not replaced on their own, as Airflow's masker does not mask
+# them ([logging] min_length_masked_secret): replacing "ml" would garble "html" in a message.
+MIN_SECRET_LENGTH = 5
 
 
 class _Channel(BaseModel):
@@ -72,6 +82,57 @@ class NotifySettings(BaseModel):
 
     webhook: WebhookSettings | None = None
     smtp: SmtpSettings | None = None
+
+
+def redact_url(url: str) -> str:
+    """`url` as it may be logged: scheme://host[:port]/… (no userinfo, path or query)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}/…" if parts.scheme and host else "<webhook url>"
+
+
+def _looks_like_token(segment: str) -> bool:
+    return len(segment) >= 16 or (len(segment) >= 8 and any(c.isdigit() for c in segment))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of `url` that are credentials, longest first, each as written, decoded and as
+    requests quotes it: the URL itself, its path with query (urllib3's errors name that), the
+    userinfo, every query value, and the path segments after a known webhook marker or that
+    look like tokens; none shorter than MIN_SECRET_LENGTH."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    found = [url, parts.path + (f"?{parts.query}" if parts.query else ""),
+             userinfo, *userinfo.split(":", 1)]
+    found += [pair.partition("=")[2] for pair in parts.query.split("&")]
+    after_marker = False
+    for segment in filter(None, parts.path.split("/")):
+        if after_marker or _looks_like_token(segment):
+            found.append(segment)
+        after_marker = after_marker or segment.lower() in SECRET_PATH_MARKERS
+    from requests.utils import requote_uri  # the form requests sends, and its errors name
+
+    found += [form(secret) for secret in found for form in (unquote_plus, requote_uri)]
+    return sorted({secret for secret in found if len(secret) >= MIN_SECRET_LENGTH}, key=len,
+                  reverse=True)
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (an error message) with every secret of `url` replaced: the URL by its redacted
+    form, its path and query by /…, any other secret part by ***."""
+    for secret in url_secrets(url):  # longest first: the URL before its parts
+        text = text.replace(secret, redact_url(url) if "://" in secret
+                            else "/…" if secret.startswith("/") else "***")
+    return text
+
+
+def _mask_in_airflow_logs(url: str) -> None:
+    """Register the URL's secrets with Airflow's secrets masker (in the task process and its
+    supervisor), so no other log line shows them either: e.g. urllib3's request line at DEBUG."""
+    from airflow.sdk.log import mask_secret
+
+    for secret in url_secrets(url):
+        mask_secret(secret)
 
 
 def _session(retries: int) -> requests.Session:
@@ -131,14 +192,16 @@ class WebhookNotifier(BaseNotifier):
     def notify(self, context: Context) -> None:
         import requests
 
+        _mask_in_airflow_logs(self.url)
         try:
             with _session(self.retries) as session:
                 response = session.post(self.url, json=self.payload(context),
                                         timeout=self.timeout)
                 response.raise_for_status()
         except requests.RequestException as exc:  # reporting a failure must not become one
-            self.log.warning("webhook %s: %s notification not delivered: %s", self.url,
-                             self.event, exc)
+            # requests' and urllib3's messages name the URL, or its path and query
+            self.log.warning("webhook %s: %s notification not delivered: %s",
+                             redact_url(self.url), self.event, scrub(str(exc), self.url))
 
 
 def _email(settings: SmtpSettings, message: str, reason: str | None) -> BaseNotifier:

@@ -186,9 +186,54 @@ def test_an_undeliverable_webhook_never_raises(statuses):
 
 
 def test_an_unreachable_webhook_never_raises_and_says_so(capfd):
-    url = f"http://127.0.0.1:{free_port()}/nobody-listens"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/nobody-listens"
     WebhookNotifier(url=url, event="failure", message="m", retries=0, timeout=2)(_context())
-    assert f"webhook {url}: failure notification not delivered" in "".join(capfd.readouterr())
+    logged = "".join(capfd.readouterr())
+    assert f"webhook http://127.0.0.1:{port}/…: failure notification not delivered" in logged
+    assert "Connection refused" in logged  # the reason stays, only the URL's secrets go
+
+
+# Every kind of secret a webhook URL carries: userinfo, a Slack-style path token
+# (.../services/T../B../<token>) and query values, one of them quoted when requests sends it.
+SECRETS = ("odapi-user", "pw-0f9e8d7c", "T0SECRET1", "B0SECRET2", "XsecretTokenX1234567890",
+           "qs-4b3a2918", "sécrét-42", "s%C3%A9cr%C3%A9t-42")
+
+
+def _secret_url(port: int) -> str:
+    return (f"http://odapi-user:pw-0f9e8d7c@127.0.0.1:{port}/services/T0SECRET1/B0SECRET2/"
+            f"XsecretTokenX1234567890?token=qs-4b3a2918&sig=sécrét-42&channel=ml")
+
+
+@pytest.mark.parametrize("answer", ["server-error", "refused"])
+def test_an_undelivered_webhook_never_logs_its_secrets(answer, capfd, caplog):
+    """A 500 (requests' HTTPError names the URL) and a refused connection (urllib3's error
+    names the path and query): the log says where and why, with none of the URL's secrets."""
+    server = Webhook(statuses=(500,)) if answer == "server-error" else None
+    port = server.server.server_port if server else free_port()
+    caplog.set_level("INFO")  # a task logs at INFO; DEBUG lines go through the masker
+    try:
+        WebhookNotifier(url=_secret_url(port), event="failure", message="m", retries=0,
+                        timeout=2)(_context())
+    finally:
+        if server:
+            server.close()
+    logged = "".join(capfd.readouterr()) + caplog.text
+    assert f"webhook http://127.0.0.1:{port}/…: failure notification not delivered" in logged
+    assert ("500" if server else "Connection refused") in logged
+    assert [secret for secret in SECRETS if secret in logged] == []
+    if server:
+        assert len(server.bodies) == 1  # it was delivered to the right place, and failed there
+
+
+def test_the_webhooks_secrets_are_registered_with_airflows_masker():
+    """Whatever else logs the URL in the task (Airflow, a library) is masked too."""
+    from airflow.sdk._shared.secrets_masker import redact
+
+    url = _secret_url(free_port())
+    WebhookNotifier(url=url, event="failure", message="m", retries=0, timeout=2)(_context())
+    masked = redact(f"posting to {url}; token qs-4b3a2918, /services/T0SECRET1/B0SECRET2")
+    assert [secret for secret in SECRETS if secret in masked] == []
 
 
 def test_no_settings_no_notifiers():
