@@ -9,10 +9,13 @@ halfway burns its number instead of leaving it to be filled twice. Serving never
 version: locally it is copied under a non-numeric name (`.tmp-<version>`, ignored by Serving)
 and renamed into place; on object stores everything else is uploaded first and
 `saved_model.pb` last, only if absent. A re-run of the same run returns the version it already
-pushed. Then the version is added to what models.config serves (step 1 of a label move; the
-label itself moves in `promote.py` once Serving has loaded it), and versions beyond the newest
-`keep_versions` are removed, except any models.config labels, lists or serves.
-Pushes of one model are serialized: a lock file locally, generation preconditions on gs://.
+pushed. Before any byte is copied, the version policy is checked against the versions plus the
+new one (under `latest` Serving loads whatever is newest on disk, labelled or not). Then the
+version is added to what models.config serves (step 1 of a label move; the label itself moves
+in `promote.py` once Serving has loaded it), and versions beyond the newest `keep_versions`
+are removed, except any models.config labels, lists or serves.
+Pushes of one model are serialized: a lock file locally (held by `push_and_promote` until
+`stable` has moved), generation preconditions on gs://.
 """
 
 from __future__ import annotations
@@ -67,8 +70,6 @@ def _publish_local(source: str, model_path: str, run_id: str) -> int:
     issued = int(ledger.read_text().strip() or 0) if ledger.exists() else 0
     version = max([issued, *(int(p.name) for p in root.iterdir() if p.name.isdigit())]) + 1
     storage.write_text(ledger, str(version))  # burned from here on, whatever happens next
-    for stale in root.glob(".tmp-*"):  # left by a push killed earlier (we hold the lock)
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{version}"
     try:
         shutil.copytree(source, tmp, copy_function=_copy_file)
@@ -86,9 +87,17 @@ def _publish_local(source: str, model_path: str, run_id: str) -> int:
     return version
 
 
+def _sweep_local(model_path: str) -> None:
+    """Remove what a push killed earlier left: a half copy, a half deleted version (both under
+    names Serving ignores). Only under the model lock: another push's are in use."""
+    for stale in Path(model_path).glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _delete_local(model_path: str, version: int) -> None:
     doomed = Path(model_path) / f".tmp-deleting-{version}"
     os.rename(Path(model_path) / str(version), doomed)  # gone for Serving in one step
+    testpoints.reached("push:deleting")
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -181,6 +190,8 @@ def push_locked(saved_model_dir: str | os.PathLike, serving_base: str | os.PathL
     model_path = model_dir(base, model_name)
     config_path = options.models_config_path(base)
     base_path = options.model_base_path(base, model_name)
+    if storage.is_local(model_path):
+        _sweep_local(model_path)
     version = _pushed_by(model_path, run_id)
     if version is None:
         _make_room(config_path, model_name, base_path, options, versions(model_path))
