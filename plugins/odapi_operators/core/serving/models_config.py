@@ -62,7 +62,8 @@ def _is_absolute(path: str) -> bool:
 
 
 def _absolute_field(path: str | None) -> str | None:
-    if path is not None and not _is_absolute(path):  # Serving would resolve it against its own working directory
+    """Serving would resolve a relative path against its own working directory."""
+    if path is not None and not _is_absolute(path):
         raise PydanticCustomError("absolute_path", "must be absolute (the path the Serving "
                                   "process sees, e.g. /models)")
     return path
@@ -81,17 +82,27 @@ class ServingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    models_config: str | None = None  # default <base>/models.config
-    registry: str | None = None  # default <base>/registry.jsonl
-    base_in_serving: AbsolutePath = None  # `base` as the Serving process sees it (docker: /models)
-    keep_versions: int = Field(default=5, ge=1)
-    version_policy: VersionPolicy = "labelled"
-    latest_versions: int = Field(default=2, ge=1)
+    models_config: str | None = Field(default=None, description="the file TF Serving reads "
+                                      "as --model_config_file (default: <base>/models.config)")
+    registry: str | None = Field(default=None, description="the registry of candidates and "
+                                 "label moves (default: <base>/registry.jsonl)")
+    base_in_serving: AbsolutePath = Field(default=None, description="`base` as the Serving "
+                                          "process sees it, absolute (docker: /models)")
+    keep_versions: int = Field(default=5, ge=1, description="newest versions kept on disk "
+                               "(labelled and served ones are kept too)")
+    version_policy: VersionPolicy = Field(default="labelled", description="which versions "
+                                          "Serving loads: labelled, latest or all")
+    latest_versions: int = Field(default=2, ge=1, description="how many newest versions "
+                                 "Serving loads under version_policy latest")
     # A running Serving to confirm a version with before a label moves (serving_client.py);
     # none: the label moves unchecked (an Airflow `tf_serving_default` connection also works).
-    grpc_address: str | None = None  # host:port (8500); preferred over REST
-    rest_url: str | None = None  # http://host:8501
-    wait_available_s: float = Field(default=300, gt=0)
+    grpc_address: str | None = Field(default=None, description="a running TF Serving's gRPC "
+                                     "host:port (8500) to confirm a version before a label "
+                                     "moves; preferred over REST")
+    rest_url: str | None = Field(default=None, description="a running TF Serving's REST URL "
+                                 "(http://host:8501), if no gRPC address")
+    wait_available_s: float = Field(default=300, gt=0, description="seconds to wait for Serving "
+                                    "to load a version before its label moves")
 
     def models_config_path(self, base: str) -> str:
         return self.models_config or _join(base, "models.config")

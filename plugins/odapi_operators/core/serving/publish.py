@@ -3,7 +3,8 @@
 One function for the push stage (`odapi push --promote`): the next version is published
 (core/serving/push.py), then `stable` moves in two steps (core/serving/promote.py), both under
 one hold of the model lock; with a Serving address the move waits until Serving has the
-version AVAILABLE and answers a warmup request with it (core/serving/client.py). Runs in a child process: the Serving protos import TensorFlow.
+version AVAILABLE and answers a warmup request with it (core/serving/client.py). Runs in a
+child process: the Serving protos import TensorFlow.
 """
 
 from __future__ import annotations
