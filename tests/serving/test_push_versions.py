@@ -343,3 +343,119 @@ def test_gcs_rollback_and_concurrent_registry_appends(tmp_path, gs_base):
     assert [(r["kind"], r.get("action")) for r in records[:3]] == [
         ("label", "promote"), ("label", "promote"), ("label", "rollback")]
     assert sorted(r["run_id"] for r in records[3:]) == ["r0", "r1", "r2"]  # none lost
+
+
+# --- version policy: what appears on disk must not make Serving drop a label -------------------
+
+
+def numeric_dirs(model_dir: Path) -> list[str]:
+    return sorted(p.name for p in model_dir.iterdir() if p.name.isdigit() or
+                  p.name.startswith(".tmp-"))
+
+
+def test_latest_policy_push_after_a_rollback_is_refused_before_the_version_appears(tmp_path):
+    """Serving polls the directory itself under `latest`: a version 3 on disk would unload the
+    rolled-back stable 1, whatever models.config says, so the push must stop before renaming."""
+    from odapi_operators.core.serving.rollback import rollback
+
+    serving = tmp_path / "serving"
+    options = ServingOptions(version_policy="latest", latest_versions=2)
+    for i in (1, 2):
+        push(fake_saved_model(tmp_path / f"e{i}", str(i)), serving, "shapes", f"r{i}",
+             options=options)
+        promote(serving, "shapes", i, options=options)
+    rollback(serving, "shapes", reason="drift", options=options)
+    config_before = (serving / "models.config").read_text()
+
+    with pytest.raises(serving_config.ServingConfigError,
+                       match=r"serving.version_policy latest .*latest_versions 2.* stable 1"):
+        push(fake_saved_model(tmp_path / "e3", "3"), serving, "shapes", "r3", options=options)
+
+    assert numeric_dirs(serving / "shapes") == ["1", "2"]  # nothing for Serving to poll
+    assert (serving / "models.config").read_text() == config_before
+    wider = options.model_copy(update={"latest_versions": 3})  # the fix the message suggests
+    assert push(tmp_path / "e3", serving, "shapes", "r3", options=wider)["version"] == 3
+
+
+def test_switching_to_latest_widens_the_policy_before_the_version_appears(tmp_path):
+    """A file still saying `latest 1` would unload stable the moment a new version appears:
+    the wider policy is written first, then the version."""
+    serving = tmp_path / "serving"
+    narrow = ServingOptions(version_policy="latest", latest_versions=1)
+    push(fake_saved_model(tmp_path / "e1", "1"), serving, "shapes", "r1", options=narrow)
+    promote(serving, "shapes", 1, options=narrow)
+    wide = ServingOptions(version_policy="latest", latest_versions=2)
+    signal = tmp_path / "renaming"
+    env = {**os.environ, PAUSE_ENV: "push:before_rename", SIGNAL_ENV: str(signal)}
+    code = ("import sys; from odapi_operators.core.serving.push import push; "
+            "from odapi_operators.core.serving.models_config import ServingOptions; "
+            "push(sys.argv[1], sys.argv[2], 'shapes', 'r2', "
+            "options=ServingOptions(version_policy='latest', latest_versions=2))")
+    child = subprocess.Popen([sys.executable, "-c", code, str(fake_saved_model(
+        tmp_path / "e2", "2")), str(serving)], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not signal.exists():
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        model = model_config(serving)  # what Serving reads just before version 2 appears
+        assert model.model_version_policy.latest.num_versions == 2
+        assert serving_config.served(model, [1, 2]) == [1, 2]
+    finally:
+        child.kill()
+        child.wait()
+    assert push(tmp_path / "e2", serving, "shapes", "r2", options=wide)["version"] == 3
+
+
+# --- names and paths --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "a/b", "/abs", ""])
+def test_model_name_must_be_a_plain_name(tmp_path, name):
+    base = tmp_path / "a" / "b" / "serving"
+    with pytest.raises(serving_config.ServingConfigError, match="plain name"):
+        push(fake_saved_model(tmp_path / "e", "x"), base, name, "r1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # nothing written anywhere
+
+
+def test_cli_refuses_a_model_name_that_is_a_path(tmp_path, capsys):
+    from odapi_operators.cli import main
+
+    source = fake_saved_model(tmp_path / "e", "x")
+    code = main(["push", "--saved-model", str(source), "--base", str(tmp_path / "a" / "serving"),
+                 "--model-name", "../../x", "--out", str(tmp_path / "out")])
+    assert code == 3
+    error = capsys.readouterr().err
+    assert "--model-name: a plain name" in error and "'../../x'" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+def test_cli_relative_base_is_written_absolute(tmp_path, monkeypatch):
+    from odapi_operators.cli import main
+
+    for run in ("r1", "r2"):
+        fake_saved_model(tmp_path / run / "sm", run)
+    monkeypatch.chdir(tmp_path)
+    for run in ("r1", "r2"):
+        assert main(["push", "--saved-model", f"{run}/sm", "--base", "serving",
+                     "--model-name", "shapes", "--out", f"{run}/push"]) == 0
+    assert model_config(tmp_path / "serving").base_path == str(tmp_path / "serving" / "shapes")
+    monkeypatch.chdir(tmp_path / "r1")  # a rollback from elsewhere rewrites the entry
+    assert main(["rollback", "--base", "../serving", "--model-name", "shapes",
+                 "--reason", "drift"]) == 0
+    model = model_config(tmp_path / "serving")
+    assert (model.base_path, dict(model.version_labels)) == (
+        str(tmp_path / "serving" / "shapes"), {"stable": 1})
+
+
+def test_relative_base_in_serving_is_refused(tmp_path, capsys):
+    from odapi_operators.cli import main
+
+    with pytest.raises(ValueError, match=r"base_in_serving\s+must be absolute"):
+        ServingOptions(base_in_serving="models")
+    code = main(["push", "--saved-model", str(fake_saved_model(tmp_path / "e", "x")),
+                 "--base", str(tmp_path / "serving"), "--model-name", "shapes",
+                 "--base-in-serving", "models", "--out", str(tmp_path / "out")])
+    assert code == 3
+    assert "--base-in-serving: " in capsys.readouterr().err
+    assert not (tmp_path / "serving").exists()

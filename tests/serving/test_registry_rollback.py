@@ -100,6 +100,62 @@ def test_corrupt_registry_line_is_named(tmp_path):
         registry.read(path)
 
 
+TORN = '{"action": "promote", "by": null, "kind": "label", "label": "sta'  # killed mid-append
+
+
+def test_torn_last_line_never_blocks_and_the_next_move_is_recorded(served, tmp_path, caplog,
+                                                                   capsys):
+    path = served / "registry.jsonl"
+    whole = path.read_text()
+    path.write_text(whole + TORN)
+
+    run_cli(["models", "list", "--serving-base", str(served)])
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 5  # the torn record left out
+    assert f"{path}:6: a torn last line" in caplog.text
+    source = fake_saved_model(tmp_path / "run4" / "sm", "4")
+    run_cli(["push", "--saved-model", str(source), "--base", str(served), "--model-name",
+             "shapes", "--out", str(tmp_path / "run4" / "push")])
+
+    assert labels(served) == {"stable": 3}
+    text = path.read_text()
+    assert text.startswith(whole) and text.count("\n") == whole.count("\n") + 1  # repaired
+    moved = registry.read(path)[-1]
+    assert (moved["action"], moved["previous"], moved["version"]) == ("promote", 2, 3)
+    assert rollback(served, "shapes", reason="drift")["version"] == 2
+
+
+def test_a_last_record_without_its_newline_is_kept_and_not_glued_to(tmp_path):
+    path = tmp_path / "registry.jsonl"
+    registry.record_label(path, "shapes", "stable", 1, None, "promote")
+    path.write_text(path.read_text().rstrip("\n"))  # killed between the record and its newline
+    assert [r["version"] for r in registry.read(path)] == [1]
+    registry.record_label(path, "shapes", "stable", 2, 1, "promote")
+    assert [r["version"] for r in registry.read(path)] == [1, 2]
+
+
+def test_a_bad_line_before_the_last_still_refuses(tmp_path):
+    path = tmp_path / "registry.jsonl"
+    path.write_text('{"kind": "candidate"}\n{"kind": "lab\n{"kind": "candidate"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: not a JSON record"):
+        registry.read(path)
+    with pytest.raises(ValueError, match=rf"{path}:2: not a JSON record"):
+        registry.record_label(path, "shapes", "stable", 2, 1, "promote")
+
+
+def test_a_move_killed_before_its_record_is_recorded_with_its_real_previous(tmp_path):
+    """The label already points at the target (the kill came between the label write and the
+    registry append): the re-run records the move once, from the previously recorded version."""
+    serving = tmp_path / "serving"
+    for i in (1, 2):
+        push(fake_saved_model(tmp_path / f"e{i}", str(i)), serving, "shapes", f"r{i}")
+    promote(serving, "shapes", 1)
+    serving_config.move_label(serving / "models.config", "shapes", str(serving / "shapes"),
+                              "stable", 2, [1, 2])  # the move without its record
+    assert promote(serving, "shapes", 2)["previous"] == 1
+    moves = [(r["previous"], r["version"]) for r in registry.read(serving / "registry.jsonl")]
+    assert moves == [(None, 1), (1, 2)]
+
+
 # --- rollback ------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from odapi_operators.core import storage
 from odapi_operators.core.evaluation.gate import GatePolicy
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import PIPELINE
-from odapi_operators.core.serving.models_config import ServingOptions
+from odapi_operators.core.serving.models_config import ModelName, ServingOptions
 
 
 class ConfigError(ValueError):
@@ -243,8 +243,8 @@ class RunConfig(_Strict):
 
 class ServingConfig(ServingOptions):
     base: str = Field(description="TF Serving base folder or gs:// prefix")
-    model_name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$",  # no '.', '..'
-                            description="the model's name in TF Serving")
+    model_name: ModelName = Field(description="the model's name in TF Serving and its "
+                                  "folder under `base`: a plain name")
 
 
 class PipelineConfig(_Strict):

@@ -16,10 +16,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 from google.protobuf import text_format
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 from tensorflow_serving.config import model_server_config_pb2 as pb
 
 from odapi_operators.core import storage, testpoints
@@ -27,6 +28,8 @@ from odapi_operators.core.failures import Failure
 
 STABLE, CANARY = "stable", "canary"
 _LABEL = re.compile(r"^[A-Za-z0-9_]+$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # one folder: no '/', '.', '..'
+PLAIN_NAME = "a plain name (letters, digits, '_', '-', '.'; no '/', not '.' or '..')"
 _GS_RETRIES = 10
 
 VersionPolicy = Literal["labelled", "latest", "all"]
@@ -35,6 +38,38 @@ VersionPolicy = Literal["labelled", "latest", "all"]
 class ServingConfigError(ValueError):
     """models.config cannot be read, or a requested change would break what Serving serves."""
     failure = Failure.CONFIG
+
+
+def plain_model_name(name: str) -> str:
+    """`name`, if it is one folder under the serving base (the model's folder there is
+    `<base>/<name>`: a path would write outside it)."""
+    if not _MODEL_NAME.match(name):
+        raise ServingConfigError(f"model name {name!r}: must be {PLAIN_NAME}")
+    return name
+
+
+def _plain_name_field(name: str) -> str:
+    if not _MODEL_NAME.match(name):
+        raise PydanticCustomError("plain_name", PLAIN_NAME)
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(_plain_name_field)]  # a config field's type
+
+
+def _is_absolute(path: str) -> bool:
+    return "://" in path or os.path.isabs(path)
+
+
+def _absolute_field(path: str | None) -> str | None:
+    """Serving would resolve a relative path against its own working directory."""
+    if path is not None and not _is_absolute(path):
+        raise PydanticCustomError("absolute_path", "must be absolute (the path the Serving "
+                                  "process sees, e.g. /models)")
+    return path
+
+
+AbsolutePath = Annotated[str | None, AfterValidator(_absolute_field)]  # or None
 
 
 class ServingOptions(BaseModel):
@@ -47,17 +82,27 @@ class ServingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    models_config: str | None = None  # default <base>/models.config
-    registry: str | None = None  # default <base>/registry.jsonl
-    base_in_serving: str | None = None  # `base` as the Serving process sees it (docker: /models)
-    keep_versions: int = Field(default=5, ge=1)
-    version_policy: VersionPolicy = "labelled"
-    latest_versions: int = Field(default=2, ge=1)
+    models_config: str | None = Field(default=None, description="the file TF Serving reads "
+                                      "as --model_config_file (default: <base>/models.config)")
+    registry: str | None = Field(default=None, description="the registry of candidates and "
+                                 "label moves (default: <base>/registry.jsonl)")
+    base_in_serving: AbsolutePath = Field(default=None, description="`base` as the Serving "
+                                          "process sees it, absolute (docker: /models)")
+    keep_versions: int = Field(default=5, ge=1, description="newest versions kept on disk "
+                               "(labelled and served ones are kept too)")
+    version_policy: VersionPolicy = Field(default="labelled", description="which versions "
+                                          "Serving loads: labelled, latest or all")
+    latest_versions: int = Field(default=2, ge=1, description="how many newest versions "
+                                 "Serving loads under version_policy latest")
     # A running Serving to confirm a version with before a label moves (serving_client.py);
     # none: the label moves unchecked (an Airflow `tf_serving_default` connection also works).
-    grpc_address: str | None = None  # host:port (8500); preferred over REST
-    rest_url: str | None = None  # http://host:8501
-    wait_available_s: float = Field(default=300, gt=0)
+    grpc_address: str | None = Field(default=None, description="a running TF Serving's gRPC "
+                                     "host:port (8500) to confirm a version before a label "
+                                     "moves; preferred over REST")
+    rest_url: str | None = Field(default=None, description="a running TF Serving's REST URL "
+                                 "(http://host:8501), if no gRPC address")
+    wait_available_s: float = Field(default=300, gt=0, description="seconds to wait for Serving "
+                                    "to load a version before its label moves")
 
     def models_config_path(self, base: str) -> str:
         return self.models_config or _join(base, "models.config")
@@ -66,7 +111,10 @@ class ServingOptions(BaseModel):
         return self.registry or _join(base, "registry.jsonl")
 
     def model_base_path(self, base: str, model_name: str) -> str:
-        return _join(self.base_in_serving or base, model_name)
+        """The `base_path` Serving gets: absolute, since Serving does not share our cwd."""
+        if self.base_in_serving:
+            return _join(self.base_in_serving, model_name)
+        return _join(base if _is_absolute(base) else os.path.abspath(base), model_name)
 
 
 def _join(base: str | os.PathLike, *parts: str) -> str:
@@ -156,28 +204,64 @@ def referenced(model: pb.ModelConfig | None) -> set[int]:
     return names
 
 
-def serve(model: pb.ModelConfig, version: int, available: list[int],
-          policy: VersionPolicy = "labelled", latest_versions: int = 2) -> None:
-    """Step 1 of a label move: make the policy load `version` without dropping labelled ones."""
-    if version not in available:
-        raise ServingConfigError(f"{model.base_path}/{version}: not a complete version "
-                                 "(no saved_model.pb)")
+def _labelled(model: pb.ModelConfig, available: list[int]) -> set[int]:
+    return {v for v in labels(model).values() if v in available}  # a deleted one can't be
+
+
+def _set_policy(model: pb.ModelConfig, keep: set[int], policy: VersionPolicy,
+                latest_versions: int) -> None:
+    """Write `policy` into the entry; `keep` is the `specific` list under `labelled`."""
     choice = model.model_version_policy
     if policy == "all":
         choice.all.SetInParent()
     elif policy == "latest":
         choice.latest.num_versions = latest_versions
     else:
-        keep = {v for v in labels(model).values() if v in available} | {version}
         del choice.specific.versions[:]
         choice.specific.versions.extend(sorted(keep))
+
+
+def serve(model: pb.ModelConfig, version: int, available: list[int],
+          policy: VersionPolicy = "labelled", latest_versions: int = 2) -> None:
+    """Step 1 of a label move: make the policy load `version` without dropping labelled ones."""
+    if version not in available:
+        raise ServingConfigError(f"{model.base_path}/{version}: not a complete version "
+                                 "(no saved_model.pb)")
+    _set_policy(model, _labelled(model, available) | {version}, policy, latest_versions)
     loaded = served(model, available)
-    labelled = {v for v in labels(model).values() if v in available}  # a deleted one can't be
-    missing = sorted(({version} | labelled) - set(loaded))
+    missing = sorted(({version} | _labelled(model, available)) - set(loaded))
     if missing:
         raise ServingConfigError(
             f"{model.name}: version_policy {policy} would not serve version(s) {missing} "
             f"(loaded: {loaded}); labels may only point at loaded versions")
+
+
+def make_room(model: pb.ModelConfig, available: list[int], policy: VersionPolicy = "labelled",
+              latest_versions: int = 2) -> bool:
+    """Before a push makes a new, highest version appear on disk: refuse if `policy` would then
+    stop serving a labelled version, and set `policy` now (return True: write it first) if the
+    entry's current one would. Under `latest` Serving loads the newest versions it finds in
+    the directory by itself, so once the version is there it is too late to check."""
+    incoming = max(available, default=0) + 1  # stands for the new one: the highest, whatever N
+    after = [*available, incoming]
+    planned = pb.ModelConfig()
+    planned.CopyFrom(model)
+    _set_policy(planned, _labelled(model, available) | {incoming}, policy, latest_versions)
+    loaded = served(planned, after)
+    dropped = {label: v for label, v in labels(model).items() if v in available
+               and v not in loaded}
+    if dropped:
+        names = ", ".join(f"{label} {v}" for label, v in sorted(dropped.items()))
+        setting = f" with serving.latest_versions {latest_versions}" if policy == "latest" else ""
+        raise ServingConfigError(
+            f"{model.name}: serving.version_policy {policy}{setting} would stop serving {names} "
+            f"as soon as a new version appears (Serving would load {loaded[:-1]} and the new "
+            "one); nothing was pushed. Raise serving.latest_versions, use version_policy "
+            "labelled, or move the label forward first")
+    if _labelled(model, available) - set(served(model, after)):
+        _set_policy(model, _labelled(model, available), policy, latest_versions)
+        return True
+    return False
 
 
 def set_label(model: pb.ModelConfig, label: str, version: int, available: list[int]) -> None:

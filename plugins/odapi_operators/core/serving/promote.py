@@ -29,15 +29,18 @@ def move_locked(serving_base: str | os.PathLike, model_name: str, version: int, 
         raise FileNotFoundError(f"{model_path}/{version}: no saved_model.pb there, not a "
                                 f"version Serving could load (versions: {available})")
     config_path = options.models_config_path(base)
+    registry_path = options.registry_path(base)
+    # Read before anything moves: a move that cannot be recorded must not happen.
+    history = registry.label_history(registry.read(registry_path, model_name), model_name, label)
     before = serving_config.labels(serving_config.entry(serving_config.read(config_path),
                                                         model_name))
     previous = before.get(label)
+    if previous == version and history[-1:] != [version]:  # a move killed before its record
+        previous = history[-1] if history else None
     labels = serving_config.move_label(
         config_path, model_name, options.model_base_path(base, model_name), label, version,
         available, policy=options.version_policy, latest_versions=options.latest_versions,
         wait=wait)
-    registry_path = options.registry_path(base)
-    history = registry.label_history(registry.read(registry_path, model_name), model_name, label)
     if history[-1:] != [version]:  # a retried move is recorded once
         registry.record_label(registry_path, model_name, label, version, previous, action,
                               reason, by)

@@ -1,21 +1,25 @@
 """Push a SavedModel and move `stable` to it, with TF Serving in the loop when one is given.
 
 One function for the push stage (`odapi push --promote`): the next version is published
-(core/serving/push.py), then `stable` moves in two steps (core/serving/promote.py); with a Serving address the
-move waits until Serving has the version AVAILABLE and answers a warmup request with it
-(core/serving/client.py). Runs in a child process: the Serving protos import TensorFlow.
+(core/serving/push.py), then `stable` moves in two steps (core/serving/promote.py), both under
+one hold of the model lock; with a Serving address the move waits until Serving has the
+version AVAILABLE and answers a warmup request with it (core/serving/client.py). Runs in a
+child process: the Serving protos import TensorFlow.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from typing import Any
 
-from odapi_operators.core.serving.models_config import ServingOptions
-from odapi_operators.core.serving.promote import promote
-from odapi_operators.core.serving.push import push
+from odapi_operators.core import testpoints
+from odapi_operators.core.serving.models_config import STABLE, ServingOptions
+from odapi_operators.core.serving.promote import move_locked
+from odapi_operators.core.serving.push import check_source, push_locked, write_summary
 from odapi_operators.core.serving.rollback import rollback
+from odapi_operators.core.serving.serving_dir import model_dir, model_lock
 
 
 def _log(message: str) -> None:
@@ -47,12 +51,20 @@ def confirmed_move(move, serving_base: str | os.PathLike, model_name: str,
 def push_and_promote(saved_model: str | os.PathLike, serving_base: str | os.PathLike,
                      model_name: str, run_id: str, options: ServingOptions,
                      out_dir: str | os.PathLike | None = None) -> dict:
-    """Push the next version, then point `stable` at it; return the push summary + move."""
-    summary = push(saved_model, serving_base, model_name, run_id, out_dir=out_dir,
-                   options=options)
-    _log(f"pushed {model_name} version {summary['version']} to {summary['path']}")
-    moved = confirmed_move(promote, serving_base, model_name, summary["version"], options,
-                           reason=f"promoted by run {run_id}")
+    """Push the next version, then point `stable` at it; return the push summary + move.
+
+    One hold of the model lock for both: another push in between would stop serving this
+    version (it is not labelled yet) and could garbage-collect it before `stable` reaches it.
+    """
+    check_source(saved_model, serving_base)
+    with model_lock(model_dir(serving_base, model_name)):
+        summary = push_locked(saved_model, serving_base, model_name, run_id, options)
+        write_summary(out_dir, summary)
+        _log(f"pushed {model_name} version {summary['version']} to {summary['path']}")
+        testpoints.reached("push:before_promote")
+        moved = confirmed_move(partial(move_locked, label=STABLE, action="promote"),
+                               serving_base, model_name, summary["version"], options,
+                               reason=f"promoted by run {run_id}")
     return {**summary, "stable": moved["version"], "previous_stable": moved["previous"],
             "serving": moved["serving"]}
 

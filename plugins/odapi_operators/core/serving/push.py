@@ -9,10 +9,13 @@ halfway burns its number instead of leaving it to be filled twice. Serving never
 version: locally it is copied under a non-numeric name (`.tmp-<version>`, ignored by Serving)
 and renamed into place; on object stores everything else is uploaded first and
 `saved_model.pb` last, only if absent. A re-run of the same run returns the version it already
-pushed. Then the version is added to what models.config serves (step 1 of a label move; the
-label itself moves in `promote.py` once Serving has loaded it), and versions beyond the newest
-`keep_versions` are removed, except any models.config labels, lists or serves.
-Pushes of one model are serialized: a lock file locally, generation preconditions on gs://.
+pushed. Before any byte is copied, the version policy is checked against the versions plus the
+new one (under `latest` Serving loads whatever is newest on disk, labelled or not). Then the
+version is added to what models.config serves (step 1 of a label move; the label itself moves
+in `promote.py` once Serving has loaded it), and versions beyond the newest `keep_versions`
+are removed, except any models.config labels, lists or serves.
+Pushes of one model are serialized: a lock file locally (held by `push_and_promote` until
+`stable` has moved), generation preconditions on gs://.
 """
 
 from __future__ import annotations
@@ -67,8 +70,6 @@ def _publish_local(source: str, model_path: str, run_id: str) -> int:
     issued = int(ledger.read_text().strip() or 0) if ledger.exists() else 0
     version = max([issued, *(int(p.name) for p in root.iterdir() if p.name.isdigit())]) + 1
     storage.write_text(ledger, str(version))  # burned from here on, whatever happens next
-    for stale in root.glob(".tmp-*"):  # left by a push killed earlier (we hold the lock)
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{version}"
     try:
         shutil.copytree(source, tmp, copy_function=_copy_file)
@@ -86,9 +87,17 @@ def _publish_local(source: str, model_path: str, run_id: str) -> int:
     return version
 
 
+def _sweep_local(model_path: str) -> None:
+    """Remove what a push killed earlier left: a half copy, a half deleted version (both under
+    names Serving ignores). Only under the model lock: another push's are in use."""
+    for stale in Path(model_path).glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _delete_local(model_path: str, version: int) -> None:
     doomed = Path(model_path) / f".tmp-deleting-{version}"
     os.rename(Path(model_path) / str(version), doomed)  # gone for Serving in one step
+    testpoints.reached("push:deleting")
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -161,6 +170,60 @@ def collect_garbage(model_path: str, keep: int, protected: set[int]) -> list[int
     return doomed
 
 
+def _make_room(config_path: str, model_name: str, base_path: str, options: ServingOptions,
+               available: list[int]) -> None:
+    """Refuse, before any byte is copied, a version whose appearing would unload a labelled
+    one; write a wider policy first if the current one would (see serving_config.make_room)."""
+    model = serving_config.entry(serving_config.read(config_path), model_name)
+    room = (options.version_policy, options.latest_versions)
+    if model is not None and serving_config.make_room(model, available, *room):
+        serving_config.update(config_path, lambda c: serving_config.make_room(
+            serving_config.ensure_entry(c, model_name, base_path), available, *room))
+
+
+def push_locked(saved_model_dir: str | os.PathLike, serving_base: str | os.PathLike,
+                model_name: str, run_id: str, options: ServingOptions) -> dict:
+    """`push` for a caller that already holds the model lock (push_and_promote holds it until
+    `stable` has moved, so no other push can drop or delete the version in between)."""
+    source = os.fspath(saved_model_dir)
+    base = os.fspath(serving_base)
+    model_path = model_dir(base, model_name)
+    config_path = options.models_config_path(base)
+    base_path = options.model_base_path(base, model_name)
+    if storage.is_local(model_path):
+        _sweep_local(model_path)
+    version = _pushed_by(model_path, run_id)
+    if version is None:
+        _make_room(config_path, model_name, base_path, options, versions(model_path))
+        publish = _publish_local if storage.is_local(model_path) else _publish_object
+        version = publish(source, model_path, run_id)
+    available = versions(model_path)
+    config = serving_config.update(config_path, lambda c: serving_config.serve(
+        serving_config.ensure_entry(c, model_name, base_path), version, available,
+        options.version_policy, options.latest_versions))
+    entry = serving_config.entry(config, model_name)
+    protected = (serving_config.referenced(entry) | {version}
+                 | set(serving_config.served(entry, available)))
+    deleted = collect_garbage(model_path, options.keep_versions, protected)
+    return {"model_name": model_name, "version": version, "path": f"{model_path}/{version}",
+            "versions": versions(model_path), "labels": serving_config.labels(entry),
+            "deleted": deleted, "models_config": config_path}
+
+
+def check_source(saved_model_dir: str | os.PathLike, serving_base: str | os.PathLike) -> None:
+    """A SavedModel to push, reachable from where the versions go."""
+    source = os.fspath(saved_model_dir)
+    if not storage.exists(f"{source}/saved_model.pb"):
+        raise FileNotFoundError(f"{source}: no saved_model.pb to push")
+    if storage.is_local(serving_base) and not storage.is_local(source):
+        raise storage.StorageError(f"{source}: a local serving base needs a local SavedModel")
+
+
+def write_summary(out_dir: str | os.PathLike | None, summary: dict) -> None:
+    if out_dir is not None:
+        storage.write_text(f"{os.fspath(out_dir)}/{SUMMARY}", json.dumps(summary, indent=2))
+
+
 def push(saved_model_dir: str | os.PathLike, serving_base: str | os.PathLike, model_name: str,
          run_id: str, out_dir: str | os.PathLike | None = None,
          options: ServingOptions | None = None) -> dict:
@@ -169,35 +232,9 @@ def push(saved_model_dir: str | os.PathLike, serving_base: str | os.PathLike, mo
 
     With `out_dir` (the run's push stage folder) the result is also written there.
     """
-    options = options or ServingOptions()
-    source = os.fspath(saved_model_dir)
-    if not storage.exists(f"{source}/saved_model.pb"):
-        raise FileNotFoundError(f"{source}: no saved_model.pb to push")
-    base = os.fspath(serving_base)
-    model_path = model_dir(base, model_name)
-    if storage.is_local(model_path) and not storage.is_local(source):
-        raise storage.StorageError(f"{source}: a local serving base needs a local SavedModel")
-    config_path = options.models_config_path(base)
-    with model_lock(model_path):
-        version = _pushed_by(model_path, run_id)
-        if version is None:
-            publish = _publish_local if storage.is_local(model_path) else _publish_object
-            version = publish(source, model_path, run_id)
-        available = versions(model_path)
-        config = serving_config.update(config_path, lambda c: serving_config.serve(
-            serving_config.ensure_entry(c, model_name,
-                                        options.model_base_path(base, model_name)),
-            version, available, options.version_policy, options.latest_versions))
-        entry = serving_config.entry(config, model_name)
-        protected = (serving_config.referenced(entry) | {version}
-                     | set(serving_config.served(entry, available)))
-        deleted = collect_garbage(model_path, options.keep_versions, protected)
-    summary = {"model_name": model_name, "version": version,
-               "path": f"{model_path}/{version}", "versions": versions(model_path),
-               "labels": serving_config.labels(entry), "deleted": deleted,
-               "models_config": config_path}
-    if out_dir is not None:
-        storage.write_text(f"{os.fspath(out_dir)}/{SUMMARY}", json.dumps(summary, indent=2))
+    check_source(saved_model_dir, serving_base)
+    with model_lock(model_dir(serving_base, model_name)):
+        summary = push_locked(saved_model_dir, serving_base, model_name, run_id,
+                              options or ServingOptions())
+    write_summary(out_dir, summary)
     return summary
-
-

@@ -6,23 +6,28 @@ One `candidate` record per run (run id, dataset version, config, metrics, decisi
 version and path), built from the run's own folder, so it can be written once at the end of a
 run whatever happened. Records are never edited: a retried run appends a newer record for the
 same run id, and readers keep the newest one per run. `label` records (promotions,
-rollbacks) are what `rollback` reads to find the previous stable version.
+rollbacks) are what `rollback` reads to find the previous stable version. A last line torn by
+a crash mid-append is ignored by readers and cut off by the next append, with a warning: it
+never blocks a push, a rollback or `odapi models list`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from odapi_operators.core import storage
+from odapi_operators.core import storage, testpoints
 from odapi_operators.core.jsonl import parse_json_lines
 from odapi_operators.core.layout import RunFile, RunLayout, Stage
 
 _GS_RETRIES = 20
+_APPENDING = "registry:appending"
 METRIC_COLUMNS = ("AP", "AP50")
+log = logging.getLogger(__name__)
 
 
 def _now() -> str:
@@ -33,11 +38,32 @@ def _parse(text: str, source: str, model: str | None = None) -> list[dict]:
     return [r for r in parse_json_lines(text, source) if model is None or r.get("model") == model]
 
 
+def _whole_lines(text: str, source: str, fate: str) -> str:
+    """`text` ending in a complete line. Every record goes in as one write ending with its
+    newline, so an unterminated last line is a write cut short (a crash mid-append): if it
+    still parses it only lost its newline and gets it back, otherwise it is left out (`fate`
+    says how) with a warning naming it. A bad line anywhere else is corruption: `_parse`
+    refuses it."""
+    if not text or text.endswith("\n"):
+        return text
+    kept = text[:text.rfind("\n") + 1]
+    tail = text[len(kept):]
+    try:
+        if isinstance(json.loads(tail), dict):
+            return text + "\n"
+    except json.JSONDecodeError:
+        pass
+    log.warning("%s:%d: a torn last line (a write cut short by a crash) is %s: %r", source,
+                kept.count("\n") + 1, fate, tail)
+    return kept
+
+
 def read(path: str | os.PathLike, model: str | None = None) -> list[dict]:
     """Every record, oldest first (optionally one model's); a missing registry is empty."""
     if not storage.exists(path):
         return []
-    return _parse(storage.read_text(path), os.fspath(path), model)
+    source = os.fspath(path)
+    return _parse(_whole_lines(storage.read_text(path), source, "ignored"), source, model)
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -58,31 +84,47 @@ def append(path: str | os.PathLike, record: dict) -> dict:
         return runs[-1] if runs and _same(runs[-1], record) else None
 
     line = json.dumps(record, sort_keys=True) + "\n"
+    source, repaired = os.fspath(path), "dropped from the file"
     if storage.is_local(path):
         local = Path(path)
         with storage.file_lock(local):
-            found = already(read(local))
+            text = local.read_text() if local.exists() else ""
+            whole = _whole_lines(text, source, repaired)
+            found = already(_parse(whole, source))
             if found:
                 return found
-            with open(local, "a") as fh:  # one write of one line, then durable
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
+            if len(whole) < len(text):
+                os.truncate(local, len(whole.encode()))
+            _append_line(local, whole[len(text):] + line)  # + a lost newline, if any
         return record
     for _ in range(_GS_RETRIES):  # objects cannot be appended to: rewrite, if unchanged since
         try:
             generation, text = storage.stat(path).generation, storage.read_text(path)
         except FileNotFoundError:
             generation, text = 0, ""
-        found = already(_parse(text, os.fspath(path)))
+        whole = _whole_lines(text, source, repaired)
+        found = already(_parse(whole, source))
         if found:
             return found
         try:
-            storage.write_bytes_if_generation(path, (text + line).encode(), generation)
+            storage.write_bytes_if_generation(path, (whole + line).encode(), generation)
             return record
         except storage.PreconditionFailed:
             continue
-    raise storage.StorageError(f"{os.fspath(path)}: still changing after {_GS_RETRIES} attempts")
+    raise storage.StorageError(f"{source}: still changing after {_GS_RETRIES} attempts")
+
+
+def _append_line(path: Path, line: str) -> None:
+    """One write of one line, then durable. A test pausing at `registry:appending` gets half
+    the line first, so its kill tears the last line as a crash mid-write would."""
+    cut = len(line) // 2 if os.environ.get(testpoints.ENV) == _APPENDING else len(line)
+    with open(path, "a") as fh:
+        fh.write(line[:cut])
+        fh.flush()
+        testpoints.reached(_APPENDING)
+        fh.write(line[cut:])
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _read_json(path: str) -> dict:

@@ -24,7 +24,8 @@ RUN_MARKER = f"{ASSETS_EXTRA}/odapi_push.json"  # which run pushed a version (re
 
 
 def model_dir(serving_base: str | os.PathLike, model_name: str) -> str:
-    return f"{os.fspath(serving_base).rstrip('/')}/{model_name}"
+    """`<serving_base>/<model_name>`; a name that is not one plain folder name is refused."""
+    return f"{os.fspath(serving_base).rstrip('/')}/{serving_config.plain_model_name(model_name)}"
 
 
 @contextlib.contextmanager
