@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +168,63 @@ def test_replaced_dir_keeps_readable_mode(tmp_path, umask_022):
             (tmp / "f").write_text("x")
     assert stat.S_IMODE(final.stat().st_mode) != 0o700
     assert stat.S_IMODE(final.stat().st_mode) & 0o055 == 0o055
+
+
+_WRITER = """import sys, time
+from odapi_operators.core import storage
+with storage.atomic_write(sys.argv[1]) as fh, storage.atomic_directory(sys.argv[2]):
+    fh.write(b"half")
+    fh.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+"""
+
+
+def _writer_mid_write(tmp_path) -> subprocess.Popen:
+    """A real process stopped inside an atomic file write and an atomic folder write."""
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "out" / "a.json"),
+                             str(tmp_path / "out" / "deep" / "folder")],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "writing\n"
+    return proc
+
+
+def test_sweep_removes_a_killed_writers_temporaries_and_keeps_a_live_ones(tmp_path):
+    killed, live = _writer_mid_write(tmp_path), _writer_mid_write(tmp_path)
+    try:
+        killed.kill()
+        killed.wait()
+        leftovers = sorted(p.name for p in (tmp_path / "out").rglob(".tmp-*"))
+        assert len(leftovers) == 4, leftovers  # a file and a folder from each writer
+
+        assert storage.sweep_temporaries(tmp_path / "out") == 2
+        kept = sorted(p.name for p in (tmp_path / "out").rglob(".tmp-*"))
+        assert len(kept) == 2 and all(f"-{live.pid}-" in name for name in kept), kept
+    finally:
+        live.kill()
+        live.wait()
+    assert storage.sweep_temporaries(tmp_path / "out") == 2
+    assert not list((tmp_path / "out").rglob(".tmp-*"))
+    assert not (tmp_path / "out" / "a.json").exists()  # nothing half-written under its name
+
+
+def test_a_stage_rerun_removes_its_killed_attempts_temporaries(tmp_path):
+    from odapi_operators.core.stages.runner import run_stage
+
+    killed = _writer_mid_write(tmp_path)
+    killed.kill()
+    killed.wait()
+    lines: list[str] = []
+    run_stage("label_map", inputs={"manifest": str(_tiny_manifest(tmp_path))},
+              out=tmp_path / "out", log=lines.append)
+    assert not list((tmp_path / "out").rglob(".tmp-*"))
+    assert any("removed 2 temporaries" in line for line in lines), lines
+
+
+def _tiny_manifest(tmp_path) -> Path:
+    from odapi_operators.core.data.ingest import ingest
+    from odapi_operators.core.data.sample_data import generate
+
+    generate(tmp_path / "export", count=2, seed=1, max_side=64)
+    ingest([str(tmp_path / "export")], tmp_path / "ingest")
+    return tmp_path / "ingest" / "manifest.jsonl"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, odapi, prepare_records
+from conftest import ROOT, keep_all_detections_config, odapi, prepare_records
 
 pytestmark = pytest.mark.slow
 
@@ -53,3 +54,26 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     assert first.startswith(f"progress: step {killed_at + 5}/40")
     kept = sorted(int(p.name.split("-")[1].split(".")[0]) for p in model_dir.glob("ckpt-*.index"))
     assert kept[-1] == 40 and len(kept) <= 3  # max_to_keep: 3 in the model config
+
+
+def test_a_rerun_on_a_finished_model_dir_returns_the_first_runs_summary(trained_model, tmp_path):
+    """An Airflow retry (or a cleared task) after the last checkpoint: no step to run, so
+    nothing may inspect a model that was never built; the re-run returns the same summary."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model["model_dir"], model_dir)
+    first = json.loads((model_dir / "summary.json").read_text())
+    checkpoints = {p.name: p.stat().st_mtime_ns for p in model_dir.glob("ckpt-*")}
+
+    done = odapi("train", "--model-config", str(keep_all_detections_config(tmp_path)),
+                 "--data", str(trained_model["records"]), "--out", str(model_dir),
+                 "--steps", str(first["steps"]), "--batch-size", "2", check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary == {**first, "model_dir": str(model_dir),
+                       "checkpoint": str(model_dir / f"ckpt-{first['steps']}")}
+    assert {p.name: p.stat().st_mtime_ns for p in model_dir.glob("ckpt-*")} == checkpoints
+
+    from odapi_operators.core.model.train import _parameter_count
+
+    # what a re-run reports when the first run died before writing its summary
+    assert _parameter_count(summary["checkpoint"]) == first["parameters"]

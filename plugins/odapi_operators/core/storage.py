@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
+import re
 import shutil
-import tempfile
+import socket
 import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator, NamedTuple, Protocol
@@ -271,15 +273,65 @@ def file_lock(path: PathLike) -> Iterator[None]:
         yield
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# `.tmp-<name>-<host>-<pid>-<8 chars>`: <host> is a 4-hex tag of the writer's host name
+_TEMPORARY = re.compile(r"^\.tmp-.+-([0-9a-f]{4})-(\d+)-[0-9a-z_]{8}$")
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
 
 
-def _temp_sibling(path: Path) -> Path:
-    # Dot-prefixed and non-numeric: ignored by globbing readers and by TF Serving.
-    return path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+def temp_sibling(path: Path) -> Path:
+    """A temporary name next to `path`, dot-prefixed and non-numeric (ignored by globbing
+    readers and by TF Serving), naming its writer (host tag and pid) so `sweep_temporaries`
+    can tell a dead writer's leftover from a live writer's file."""
+    return path.with_name(f".tmp-{path.name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs; a zombie (dead, not yet reaped: a container's init
+    may never reap it) does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def sweep_temporaries(folder: PathLike) -> int:
+    """Remove, under a local `folder`, the temporaries of writers that are gone (a stage
+    killed mid-write); return how many. A live writer's temporaries stay, and so do those
+    of another host's writers (a folder shared by workers on several hosts): this host
+    cannot tell whether they still run."""
+    if not is_local(folder):
+        return 0
+    root = _local(folder)
+    # temporaries of the folder itself (written whole by `atomic_directory`) sit beside it
+    removed = sum(_remove_if_dead(path) for path in root.parent.glob(f".tmp-{root.name}-*"))
+    for parent, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            if _remove_if_dead(Path(parent) / name):
+                removed += 1
+                if name in dirs:
+                    dirs.remove(name)  # gone: nothing to walk into
+    return removed
+
+
+def _remove_if_dead(path: Path) -> bool:
+    """Remove `path` if it is a temporary whose writer is gone; whether it was."""
+    match = _TEMPORARY.match(path.name)
+    if match is None or match.group(1) != _HOST or _alive(int(match.group(2))):
+        return False
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    return True
 
 
 @contextlib.contextmanager
@@ -290,7 +342,7 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     """
     final = _local(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(final)
+    tmp = temp_sibling(final)
     try:
         with open(tmp, mode) as fh:
             yield fh
@@ -312,14 +364,14 @@ def atomic_directory(path: PathLike, replace: bool = True) -> Iterator[Path]:
     """
     final = _local(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; readers (e.g. Serving) need more
+    tmp = temp_sibling(final)
+    tmp.mkdir(mode=0o777)  # umask applies, as for any folder (readers, e.g. Serving, need it)
     try:
         yield tmp
         if final.exists():
             if not replace:
                 raise StorageError(f"{final}: already exists and must not be overwritten")
-            old = _temp_sibling(final)
+            old = temp_sibling(final)
             os.rename(final, old)
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

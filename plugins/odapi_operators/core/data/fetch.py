@@ -104,8 +104,7 @@ class _Store:
         try:
             if existing.stat().st_size != size:
                 return False  # its first writer has not finished
-            tmp = target.with_name(f".tmp-{target.name}-link")
-            tmp.unlink(missing_ok=True)
+            tmp = storage.temp_sibling(target)
             os.link(existing, tmp)
             os.replace(tmp, target)
             return True

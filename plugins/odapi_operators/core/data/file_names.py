@@ -14,7 +14,7 @@ import hashlib
 import os
 from pathlib import Path
 
-TEMP_AFFIXES = 32  # room for a temporary sibling's affixes: `.tmp-<name>-<8 hex>`, `-link`
+TEMP_AFFIXES = 32  # room for a temporary sibling's affixes: `.tmp-<name>-<host>-<pid>-<8 hex>`
 DIGEST_CHARS = 16
 MAX_SUFFIX = 32  # bytes of an extension kept in a shortened name
 

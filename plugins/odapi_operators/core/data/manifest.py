@@ -18,7 +18,7 @@ from odapi_operators.core import storage
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # A path part that flattens reversibly: safe characters, no "__", no "_" at either end.
 _PLAIN_PART = re.compile(r"[A-Za-z0-9.-]+(?:_[A-Za-z0-9.-]+)*")
-# A key names files (`files/<key>.jpeg` and its `.tmp-<name>-<8 hex>` sibling, 255 bytes at most).
+# A key names files (`files/<key>.jpeg` and its `.tmp-<name>-<host>-<pid>-<8 hex>` sibling, 255 bytes at most).
 MAX_KEY_LENGTH = 220
 
 

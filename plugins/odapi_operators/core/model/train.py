@@ -1,19 +1,35 @@
 """Train stage (TensorFlow; runs in a child process): TF-Vision `run_experiment` in train mode.
 
 Checkpoints go to the model dir; a re-run with the same model dir resumes from the newest
-checkpoint (Orbit restores it) instead of starting over.
+checkpoint (Orbit restores it) instead of starting over, and a re-run on a model dir that
+already reached its steps trains nothing and returns the first run's summary. One trainer at a
+time owns a model dir (`.train.lock`, holding its pid): two would interleave checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import socket
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from odapi_operators.core import storage
+from odapi_operators.core import storage, testpoints
+from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.model import tfvision, warm_start
+
+LOCK = ".train.lock"
+
+
+class TrainingInProgress(RuntimeError):
+    """Another process is training into the same model dir. Transient: once it has ended, a
+    retry resumes from (or returns) what it trained."""
+    failure = Failure.TRANSIENT
 
 
 class ProgressLine:
@@ -51,18 +67,83 @@ def _checkpoint_step(model_dir: str | Path) -> int:
     return tfvision.checkpoint_step(newest) if newest else 0
 
 
+@contextlib.contextmanager
+def _own_model_dir(model_dir: str | Path) -> Iterator[None]:
+    """Hold `<model_dir>/.train.lock` (with our pid and host) while training, or fail naming
+    its holder. The kernel drops the lock when the holder dies, even by SIGKILL."""
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(model_dir) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's pid stays
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            raise TrainingInProgress(
+                f"{model_dir}: another training owns this model dir (pid {holder}, lock "
+                f"{path}); not training twice into one model dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+_TRAINER_STATE = ("optimizer", "global_step", "save_counter", "_CHECKPOINTABLE_OBJECT_GRAPH")
+
+
+def _parameter_count(checkpoint: str) -> int:
+    """The model's weights in a training checkpoint (what Keras' count_params says once the
+    model is built): everything but the optimizer's slots and state and the step counters."""
+    import tensorflow as tf
+
+    return sum(tf.TensorShape(shape).num_elements()
+               for name, shape in tf.train.list_variables(checkpoint)
+               if name.split("/")[0] not in _TRAINER_STATE and "OPTIMIZER_SLOT" not in name)
+
+
+def _finished(model_dir: str | Path, steps: int, start: dict, experiment: str) -> dict:
+    """The summary of a model dir whose newest checkpoint already reached `steps`: the first
+    run's (pointing at this dir), or rebuilt from the checkpoint if the run died before
+    writing it. Training again would run no step."""
+    checkpoint = tfvision.latest_checkpoint(model_dir)
+    step = tfvision.checkpoint_step(checkpoint)
+    print(f"{model_dir}: already trained to step {step} (asked {steps}); nothing to train",
+          file=sys.stderr, flush=True)
+    path = Path(model_dir) / SUMMARY
+    stored = json.loads(storage.read_text(path)) if path.exists() else {}
+    if stored.get("steps") == step:
+        return {**stored, "model_dir": str(model_dir), "checkpoint": checkpoint}
+    summary = {"model_dir": str(model_dir), "checkpoint": checkpoint, "steps": step,
+               "resumed_from_step": step, "start": {**start, "from": "resumed", "step": step},
+               "experiment": experiment, "seconds": 0.0,
+               "parameters": _parameter_count(checkpoint), "losses": []}
+    storage.write_text(path, json.dumps(summary, indent=2))
+    return summary
+
+
 def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
           steps: int, batch_size: int, *, init_checkpoint: str | None = None,
           warm_start_from: str | None = None) -> dict:
     """Train (or resume) in `model_dir`; a new run starts from `init_checkpoint`, from the
-    production model under `warm_start_from` (`<serving base>/<model>`), or from scratch."""
+    production model under `warm_start_from` (`<serving base>/<model>`), or from scratch.
+    Fails with TrainingInProgress while another process trains into `model_dir`."""
     start = warm_start.resolve(init_checkpoint, warm_start_from)
-    tfvision.setup_tensorflow()
+    experiment, _ = tfvision.load_model_config(model_config)
+    with _own_model_dir(model_dir):
+        testpoints.reached("train:owns_model_dir")
+        tfvision.setup_tensorflow()
+        if _checkpoint_step(model_dir) >= steps:
+            return _finished(model_dir, steps, start, experiment)
+        return _train(model_config, data_dir, model_dir, steps, batch_size, start, experiment)
+
+
+def _train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
+           steps: int, batch_size: int, start: dict, experiment: str) -> dict:
     from official.core import task_factory, train_lib
 
     from odapi_operators.core.model.runtime import apply_runtime
 
-    experiment, _ = tfvision.load_model_config(model_config)
     params = tfvision.build_params(model_config, data_dir, steps, batch_size)
     tfvision.save_params(params, experiment, model_dir, model_config=str(model_config),
                          data=str(data_dir))
@@ -85,7 +166,7 @@ def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
                "start": {**start, **started_from},
                "experiment": experiment,
                "seconds": round(time.monotonic() - started, 1),
-               "parameters": int(model.count_params()),
+               "parameters": int(model.count_params()),  # built: at least one step ran
                "losses": progress.losses}
     storage.write_text(Path(model_dir) / SUMMARY, json.dumps(summary, indent=2))
     return summary

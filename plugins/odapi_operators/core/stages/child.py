@@ -2,10 +2,13 @@
 
 TensorFlow stages (and stages with process pools) run this way so the calling worker never
 holds TensorFlow or GPU memory after the task. The child leads its own process group, and
-`terminate_children` (an operator's `on_kill`) ends the whole group, pools included; on Linux
-the child also dies with its parent (PR_SET_PDEATHSIG), so a worker killed with SIGKILL leaves
-no trainer behind. Pool workers (`process_pool`) die with their owner the same way, so a
-killed stage leaves nothing writing into its folder while the re-run runs.
+`terminate_children` (an operator's `on_kill`) ends the whole group, pools included. A worker
+killed with SIGKILL can clean nothing up, so two things outlive it for that case: on Linux the
+child dies with its parent (PR_SET_PDEATHSIG), and a watchdog (a tiny process in a session of
+its own) SIGKILLs the child's whole group once the worker is gone, so the pool workers and
+anything else the stage started go too (a death signal reaches only the direct child). Pool
+workers (`process_pool`) also die with their owner, so a stage killed on its own leaves
+nothing writing into its folder while the re-run runs.
 """
 
 from __future__ import annotations
@@ -63,6 +66,36 @@ def _pool_worker_start(owner: int) -> None:
         os._exit(1)
 
 
+# Reads stdin: a byte is the worker's "the child is done"; end of file without one means the
+# worker died, and the child's group (argv[1]) goes with it.
+_WATCHDOG = """import os, signal, sys
+if not sys.stdin.buffer.read(1):
+    try:
+        os.killpg(int(sys.argv[1]), signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+"""
+
+
+def _watch(group: int) -> subprocess.Popen:
+    """Start the watchdog of process group `group`; only this process holds its stdin pipe,
+    so the kernel closes it when we die, however we die."""
+    return subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHDOG, str(group)],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _dismiss(watchdog: subprocess.Popen) -> None:
+    """Tell the watchdog the child ended under our eyes: it exits without killing anything."""
+    assert watchdog.stdin is not None
+    try:
+        watchdog.stdin.write(b".")
+        watchdog.stdin.close()
+    except BrokenPipeError:  # it died (killed along with something); nothing to dismiss
+        pass
+    watchdog.wait()
+
+
 def run_child(args: list[str], log: Callable[[str], None],
               env: dict[str, str] | None = None) -> tuple[int, list[str]]:
     """Run `odapi <args>` in a child; stream its output to `log`; return its exit status
@@ -75,13 +108,15 @@ def run_child(args: list[str], log: Callable[[str], None],
 
 def stream(command: list[str], log: Callable[[str], None],
            env: dict[str, str] | None = None) -> tuple[int, list[str]]:
-    """Run `command` as a child that dies with us; stream its output; (status, last lines)."""
+    """Run `command` as a child that dies with us, its own children too; stream its output;
+    (status, last lines)."""
     log(f"running: {' '.join(command)}")
     tail: deque[str] = deque(maxlen=20)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env, bufsize=1, start_new_session=True,
                           preexec_fn=_die_with_parent) as child:
         _RUNNING.add(child)
+        watchdog = _watch(child.pid)
         try:
             assert child.stdout is not None
             for line in child.stdout:
@@ -93,6 +128,7 @@ def stream(command: list[str], log: Callable[[str], None],
             _RUNNING.discard(child)
             if child.poll() is None:  # the caller is being torn down: take the group along
                 _kill_group(child)
+            _dismiss(watchdog)
     return code, list(tail)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
+from odapi_operators.core import storage
 from odapi_operators.core.failures import EXIT_SKIPPED, StageSkipped, failure_from_exit
 from odapi_operators.core.stages import catalog
 from odapi_operators.core.stages.child import ChildStageError, run_child
@@ -56,6 +57,10 @@ def run_stage(name: str, *, pipeline: PipelineConfig | str | os.PathLike | None 
                          "config, or the command's flags)")
     context = StageContext(folder=spec.folder_for(config, run_id, out), pipeline=config,
                            run_id=run_id, log=log, progress=progress or {})
+    # A killed attempt's temporaries (its processes are gone: see child.py) go before the
+    # re-run writes, so a retry leaves the folder as a clean run would.
+    if spec.folder is not None and (swept := storage.sweep_temporaries(context.folder)):
+        log(f"{name}: removed {swept} temporaries of an earlier, killed attempt")
     result = spec.run(context, given, chosen)
     return spec.result.model_validate(result) if not isinstance(result, spec.result) else result
 
