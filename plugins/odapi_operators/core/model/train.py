@@ -70,7 +70,11 @@ def _checkpoint_step(model_dir: str | Path) -> int:
 @contextlib.contextmanager
 def _own_model_dir(model_dir: str | Path) -> Iterator[None]:
     """Hold `<model_dir>/.train.lock` (with our pid and host) while training, or fail naming
-    its holder. The kernel drops the lock when the holder dies, even by SIGKILL."""
+    its holder. The kernel drops the lock when the holder dies, even by SIGKILL. An object
+    store has no such lock: there, Airflow's one-try-at-a-time is the only guard."""
+    if not storage.is_local(model_dir):
+        yield
+        return
     Path(model_dir).mkdir(parents=True, exist_ok=True)
     path = Path(model_dir) / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's pid stays
