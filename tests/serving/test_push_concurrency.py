@@ -32,6 +32,7 @@ from odapi_operators.core.testpoints import ENV as PAUSE_ENV
 from odapi_operators.core.testpoints import SIGNAL_ENV
 
 from support.fakes import fake_saved_model
+from support.processes import kill_when_signalled
 
 SEED = int(os.environ.get("ODAPI_CRASH_SEED", "18"))
 KILL_POINTS = ("push:copying", "push:before_rename", "models_config:writing",
@@ -190,17 +191,6 @@ def test_eight_concurrent_pushes_each_end_stable_or_fail_cleanly(tmp_path, polic
 # --- SIGKILL at seeded moments, then the re-run ------------------------------------------------
 
 
-def kill_at(point: str, proc: subprocess.Popen, signal: Path) -> None:
-    deadline = time.monotonic() + 60
-    while not signal.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"push exited {proc.returncode} before {point}: {proc.communicate()}")
-        assert time.monotonic() < deadline, f"push never reached {point}"
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-
-
 def test_pushes_killed_at_seeded_moments_leave_serving_whole_and_reruns_complete(tmp_path):
     rng = random.Random(SEED)
     serving = tmp_path / "serving"
@@ -212,7 +202,7 @@ def test_pushes_killed_at_seeded_moments_leave_serving_whole_and_reruns_complete
         signal = tmp_path / f"paused-{run}"
         killed = start_push(source(tmp_path, run), serving, policy,
                             env={PAUSE_ENV: point, SIGNAL_ENV: str(signal)})
-        kill_at(point, killed, signal)
+        kill_when_signalled(killed, signal, f"push {point}")
         assert_serving_whole(serving, recorded=False)  # Serving is safe even now
 
         code, out, err = finish(start_push(source(tmp_path, run), serving, policy))

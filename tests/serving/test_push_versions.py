@@ -30,7 +30,8 @@ from odapi_operators.core.testpoints import ENV as PAUSE_ENV
 from odapi_operators.core.testpoints import SIGNAL_ENV
 
 from conftest import join_all
-from support.fakes import fake_saved_model
+from support.fakes import fake_saved_model, promoted_fakes
+from support.processes import kill_when_signalled
 
 CHILD = ("import sys; from odapi_operators.core.serving.push import push; "
          "push(sys.argv[1], sys.argv[2], 'shapes', sys.argv[3])")
@@ -71,14 +72,7 @@ def kill_at(point: str, tmp_path: Path, source: Path, serving: Path, run_id: str
     env = {**os.environ, PAUSE_ENV: point, SIGNAL_ENV: str(signal)}
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(source), str(serving), run_id],
                              env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not signal.exists():
-        if child.poll() is not None:
-            pytest.fail(f"push exited before {point}: {child.stderr.read()}")
-        assert time.monotonic() < deadline, f"push never reached {point}"
-        time.sleep(0.02)
-    child.kill()
-    child.wait()
+    kill_when_signalled(child, signal, f"push {point}", timeout=30)
 
 
 # --- crash points -------------------------------------------------------------------------
@@ -360,10 +354,7 @@ def test_latest_policy_push_after_a_rollback_is_refused_before_the_version_appea
 
     serving = tmp_path / "serving"
     options = ServingOptions(version_policy="latest", latest_versions=2)
-    for i in (1, 2):
-        push(fake_saved_model(tmp_path / f"e{i}", str(i)), serving, "shapes", f"r{i}",
-             options=options)
-        promote(serving, "shapes", i, options=options)
+    promoted_fakes(tmp_path, serving, options)
     rollback(serving, "shapes", reason="drift", options=options)
     config_before = (serving / "models.config").read_text()
 

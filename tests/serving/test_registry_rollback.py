@@ -19,7 +19,7 @@ from odapi_operators.core.serving.promote import promote
 from odapi_operators.core.serving.push import push
 from odapi_operators.core.serving.rollback import RollbackError, previous_stable, rollback
 
-from support.fakes import fake_saved_model
+from support.fakes import fake_saved_model, promoted_fakes
 
 POLICY = GatePolicy(min_ap50=0.5, vs_production={"AP": {}})
 
@@ -218,10 +218,7 @@ def test_previous_stable(history, current, available, expected):
 def test_rollback_keeps_a_latest_policy(tmp_path):
     serving = tmp_path / "serving"
     options = ServingOptions(version_policy="latest", latest_versions=2)
-    for i in (1, 2):
-        push(fake_saved_model(tmp_path / f"e{i}", str(i)), serving, "shapes", f"r{i}",
-             options=options)
-        promote(serving, "shapes", i, options=options)
+    promoted_fakes(tmp_path, serving, options)
     run_cli(["rollback", "--model-name", "shapes", "--base", str(serving), "--reason", "test"])
     model = serving_config.entry(serving_config.read(serving / "models.config"), "shapes")
     assert serving_config.policy_kind(model) == "latest"

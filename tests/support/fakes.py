@@ -26,3 +26,14 @@ def asset_events(run_id: str) -> dict[str, dict]:
     with create_session() as session:
         events = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == run_id))
         return {e.source_task_id: dict(e.extra) for e in events}
+
+
+def promoted_fakes(tmp_path: Path, serving: Path, options, count: int = 2) -> None:
+    """Versions 1..count of `shapes`, each a fake SavedModel pushed and promoted to stable."""
+    from odapi_operators.core.serving.promote import promote
+    from odapi_operators.core.serving.push import push
+
+    for i in range(1, count + 1):
+        push(fake_saved_model(tmp_path / f"e{i}", str(i)), serving, "shapes", f"r{i}",
+             options=options)
+        promote(serving, "shapes", i, options=options)

@@ -70,3 +70,18 @@ def kill_session(session: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def kill_when_signalled(proc, signal_file: Path, what: str, timeout: float = 60) -> None:
+    """SIGKILL `proc` (a Popen) once it has created `signal_file` (a testpoint reached), and
+    reap it; fail if it exits first or never gets there."""
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while not signal_file.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"exited {proc.returncode} before {what}: {proc.communicate()}")
+        assert time.monotonic() < deadline, f"never reached {what}"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
