@@ -1,9 +1,15 @@
-"""A real `airflow backfill create` of odapi_retrain over days with and without exports.
+"""The production paths, in one real `airflow backfill create` of odapi_retrain over days with
+and without exports.
 
-The scheduler (with a dag-processor and the api-server's execution API) runs one backfill run
-per daily data interval. Each run must consume exactly the exports whose `_SUCCESS` marker
-landed in its interval, a day with none must skip instead of retraining, and every gate must
-compare with what Serving answered with at that point, so no backfill run promotes by accident.
+The Airflow is the production shape: a PostgreSQL metadata DB and a CeleryExecutor cluster
+(Redis broker, api-server for the Execution API, scheduler, dag-processor, one worker on the
+`default` queue and one on `gpu`). Each backfill run covers one daily data interval and must
+consume exactly the exports whose `_SUCCESS` marker landed in it; a day with none must skip
+instead of retraining; training runs on the `gpu` worker and in the `gpu` pool, everything else
+on the `default` worker; every gate compares with what Serving answered with at that point (so
+no backfill run promotes by accident), the second trained day warm-starts from the first day's
+push and is evaluated against it on the same split. One cluster proves all of it: each
+TensorFlow start-up costs a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ from support.production import (
     Processes,
     airflow,
     airflow_env,
+    celery_settings,
     postgres_database,
     query,
+    redis_database,
     require,
+    start_cluster,
     task_logs,
     wait_until,
 )
@@ -50,6 +59,7 @@ LANDED = {  # export -> when its marker landed; nothing lands on 03-03
 FROM_DATE, TO_DATE = "2026-03-02", "2026-03-05"
 # CronDataIntervalTimetable("0 3 * * *"): the runs whose logical date (interval start) is in
 # [FROM_DATE, TO_DATE], each covering one day from 03:00.
+Instances = dict[tuple[str, str], dict[str, Any]]  # (run id, task id) -> its row
 INTERVAL_STARTS = [datetime(2026, 3, day, 3, tzinfo=UTC) for day in (2, 3, 4)]
 
 
@@ -64,7 +74,8 @@ def pipeline(tmp_path: Path) -> Path:
         "exports": {"path": "exports"},
         "records": {"split": {"train": 0.6, "val": 0.4}},
         "train": {"model_config": str(keep_all_detections_config(tmp_path)),
-                  "steps": 3, "batch_size": 2, "placement": {"pool": None}},
+                  "steps": 3, "batch_size": 2, "warm_start": True,  # from what is served
+                  "placement": {"where": "celery", "queue": "gpu", "pool": "gpu"}},
         "evaluate": {"missing_classes": "warn"},
         # The first model is promoted by rule; a later one must beat production's AP50 by 1.0,
         # which no model can: the second day is gated against the first day's push and
@@ -90,29 +101,35 @@ def _read_json(path: Path) -> dict | None:
 def database() -> Iterator[str]:
     """A fresh PostgreSQL metadata DB: SQLite locks up ("database is locked") when the
     backfill CLI writes its runs while the scheduler already works on the first one."""
-    require("PostgreSQL")
+    require("PostgreSQL", "Redis")  # probe both first: the message names all that is missing
     with postgres_database() as name:
         yield name
 
 
-def _run_backfill(home: Path, database: str, pipeline: Path,
+@pytest.fixture()
+def broker() -> Iterator[int]:
+    """An empty Redis db number for the Celery cluster (flushed afterwards)."""
+    with redis_database() as number:
+        yield number
+
+
+def _run_backfill(home: Path, database: str, broker: int, pipeline: Path,
                   command: list[str]) -> dict[str, Any]:
-    """Start api-server (execution API), scheduler and dag-processor, create the backfill
-    with the CLI, wait for the scheduler to finish it; runs, task states and select_exports
-    XComs as PostgreSQL has them."""
+    """Start the Celery cluster, create the backfill with the CLI, wait for the scheduler to
+    finish it; runs, task instances (state, queue, pool, worker), select_exports XComs and
+    served-model asset events as PostgreSQL has them."""
     api_port = free_port()
     env = airflow_env(
         home, database, ROOT / "dags" / f"{DAG_ID}.py",
         ODAPI_PIPELINE_CONFIG=str(pipeline),
-        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
-        AIRFLOW__CORE__PARALLELISM="2",
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
+        **celery_settings(database, broker, api_port),
         AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_urlsafe(32),
         # Only the backfill's runs: no scheduled run may consume the exports behind its back.
         AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
         AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False",
     )
     airflow(env, "db", "migrate")
+    airflow(env, "pools", "set", "gpu", "1", "GPU")
     processes = Processes(home / "process-logs")
 
     def diagnose() -> str:
@@ -122,10 +139,7 @@ def _run_backfill(home: Path, database: str, pipeline: Path,
                           processes.logs()])
 
     try:
-        processes.start("api-server", env, "api-server", "--apps", "execution", "--host",
-                        "127.0.0.1", "--port", str(api_port), "--workers", "1")
-        processes.start("scheduler", env, "scheduler")
-        processes.start("dag-processor", env, "dag-processor")
+        start_cluster(processes, env, api_port)
         wait_until(lambda: processes.check_alive() or query(
             database, "SELECT 1 FROM serialized_dag WHERE dag_id = %s", DAG_ID),
             timeout=300, what=f"the dag-processor to serialize {DAG_ID}", diagnose=diagnose)
@@ -139,9 +153,12 @@ def _run_backfill(home: Path, database: str, pipeline: Path,
                                "WHERE dag_id = %s ORDER BY logical_date", DAG_ID)
         failed = [r for r in runs if r["state"] != "success"]
         return {"runs": runs, "diagnostics": diagnose() if failed else "",
-                "states": {(r["run_id"], r["task_id"]): r["state"] for r in query(
-                    database, "SELECT run_id, task_id, state FROM task_instance "
-                              "WHERE dag_id = %s", DAG_ID)},
+                "instances": {(r["run_id"], r["task_id"]): r for r in query(
+                    database, "SELECT run_id, task_id, state, queue, pool, hostname "
+                              "FROM task_instance WHERE dag_id = %s", DAG_ID)},
+                "served": {r["source_run_id"]: r["extra"] for r in query(
+                    database, "SELECT e.source_run_id, e.extra FROM asset_event e JOIN asset a "
+                              "ON a.id = e.asset_id WHERE a.name = 'odapi_served_model'")},
                 "selected": {r["run_id"]: r["value"] for r in query(
                     database, "SELECT run_id, value FROM xcom WHERE dag_id = %s AND "
                               "task_id = 'select_exports' AND key = 'return_value'", DAG_ID)}}
@@ -149,25 +166,68 @@ def _run_backfill(home: Path, database: str, pipeline: Path,
         processes.stop()
 
 
-def _check_gate(run_id: str, decision: dict | None, pushed: dict | None,
-                states: dict[tuple[str, str], str], stable: int | None) -> int | None:
-    """One trained run: its gate compared with what Serving answered with (`stable`) on the
-    same split, and only a promotion pushed. Returns what Serving answers with afterwards."""
+def _state(instances: Instances, run_id: str, task_id: str) -> str | None:
+    row = instances.get((run_id, task_id))
+    return row and row["state"]
+
+
+def _check_placement(run_id: str, instances: Instances) -> None:
+    """Training ran on the gpu worker, in the gpu pool; every other task on the default one."""
+    ran = {task: row for (run, task), row in instances.items()
+           if run == run_id and row["state"] != "skipped"}
+    train = ran.pop("model.train")
+    assert (train["state"], train["queue"], train["pool"], train["hostname"]) == (
+        "success", "gpu", "gpu", "gpu-worker"), (run_id, train)
+    assert {(row["queue"], row["hostname"]) for row in ran.values()} == {
+        ("default", "default-worker")}, (run_id, ran)
+
+
+def _check_gate(run_id: str, run_dir: Path, instances: Instances, served: dict[str, dict],
+                registry: Path, stable: int | None) -> int | None:
+    """One trained run: it warm-started from what Serving answered with (`stable`), its gate
+    compared with that version evaluated on the same split, and only a promotion exported and
+    pushed. Returns what Serving answers with afterwards."""
+    decision = _read_json(run_dir / "gate" / "decision.json")
+    pushed = _read_json(run_dir / "push" / "summary.json")
     assert decision is not None, f"{run_id}: no gate/decision.json"
     assert decision["baseline"]["version"] == stable, (run_id, decision["baseline"])
     assert decision["first_model"] is (stable is None), (run_id, decision["rule"])
     assert not decision["forced"], run_id
+    trained = _read_json(run_dir / "train" / "summary.json")
+    assert trained["start"].get("production_version") == stable, (run_id, trained["start"])
     checks = {c["kind"]: c for c in decision["checks"]}
     if stable is not None:
         assert checks["same_split"]["verdict"] == "pass", (run_id, checks["same_split"])
+        production = _read_json(run_dir / "evaluate" / "production" / "metrics.json")
+        candidate = _read_json(run_dir / "evaluate" / "candidate" / "metrics.json")
+        assert production["model_kind"] == "saved_model", run_id
+        assert production["model"].endswith(f"shapes/{stable}"), (run_id, production["model"])
+        assert production["eval_images"] == candidate["eval_images"] > 0, run_id
+        assert "no production model" not in (run_dir / "report" / "report.html").read_text()
     if not decision["promoted"]:
         assert checks["vs_production"]["verdict"] == "fail", (run_id, decision["checks"])
-        assert states[(run_id, "promote.push")] == "skipped" and pushed is None, run_id
+        assert pushed is None and run_id not in served, run_id
+        for task, state in {"promote.export": "skipped", "promote.push": "skipped",
+                            "promote.not_promoted": "success",
+                            "register_run": "success"}.items():
+            assert _state(instances, run_id, task) == state, (run_id, task)
+        [record] = [r for r in map(json.loads, registry.read_text().splitlines())
+                    if r.get("run_id") == run_id and r.get("kind") == "candidate"]
+        assert record["decision"]["promoted"] is False, record
         return stable
     assert decision["rule"] == ("first_model" if stable is None else "checks"), run_id
     assert checks["vs_production"]["verdict"] == ("skipped" if stable is None else "pass")
-    assert states[(run_id, "promote.push")] == "success", run_id
+    assert _state(instances, run_id, "promote.push") == "success", run_id
+    assert _state(instances, run_id, "promote.not_promoted") == "skipped", run_id
     assert pushed and pushed["version"] == (stable or 0) + 1, (run_id, pushed)
+    # the push's asset event is in PostgreSQL, naming a version that loads
+    event = served[run_id]
+    assert (event["model_name"], event["version"]) == ("shapes", pushed["version"]), event
+    assert (Path(event["path"]) / "saved_model.pb").is_file(), event
+    # the export replayed its warmup requests through the SavedModel's signature and
+    # compared them with the checkpoint's detections
+    check = _read_json(run_dir / "export" / "summary.json")["check"]
+    assert check["warmup_requests"] >= 1 and check["max_difference"] <= 1e-3, check
     return pushed["version"]
 
 
@@ -195,7 +255,7 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 def test_backfill_consumes_exports_by_landing_day_and_gates_against_production(
-        pipeline: Path, database: str, tmp_path: Path) -> None:
+        pipeline: Path, database: str, broker: int, tmp_path: Path) -> None:
     from odapi_operators.core.config import load_pipeline_config
     from odapi_operators.core.data.ledger import Ledger
     from odapi_operators.core.serving.models_config import entry, labels
@@ -204,9 +264,9 @@ def test_backfill_consumes_exports_by_landing_day_and_gates_against_production(
     command = ["backfill", "create", "--dag-id", DAG_ID, "--from-date", FROM_DATE,
                "--to-date", TO_DATE, "--reprocess-behavior", "none", "--max-active-runs", "1"]
     started = time.monotonic()
-    done = _run_backfill(tmp_path / "airflow", database, pipeline, command)
+    done = _run_backfill(tmp_path / "airflow", database, broker, pipeline, command)
     elapsed = time.monotonic() - started
-    runs, states = done["runs"], done["states"]
+    runs, instances = done["runs"], done["instances"]
 
     # One run per daily interval, each a whole day (never the zero-length trigger interval).
     assert [_utc(r["logical_date"]) for r in runs] == INTERVAL_STARTS, runs
@@ -220,6 +280,7 @@ def test_backfill_consumes_exports_by_landing_day_and_gates_against_production(
     config = load_pipeline_config(pipeline)
     ledger = Ledger(config.exports.ledger).records()
     assert {r["mode"] for r in ledger} == {"backfill"}, ledger
+    registry = Path(config.serving.registry_path(config.serving.base))
     stable: int | None = None  # the version Serving answers with, replayed run by run
     table = []
     for run in runs:
@@ -230,20 +291,22 @@ def test_backfill_consumes_exports_by_landing_day_and_gates_against_production(
         consumed = [r["export"] for r in ledger if r["run_id"] == run_id]
         assert consumed == landed, (run_id, consumed, landed)
         run_dir = RunLayout(Path(config.runs), run_id).root
-        decision = _read_json(run_dir / "gate" / "decision.json")
-        pushed = _read_json(run_dir / "push" / "summary.json")
+        selected = _state(instances, run_id, "select_exports")
         if landed:
-            assert states[(run_id, "select_exports")] == "success", run_id
+            assert selected == "success", run_id
             assert done["selected"][run_id] == landed, run_id
-            stable = _check_gate(run_id, decision, pushed, states, stable)
+            _check_placement(run_id, instances)
+            stable = _check_gate(run_id, run_dir, instances, done["served"], registry, stable)
         else:  # nothing landed: skip, never retrain on exports other runs consumed
-            assert states[(run_id, "select_exports")] == "skipped", run_id
-            assert states[(run_id, "model.train")] == "skipped", run_id
-            assert decision is None and run_id not in done["selected"], run_id
-        table.append(_row(run_id, start, end, consumed, states[(run_id, "select_exports")],
-                          decision, pushed))
+            assert selected == "skipped", run_id
+            assert _state(instances, run_id, "model.train") == "skipped", run_id
+            assert run_id not in done["selected"], run_id
+            assert not (run_dir / "gate" / "decision.json").exists(), run_id
+        table.append(_row(run_id, start, end, consumed, selected,
+                          _read_json(run_dir / "gate" / "decision.json"),
+                          _read_json(run_dir / "push" / "summary.json")))
 
-    assert stable is not None, "the first interval with an export promotes (first model)"
+    assert stable == 1, "the first interval with an export promotes (first model), once"
     serving = Path(config.serving.base) / config.serving.model_name
     assert sorted(int(p.name) for p in serving.iterdir() if p.name.isdigit()) == list(
         range(1, stable + 1))

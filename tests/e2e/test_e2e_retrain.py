@@ -112,40 +112,9 @@ def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
     assert again_states["model.train"] == "skipped"
     assert not (pipeline / "serving" / "shapes" / "2").exists()
 
-    # New labels land; a run warm-starts from production, evaluates production on the same
-    # split for the gate and reports both. Its candidate is held to an AP50 of 1.0, so the
-    # gate rejects it: export and push are skipped, the not-promoted notice and the registry
-    # record still happen, and Serving keeps version 1 (one run checks both paths).
-    generate(pipeline / "exports" / "batch-2", count=12, seed=11, max_side=128)
-    third = _load_dag().test(run_conf={"warm_start": True, "min_ap50": 1.0, "train_steps": 4})
-    third_states = _task_states(third)
-    assert str(third.state) == "success", third_states
-    third_dir = max((pipeline / "var" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
-    trained = json.loads((third_dir / "train" / "summary.json").read_text())
-    assert trained["start"]["production_version"] == 1
-    assert trained["start"]["modules"] == "all"
-    baseline = json.loads((third_dir / "evaluate" / "production" / "metrics.json").read_text())
-    candidate = json.loads((third_dir / "evaluate" / "candidate" / "metrics.json").read_text())
-    assert baseline["model_kind"] == "saved_model" and baseline["model"].endswith("shapes/1")
-    assert baseline["eval_images"] == candidate["eval_images"]  # the same split
-    third_decision = json.loads((third_dir / "gate" / "decision.json").read_text())
-    assert third_decision["baseline"]["version"] == 1
-    assert any(c["kind"] == "vs_production" for c in third_decision["checks"])
-    assert third_decision["promoted"] is False and "AP50" in third_decision["reason"]
-    assert "no production model" not in (third_dir / "report" / "report.html").read_text()
-    assert third_states["promote.export"] == "skipped"
-    assert third_states["promote.push"] == "skipped"
-    assert third_states["promote.not_promoted"] == "success"
-    assert third_states["register_run"] == "success"
-    assert not (pipeline / "serving" / "shapes" / "2").exists()
-    frozen = json.loads((third_dir / "config" / "pipeline.json").read_text())
-    assert frozen["run"]["params"]["min_ap50"] == 1.0  # the run's params, frozen with it
-    registry = (pipeline / "serving" / "registry.jsonl").read_text()
-    assert third.run_id in registry and '"promoted": false' in registry
-
     # Serving's version 1 loads and answers like its checkpoint: the export replayed its
     # warmup requests through the SavedModel's signature and compared them with the
-    # checkpoint's detections; and the production evaluation ran it on every val image.
+    # checkpoint's detections. (A later run gated against production, warm-started from it
+    # and rejected: test_backfill.py, on the production cluster.)
     check = json.loads((run_dir / "export" / "summary.json").read_text())["check"]
     assert check["warmup_requests"] >= 1 and check["max_difference"] <= 1e-3
-    assert baseline["eval_images"] > 0 and baseline["seconds"] >= 0

@@ -12,13 +12,15 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, keep_all_detections_config, odapi, prepare_records
+from conftest import ROOT, keep_all_detections_config, odapi
 
 pytestmark = pytest.mark.slow
 
 
-def test_killed_training_resumes_from_its_checkpoint(tmp_path):
-    records = prepare_records(tmp_path / "data")
+def test_killed_training_resumes_from_its_checkpoint(trained_model, tmp_path):
+    """A warm-started training killed mid-way: the retry (same arguments, so the same start
+    point) resumes from its own newest checkpoint, not from the start point."""
+    records = trained_model["records"]
     config = yaml.safe_load((ROOT / "include/configs/models/"
                                      "retinanet_mobile_sample.yaml").read_text())
     config["params"]["trainer"].update(steps_per_loop=5, summary_interval=5,
@@ -28,7 +30,8 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     model_dir = tmp_path / "model"
     args = [sys.executable, "-u", "-m", "odapi_operators", "train", "--model-config",
             str(model_config), "--data", str(records), "--out", str(model_dir),
-            "--steps", "40", "--batch-size", "2"]
+            "--steps", "40", "--batch-size", "2",
+            "--init-checkpoint", str(trained_model["model_dir"])]
 
     child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=os.environ)
@@ -49,6 +52,7 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     done = odapi(*args[4:])
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["resumed_from_step"] == killed_at
+    assert summary["start"]["from"] == "resumed", summary["start"]
     assert summary["steps"] == 40
     first = next(line for line in done.stdout.splitlines() if line.startswith("progress: step"))
     assert first.startswith(f"progress: step {killed_at + 5}/40")

@@ -194,6 +194,34 @@ class Processes:
             process.wait()
 
 
+def celery_settings(database: str, broker: int, api_port: int) -> dict[str, str]:
+    """Airflow settings of a CeleryExecutor cluster on `database` with Redis db `broker`."""
+    return {
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CELERY__BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{broker}",
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + pg_url(database, "postgresql"),
+        # workers report task states to the api-server's Execution API, not to the DB
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+    }
+
+
+def start_cluster(processes: Processes, env: dict[str, str], api_port: int) -> None:
+    """api-server (Execution API only), scheduler, dag-processor, and one Celery worker per
+    queue (`default`, `gpu`), each reporting its own name as task_instance.hostname."""
+    processes.start("api-server", env, "api-server", "--apps", "execution", "--host",
+                    "127.0.0.1", "--port", str(api_port), "--workers", "1")
+    processes.start("scheduler", env, "scheduler")
+    processes.start("dag-processor", env, "dag-processor")
+    for queue in ("default", "gpu"):
+        name = f"{queue}-worker"
+        worker_env = {**env, WORKER_NAME_VAR: name,
+                      "AIRFLOW__CORE__HOSTNAME_CALLABLE": "support.production.worker_hostname",
+                      "PYTHONPATH": f"{TESTS}:{env.get('PYTHONPATH', '')}".rstrip(":")}
+        # --skip-serve-logs: two workers on one machine would both bind port 8793
+        processes.start(name, worker_env, "celery", "worker", "-q", queue, "--concurrency",
+                        "1", "--celery-hostname", f"{queue}@odapi-test", "--skip-serve-logs")
+
+
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(process.pid, sig)
@@ -215,26 +243,3 @@ def task_logs(home: Path, dag_id: str, task_ids: Iterable[str], tail: int = 3000
                      for task_id in task_ids
                      for path in sorted((home / "logs").glob(
                          f"dag_id={dag_id}/*/task_id={task_id}/*.log")))
-
-
-def write_pipeline(root: Path, placement: dict[str, Any], images: int = 16) -> Path:
-    """A pipeline YAML over a tiny generated export under `root`, built to run fast and to
-    promote whatever it trains (first model, AP50 >= 0); the YAML's path."""
-    import yaml
-
-    from odapi_operators.core.data.sample_data import generate
-
-    generate(root / "exports" / "batch-1", count=images, seed=3, max_side=128)
-    config = {
-        "home": str(root),
-        "exports": {"path": "exports"},
-        "train": {"model_config": str(ROOT / "include/configs/models/"
-                                           "retinanet_mobile_sample.yaml"),
-                  "steps": 2, "batch_size": 2, "placement": placement},
-        "evaluate": {"missing_classes": "warn"},  # a tiny val split may miss a class
-        "gate": {"min_ap50": 0.0, "vs_production": {"AP50": {"min_delta": -1.0}}},
-        "serving": {"base": "serving", "model_name": "shapes"},
-    }
-    path = root / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
