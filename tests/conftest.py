@@ -99,15 +99,26 @@ def join_all(processes, timeout: float) -> None:
         assert proc.exitcode == 0, f"{proc.name} exited {proc.exitcode}"
 
 
+TRAINED_STEPS, TRAINED_LOOP = 60, 10
+
+
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory) -> dict[str, Path]:
-    """A RetinaNet-mobile trained for a few real steps on tiny sample records (shared)."""
+    """A RetinaNet-mobile trained for 60 real steps in 10-step loops on tiny sample records,
+    shared by every test that needs a model: long enough for its loss to have fallen (the
+    warm-start test starts from it), and its first loop is a fresh start's."""
+    import yaml
+
     root = tmp_path_factory.mktemp("trained")
-    records = prepare_records(root)
+    records = prepare_records(root, count=24)
+    config = keep_all_detections_config(root)
+    params = yaml.safe_load(config.read_text())
+    params["params"]["trainer"].update(steps_per_loop=TRAINED_LOOP, summary_interval=TRAINED_LOOP)
+    config.write_text(yaml.safe_dump(params))
     model_dir = root / "model"
-    odapi("train", "--model-config", str(keep_all_detections_config(root)), "--data",
-          str(records), "--out", str(model_dir), "--steps", "4", "--batch-size", "2")
-    return {"root": root, "records": records, "model_dir": model_dir}
+    odapi("train", "--model-config", str(config), "--data", str(records), "--out",
+          str(model_dir), "--steps", str(TRAINED_STEPS), "--batch-size", "4")
+    return {"root": root, "records": records, "model_dir": model_dir, "config": config}
 
 
 GCS_BUCKET = "odapi-test"

@@ -223,7 +223,12 @@ def _check_gate(run_id: str, run_dir: Path, instances: Instances, served: dict[s
     # the push's asset event is in PostgreSQL, naming a version that loads
     event = served[run_id]
     assert (event["model_name"], event["version"]) == ("shapes", pushed["version"]), event
-    assert (Path(event["path"]) / "saved_model.pb").is_file(), event
+    version = Path(event["path"])
+    assert (version / "saved_model.pb").is_file(), event
+    assert {p.name for p in (version / "assets.extra").iterdir()} >= {
+        "label_map.pbtxt", "params.yaml", "pipeline.json", "metrics.json", "decision.json",
+        "tf_serving_warmup_requests"}, event
+    assert not [p for p in version.parent.iterdir() if p.name.startswith(".tmp")]
     # the export replayed its warmup requests through the SavedModel's signature and
     # compared them with the checkpoint's detections
     check = _read_json(run_dir / "export" / "summary.json")["check"]

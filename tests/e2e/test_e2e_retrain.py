@@ -1,7 +1,12 @@
-"""End to end: `dag.test()` of odapi_retrain on a tiny generated export with real TensorFlow.
+"""End to end on the embedded default: `dag.test()` of odapi_retrain (SQLite) on a tiny
+generated export with real TensorFlow.
 
 The export also holds bad records (an XML that is not VOC, a file that is not an image): the
-run must report them and still push a Serving version that loads and detects.
+run must report them, train and evaluate on the good ones, and have the gate decide. The gate
+holds this candidate to an AP50 of 1.0, so it is rejected: export and push are skipped, the
+not-promoted notice and the registry record still happen. (Promotion, export and push, and a
+run gated against what Serving answers with, are proven on the production cluster by
+test_backfill.py: one export fewer here, a minute on 2 cores.)
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def pipeline(tmp_path, monkeypatch):
                                            "retinanet_mobile_sample.yaml"),
                   "steps": 10, "batch_size": 4},
         "evaluate": {"missing_classes": "warn"},  # the second export is small
-        "gate": {"min_ap50": 0.0, "vs_production": {"AP50": {"min_delta": -1.0}}},
+        "gate": {"min_ap50": 1.0},  # no 10-step model reaches it
         "serving": {"base": "serving", "model_name": "shapes"},
     }
     path = tmp_path / "pipeline.yaml"
@@ -55,11 +60,10 @@ def _task_states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
 
 
-def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
+def test_retrain_reports_bad_records_trains_and_gates(pipeline, airflow_db):
     dag_run = _load_dag().test()
     states = _task_states(dag_run)
     assert str(dag_run.state) == "success", states
-    assert states["promote.push"] == "success"
 
     run_dir = next((pipeline / "var" / "runs").iterdir())
     metrics = json.loads((run_dir / "evaluate" / "candidate" / "metrics.json").read_text())
@@ -70,8 +74,12 @@ def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
     report = run_dir / "report" / "report.html"
     assert report.is_file() and "no production model" in report.read_text()
     decision = json.loads((run_dir / "gate" / "decision.json").read_text())
-    assert decision["promoted"] is True
-    assert decision["checks"][0]["metric"] == "AP50"
+    assert decision["promoted"] is False and decision["first_model"] is True
+    assert decision["checks"][0]["metric"] == "AP50" and "AP50" in decision["reason"]
+    for task, state in {"promote.export": "skipped", "promote.push": "skipped",
+                        "promote.not_promoted": "success", "register_run": "success"}.items():
+        assert states[task] == state, (task, states)
+    assert not (pipeline / "serving" / "shapes" / "1").exists()
 
     rejections = (run_dir / "ingest" / "rejections.jsonl").read_text()
     assert "notes.xml" in rejections and "not a Pascal VOC annotation" in rejections
@@ -79,29 +87,17 @@ def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
     assert "broken" in quarantine and "not a readable image" in quarantine
     assert json.loads((run_dir / "ingest" / "summary.json").read_text())["images"] == 25
 
-    version = pipeline / "serving" / "shapes" / "1"
-    assert (version / "saved_model.pb").is_file()
-    assert {p.name for p in (version / "assets.extra").iterdir()} >= {
-        "label_map.pbtxt", "params.yaml", "pipeline.json", "metrics.json", "decision.json",
-        "tf_serving_warmup_requests"}
-    assert not [p for p in version.parent.iterdir() if p.name.startswith(".tmp")]
-
-    from odapi_operators.core.serving.models_config import read as read_config
     from odapi_operators.core.serving.registry import read as read_registry
 
-    models_config = read_config(pipeline / "serving" / "models.config")
-    [entry] = [c for c in models_config.model_config_list.config if c.name == "shapes"]
-    assert dict(entry.version_labels) == {"stable": 1}
     [record] = [r for r in read_registry(pipeline / "serving" / "registry.jsonl", "shapes")
                 if r.get("run_id") == dag_run.run_id and r.get("kind") == "candidate"]
-    assert record["version"] == 1 and record["decision"]["promoted"] is True
-    assert decision["rule"] == "first_model"
+    assert record.get("version") is None and record["decision"]["promoted"] is False
 
     events = _asset_events(dag_run.run_id)
     ingest_summary = json.loads((run_dir / "ingest" / "summary.json").read_text())
     assert events["prepare.ingest"]["fingerprint"] == ingest_summary["fingerprint"]
     assert events["prepare.ingest"]["new_version"] is True
-    assert events["promote.push"]["version"] == 1
+    assert "promote.push" not in events
     datasets = pipeline / "var" / "datasets"
     assert (datasets / ingest_summary["fingerprint"] / "manifest.jsonl").is_file()
 
@@ -110,11 +106,3 @@ def test_retrain_pushes_a_loadable_serving_version(pipeline, airflow_db):
     assert str(again.state) == "success", again_states
     assert again_states["select_exports"] == "skipped"
     assert again_states["model.train"] == "skipped"
-    assert not (pipeline / "serving" / "shapes" / "2").exists()
-
-    # Serving's version 1 loads and answers like its checkpoint: the export replayed its
-    # warmup requests through the SavedModel's signature and compared them with the
-    # checkpoint's detections. (A later run gated against production, warm-started from it
-    # and rejected: test_backfill.py, on the production cluster.)
-    check = json.loads((run_dir / "export" / "summary.json").read_text())["check"]
-    assert check["warmup_requests"] >= 1 and check["max_difference"] <= 1e-3

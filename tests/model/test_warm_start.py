@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from odapi_operators.core.model import warm_start
 from odapi_operators.core.model.warm_start import StartPointError
 
-from conftest import keep_all_detections_config, odapi, prepare_records
+from conftest import TRAINED_LOOP, TRAINED_STEPS, odapi
 
 
 def test_both_start_points_at_once_are_refused():
@@ -32,31 +31,26 @@ def test_missing_init_checkpoint_names_the_path(tmp_path):
         warm_start.checkpoint_prefix(str(tmp_path / "empty"))
 
 
-def _train(records, model_dir, steps, *extra: str) -> dict:
-    """Train with 10-step loops, so a run's first loop is its first 10 steps."""
-    config = keep_all_detections_config(model_dir.parent)
-    params = yaml.safe_load(config.read_text())
-    params["params"]["trainer"].update(steps_per_loop=10, summary_interval=10)
-    config.write_text(yaml.safe_dump(params))
-    summary = json.loads(odapi("train", "--model-config", str(config), "--data", str(records),
-                               "--out", str(model_dir), "--steps", str(steps), "--batch-size",
-                               "4", *extra).stdout.splitlines()[-1])
-    return summary
-
-
 @pytest.mark.slow
-def test_warm_start_begins_at_a_lower_loss_than_scratch(tmp_path):
-    """Done-when of issue 5: starting from a trained model measurably lowers the first loss."""
-    records = prepare_records(tmp_path / "data", count=24)
-    base = _train(records, tmp_path / "base", 60)  # its first loop is a fresh start's
-    warm = _train(records, tmp_path / "warm", 10, "--init-checkpoint", str(tmp_path / "base"))
-    assert warm["start"]["modules"] == "all" and warm["start"]["from"].endswith("ckpt-60")
+def test_warm_start_begins_at_a_lower_loss_than_scratch(trained_model, tmp_path):
+    """Done-when of issue 5: starting from a trained model measurably lowers the first loss.
+    The base is the session's model (60 steps in 10-step loops: its first loop is a fresh
+    start's); the warm run trains one 10-step loop on the same records and config."""
+    base_dir = trained_model["model_dir"]
+    base = json.loads((base_dir / "summary.json").read_text())
+    warm = json.loads(odapi(
+        "train", "--model-config", str(trained_model["config"]), "--data",
+        str(trained_model["records"]), "--out", str(tmp_path / "warm"), "--steps",
+        str(TRAINED_LOOP), "--batch-size", "4", "--init-checkpoint", str(base_dir),
+    ).stdout.splitlines()[-1])
+    assert warm["start"]["modules"] == "all"
+    assert warm["start"]["from"].endswith(f"ckpt-{TRAINED_STEPS}")
     assert base["start"] == {"checkpoint": None, "reason": "from scratch", "from": "scratch"}
     (first_step, scratch_loss), (_, warm_loss) = base["losses"][0], warm["losses"][0]
-    assert (first_step, warm["losses"][0][0]) == (10, 10)  # one 10-step loop each
+    assert (first_step, warm["losses"][0][0]) == (TRAINED_LOOP, TRAINED_LOOP)  # one loop each
     (_, trained_loss) = base["losses"][-1]
     print(f"first loop: scratch {scratch_loss:.3f}, warm {warm_loss:.3f}; "
-          f"base after 60 steps {trained_loss:.3f}")
+          f"base after {TRAINED_STEPS} steps {trained_loss:.3f}")
     # It picks up where the base run ended (60 steps, still in the LR warmup: its loss fell
     # from ~2.1 to ~1.9 here), clearly below a fresh start.
     assert warm_loss < scratch_loss - 0.1
