@@ -17,10 +17,11 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: venv browser sample demo test test-fast airflow bench clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+# pip is the last thing `venv` writes: a venv interrupted before it is made again, not reused.
+$(BIN)/pip:
+	$(PYTHON) -m venv --clear $(VENV)
 
-$(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
+$(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/pip
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
