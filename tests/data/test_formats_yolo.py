@@ -298,3 +298,27 @@ def test_unreadable_label_file_does_not_make_its_image_a_negative(tmp_path, samp
     got = {(Path(r["file"]).name, r["reason"].split(":")[0]) for r in rejections(tmp_path / "out")}
     assert got == {("b.txt", "not UTF-8 text"), ("b.jpg", "labels not read")}
     assert summary["images"] == 1
+
+
+@pytest.mark.parametrize("layout", ["images/train", "labels/train", "."])
+def test_images_root_holds_the_images_of_a_labels_only_export(tmp_path, sample, layout):
+    """`--images-root`: labels/train/a.txt finds images/train/a.jpg, labels/train/a.jpg or
+    a.jpg there, never a file outside it."""
+    _, records = sample
+    export, images = tmp_path / "labels-export", tmp_path / "images-root"
+    (export / "labels" / "train").mkdir(parents=True)
+    (export / "data.yaml").write_text(f"names: {json.dumps(CLASSES)}\n")
+    (export / "labels" / "train" / "a.txt").write_text(
+        "".join(yolo_line(records[0], b) + "\n" for b in records[0].boxes))
+    (export / "labels" / "train" / "b.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (images / layout).mkdir(parents=True, exist_ok=True)
+    shutil.copy(records[0].source.uri, images / layout / "a.jpg")
+    summary = ingest([str(export)], tmp_path / "out", images_root=str(images))
+    (record,) = manifest(tmp_path / "out")
+    assert record.source.uri == str((images / layout / "a.jpg").resolve())
+    assert pixel_boxes(record.boxes, records[0].width, records[0].height) == \
+        pixel_boxes(records[0].boxes, records[0].width, records[0].height)
+    (missing,) = rejections(tmp_path / "out")
+    assert missing["record"] == "file" and missing["reason"] == (
+        f"missing image: no image named b.* in the images root {images}")
+    assert summary["images"] == 1

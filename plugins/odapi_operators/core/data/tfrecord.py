@@ -120,7 +120,7 @@ def is_record_head(head: bytes) -> bool:
     return len(head) >= 12 and _masked_crc(head[:8]) == struct.unpack("<I", head[8:12])[0]
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(data) or shift > 63:
@@ -133,7 +133,7 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+def _fields(data: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
     """(field number, wire type, value) of one protobuf message; ValueError if malformed."""
     pos = 0
     while pos < len(data):
@@ -160,7 +160,7 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _feature_values(data: bytes) -> list[bytes] | list[float] | list[int]:
+def _feature_values(data: memoryview) -> list[bytes] | list[float] | list[int]:
     """The values of one Feature (bytes_list 1, float_list 2, int64_list 3), packed or not."""
     values: list = []
     for kind, wire, payload in _fields(data):
@@ -191,15 +191,17 @@ def _feature_values(data: bytes) -> list[bytes] | list[float] | list[int]:
 
 
 def decode_example(data: bytes) -> dict[str, list]:
-    """{key: values} of a serialized tf.train.Example; ValueError if it is not one."""
+    """{key: values} of a serialized tf.train.Example; ValueError if it is not one.
+
+    Parsed over a memoryview, so an image of megabytes is copied once, into its value."""
     features: dict[str, list] = {}
-    for number, wire, payload in _fields(data):
+    for number, wire, payload in _fields(memoryview(data)):
         if number != 1 or wire != 2:
             raise ValueError(f"not a tf.train.Example: field {number} (wire type {wire})")
         for entry_number, entry_wire, entry in _fields(payload):
             if entry_number != 1 or entry_wire != 2:
                 raise ValueError("not a tf.train.Features map entry")
-            key, value = None, b""
+            key, value = None, memoryview(b"")
             for part, part_wire, content in _fields(entry):
                 if part == 1 and part_wire == 2:
                     key = bytes(content).decode("utf-8")

@@ -15,7 +15,8 @@ must agree), `classes.txt` (labelImg), `obj.names` / `*.names` (Darknet, CVAT "Y
 Layouts. Ultralytics / Roboflow: `<split>/images/a.jpg` with `<split>/labels/a.txt`
 (`train`, `valid`, `test`, data.yaml at the root); the image of a label file is found by
 swapping the last `labels` folder for `images`. Darknet / labelImg / CVAT: the image sits
-next to its `.txt`. With an images root, the label's relative path is looked up there.
+next to its `.txt`. With an images root, the image is looked up there: under the label's
+relative folder (`labels` swapped for `images`, then as is), then in the root itself.
 
 Negatives. An empty label file is an image without objects. An image in an Ultralytics
 `images/` folder with no label file at all is one too: Ultralytics counts it as "missing"
@@ -222,9 +223,11 @@ def _image_of(label: Path, images: _Images, ctx: ParseContext) -> Path | None:
     if ctx.images_root is not None:
         relative = label.resolve().relative_to(ctx.export_root.resolve()).parent
         swapped = _images_folder(relative)
-        for folder in ([swapped] if swapped is not None else []) + [relative]:
+        candidates = ([swapped] if swapped is not None else []) + [relative, Path(".")]
+        for folder in dict.fromkeys(candidates):  # images/x, labels/x, then the root itself
             try:
-                target = ctx.resolve_image(str(folder or "."))
+                target = ctx.resolve_image(str(folder)) if folder != Path(".") \
+                    else Path(ctx.images_root).resolve()
             except ValueError:
                 continue
             found = images.find(target, label.stem)
