@@ -341,3 +341,30 @@ def test_records_written_by_tensorflow_ingest_exactly(tmp_path, sample):
     summary = ingest([str(export)], tmp_path / "out")
     assert summary["rejected"] == 0, rejections(tmp_path / "out")
     assert_same_images(manifest(tmp_path / "out"), sample)
+
+
+def test_each_split_uses_the_label_map_beside_its_records(tmp_path, sample):
+    """Roboflow's TFRecord export: `<split>/<name>.tfrecord` + `<split>/<name>_label_map.pbtxt`;
+    two label maps that number the classes differently each name their own split's ids."""
+    export = tmp_path / "roboflow"
+    orders = {"train": LABEL_MAP, "valid": {name: 4 - i for name, i in LABEL_MAP.items()}}
+    for split, label_map in orders.items():
+        (export / split).mkdir(parents=True)
+        (export / split / "shapes_label_map.pbtxt").write_text(format_label_map(label_map))
+        part = sample[:4] if split == "train" else sample[4:]
+        write_records(export / split / "shapes.tfrecord",
+                      [_ids_only(example_for(r, i, label_map)) for i, r in enumerate(part, 1)])
+    summary = ingest([str(export)], tmp_path / "out")
+    assert summary["rejected"] == 0, rejections(tmp_path / "out")
+    assert_same_images(manifest(tmp_path / "out"), sample)
+
+
+def _ids_only(example: bytes) -> bytes:
+    """`example` without image/object/class/text: only the label map can name its ids."""
+    from odapi_operators.core.data.tfrecord import decode_example
+
+    features = decode_example(example)
+    encoders = {bytes: bytes_feature, float: float_feature, int: int64_feature}
+    return encode_example({key: encoders[type(values[0])](values)
+                           for key, values in features.items()
+                           if values and key != "image/object/class/text"})

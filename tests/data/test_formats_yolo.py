@@ -128,6 +128,27 @@ def test_empty_label_file_and_missing_label_file_are_negatives(tmp_path, sample)
     assert missing.boxes == () and missing.provenance["background"] == "no label file"
 
 
+def test_roboflow_yolo_darknet_export(tmp_path, sample):
+    """Roboflow's "YOLO Darknet": images and labels side by side, names in _darknet.labels."""
+    _, records = sample
+    export = tmp_path / "darknet"
+    (export / "train").mkdir(parents=True)
+    (export / "train" / "_darknet.labels").write_text("\n".join(CLASSES))
+    for record in records[:3]:
+        name = Path(record.source.uri).name
+        shutil.copy(record.source.uri, export / "train" / name)
+        (export / "train" / f"{Path(name).stem}.txt").write_text(
+            "".join(yolo_line(record, b) + "\n" for b in record.boxes))
+    summary = ingest([str(export)], tmp_path / "out")
+    assert summary["images"] == 3 and summary["rejected"] == 0, rejections(tmp_path / "out")
+    truth = {Path(r.source.uri).name: r for r in records[:3]}
+    for mine in manifest(tmp_path / "out"):
+        expected = truth[Path(mine.source.uri).name]
+        assert mine.provenance["names"] == str(export / "train" / "_darknet.labels")
+        assert pixel_boxes(mine.boxes, expected.width, expected.height) == \
+            pixel_boxes(expected.boxes, expected.width, expected.height)
+
+
 def test_darknet_export_from_cvat_yolo_1_1(tmp_path, sample):
     """CVAT's "YOLO 1.1": obj.data, obj.names, train.txt, images next to their labels."""
     _, records = sample

@@ -12,9 +12,9 @@ Images are included: each record's encoded image is written once, by content has
 `tfrecord-<first 16 hex of that hash>`, so fetch and verify find it and the same image twice
 is a duplicate. Boxes stay the stored normalized float32 values, exactly.
 
-Class names: with a `label_map.pbtxt` among the export's files, `class/label` ids map through
-it (what the OD API trained on), and a `class/text` that disagrees is reported; without one,
-`class/text` names the class. Crowd boxes (`is_crowd`) are reported and skipped, as in COCO.
+Class names: with a `label_map.pbtxt` (beside the records, or above them, or the export's only
+one), `class/label` ids map through it (what the OD API trained on), and a `class/text` that
+disagrees is reported; without one, `class/text` names the class. Crowd boxes (`is_crowd`) are reported and skipped, as in COCO.
 A record that breaks (bad checksum, not an Example, no image) is rejected as `record N` (1-based)
 and the next one is read; a broken length field ends the file, reported with its byte offset.
 """
@@ -95,11 +95,13 @@ class _Classes:
             except UnicodeDecodeError:
                 raise ValueError("bad image/object/class/text: not UTF-8 text") from None
         if self.by_id is None or index >= len(labels):
-            if text is None:
-                raise ValueError("no class name: no image/object/class/text and no "
-                                 "label_map.pbtxt to name image/object/class/label "
-                                 f"{brief(labels[index]) if index < len(labels) else ''}".strip())
-            return text
+            if text is not None:
+                return text
+            if index >= len(labels):
+                raise ValueError("no class name: neither image/object/class/text nor "
+                                 "image/object/class/label for this box")
+            raise ValueError("no class name: no image/object/class/text and no "
+                             f"label_map.pbtxt to name image/object/class/label {labels[index]}")
         name = self.by_id.get(labels[index])
         if name is None:
             raise ValueError(f"unknown class id: image/object/class/label {labels[index]} is "
@@ -204,24 +206,37 @@ def parse_records_file(path: Path, classes: _Classes,
                                     "read").rejection)
 
 
-def _classes(label_maps: list[Path], ctx: ParseContext) -> _Classes:
-    """The export's label map (the first good one), by id."""
-    for path in label_maps:
+def _label_maps(paths: list[Path], ctx: ParseContext) -> dict[Path, _Classes]:
+    """The export's good label maps by folder (the first of a folder); bad ones reported."""
+    found: dict[Path, _Classes] = {}
+    for path in sorted(paths):
         try:
             names = parse_label_map(path.read_text(encoding="utf-8"), str(path))
         except (LabelMapError, UnicodeDecodeError, OSError) as exc:
             ctx.log.add(RecordError(str(path), "document", f"bad label map: {exc}").rejection)
             continue
-        return _Classes({item_id: name for name, item_id in names.items()}, str(path))
+        found.setdefault(path.parent.resolve(), _Classes(
+            {item_id: name for name, item_id in names.items()}, str(path)))
+    return found
+
+
+def _classes_for(records: Path, label_maps: dict[Path, _Classes]) -> _Classes:
+    """The label map beside the records (Roboflow writes one per split), else the nearest
+    one above them, else the only one of the export; without any, class/text names."""
+    for folder in (records.parent.resolve(), *records.parent.resolve().parents):
+        if folder in label_maps:
+            return label_maps[folder]
+    if len(label_maps) == 1:
+        return next(iter(label_maps.values()))
     return _Classes(None, None)
 
 
 def parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]:
-    """Records of every TFRecord file; the export's label_map.pbtxt names class ids."""
+    """Records of every TFRecord file; a label_map.pbtxt names their class ids."""
     from odapi_operators.core.data.formats import parse_each
 
     paths = [Path(p) for p in files]
-    label_maps = [p for p in paths if p.suffix.lower() == ".pbtxt"]
-    classes = _classes(label_maps, ctx)
+    label_maps = _label_maps([p for p in paths if p.suffix.lower() == ".pbtxt"], ctx)
     records = [p for p in paths if p.suffix.lower() != ".pbtxt"]
-    return parse_each(records, ctx, lambda path, c: parse_records_file(path, classes, c))
+    return parse_each(records, ctx, lambda path, c: parse_records_file(
+        path, _classes_for(path, label_maps), c))

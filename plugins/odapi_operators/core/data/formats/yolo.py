@@ -15,7 +15,8 @@ must agree), `classes.txt` (labelImg), `obj.names` / `*.names` (Darknet, CVAT "Y
 Layouts. Ultralytics / Roboflow: `<split>/images/a.jpg` with `<split>/labels/a.txt`
 (`train`, `valid`, `test`, data.yaml at the root); the image of a label file is found by
 swapping the last `labels` folder for `images`. Darknet / labelImg / CVAT: the image sits
-next to its `.txt`. With an images root, the image is looked up there: under the label's
+next to its `.txt`. The split paths inside data.yaml (`train: ../train/images`, `path:`) are
+not followed: an export is what its folder holds. With an images root, the image is looked up there: under the label's
 relative folder (`labels` swapped for `images`, then as is), then in the root itself.
 
 Negatives. An empty label file is an image without objects. An image in an Ultralytics
