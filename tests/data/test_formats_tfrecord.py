@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -246,9 +247,9 @@ def test_bad_records_are_rejected_by_record_and_the_rest_flow(tmp_path, sample):
                                "2, 2, 2, 1 values")
     assert got["record 8 object[1]"].startswith("unknown class id: image/object/class/label 9")
     assert got["record 9"].startswith("not an image: image/encoded starts with")
-    assert got["record 10"].startswith("corrupt TFRecord at byte ")
-    assert got["record 10"].endswith("truncated record header (8 of 12 bytes); the rest of "
-                                     "the file is not read")
+    assert re.fullmatch(r"corrupt TFRecord: truncated record header \(8 of 12 bytes\) at byte "
+                        r"\d+; the rest of the file is not read", got["record 10"])
+    assert summary["rejections_by_reason"]["corrupt TFRecord"] == 1
     assert len(got) == 9
     kept = {r.source_id: len(r.boxes) for r in manifest(tmp_path / "out")}
     assert kept == {sample[0].source_id: 2, sample[3].source_id: 1, sample[4].source_id: 1,

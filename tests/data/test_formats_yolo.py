@@ -282,7 +282,7 @@ def test_bad_names_files_are_reported(tmp_path):
     got = {Path(r.file).name: r.reason for r in log.items}
     assert got == {"data.yaml": "names and nc disagree: nc is 3 but 2 names",
                    "other.yaml": "bad names: ids must run 0..1 without gaps, got [0, 2]",
-                   "obj.names": "empty class name for class id 1"}
+                   "obj.names": "empty class name: class id 1"}
 
 
 def test_sniffing_claims_yolo_files_only(tmp_path):

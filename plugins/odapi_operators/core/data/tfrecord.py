@@ -81,7 +81,7 @@ class RecordFramingError(ValueError):
     """The framing is broken at `offset`: the records after it cannot be found."""
 
     def __init__(self, offset: int, reason: str):
-        super().__init__(f"corrupt TFRecord at byte {offset}: {reason}")
+        super().__init__(f"corrupt TFRecord: {reason} at byte {offset}")
         self.offset = offset
 
 

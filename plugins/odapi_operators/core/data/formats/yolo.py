@@ -130,7 +130,7 @@ def _text_names(path: Path) -> list[str]:
 def _check_names(names: list[str]) -> list[str]:
     empty = [i for i, name in enumerate(names) if not name]
     if empty:
-        raise ValueError(f"empty class name for class id {empty[0]}")
+        raise ValueError(f"empty class name: class id {empty[0]}")
     return names
 
 
