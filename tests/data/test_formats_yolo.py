@@ -343,3 +343,28 @@ def test_images_root_holds_the_images_of_a_labels_only_export(tmp_path, sample, 
     assert missing["record"] == "file" and missing["reason"] == (
         f"missing image: no image named b.* in the images root {images}")
     assert summary["images"] == 1
+
+
+def test_label_studio_yolo_export(tmp_path, sample):
+    """Label Studio's YOLO export: classes.txt and notes.json at the root, images/, labels/."""
+    _, records = sample
+    export = tmp_path / "label-studio-yolo"
+    for record in records[:3]:
+        name = f"0a1b2c3d-{Path(record.source.uri).name}"  # uploads get a hash prefix
+        (export / "images").mkdir(parents=True, exist_ok=True)
+        (export / "labels").mkdir(exist_ok=True)
+        shutil.copy(record.source.uri, export / "images" / name)
+        (export / "labels" / f"{Path(name).stem}.txt").write_text(
+            "".join(yolo_line(record, b) + "\n" for b in record.boxes))
+    (export / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    (export / "notes.json").write_text(json.dumps({
+        "categories": [{"id": i, "name": c} for i, c in enumerate(CLASSES)],
+        "info": {"year": 2026, "version": "1.0", "contributor": "Label Studio"}}))
+    summary = ingest([str(export)], tmp_path / "out")
+    assert summary["images"] == 3 and summary["rejected"] == 0, rejections(tmp_path / "out")
+    assert summary["ignored_files"] == [str(export / "notes.json")]
+    truth = {f"0a1b2c3d-{Path(r.source.uri).name}": r for r in records[:3]}
+    for mine in manifest(tmp_path / "out"):
+        expected = truth[Path(mine.source.uri).name]
+        assert pixel_boxes(mine.boxes, expected.width, expected.height) == \
+            pixel_boxes(expected.boxes, expected.width, expected.height)
