@@ -222,7 +222,10 @@ def _images_folder(labels_folder: Path) -> Path | None:
 
 def _image_of(label: Path, images: _Images, ctx: ParseContext) -> Path | None:
     if ctx.images_root is not None:
-        relative = label.resolve().relative_to(ctx.export_root.resolve()).parent
+        try:
+            relative = label.absolute().parent.relative_to(Path(ctx.export_root).absolute())
+        except ValueError:  # a label file given outside the export folder: look in the root
+            relative = Path(".")
         swapped = _images_folder(relative)
         candidates = ([swapped] if swapped is not None else []) + [relative, Path(".")]
         for folder in dict.fromkeys(candidates):  # images/x, labels/x, then the root itself
