@@ -38,7 +38,8 @@ FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 SECRET = "SECRET-CONTENT-7f3a"  # in a file outside the export; must never be reported
 SUFFIX = {"cvat": ".xml", "voc": ".xml", "coco": ".json", "labelstudio": ".json",
-          "prodigy": ".jsonl", "openimages": ".csv", "csv": ".csv"}
+          "prodigy": ".jsonl", "openimages": ".csv", "csv": ".csv", "yolo": ".txt",
+          "tfrecord": ".tfrecord"}
 DEEP = {"__DEEP_PARSES__": 400, "__DEEP_TOO_DEEP__": 5000}  # placeholders -> nested lists
 
 # ---------------------------------------------------------------- hostile values
@@ -169,10 +170,12 @@ def csv_text(header: list[str], rows: list[list[str]]) -> str:
 
 # ---------------------------------------------------------------- running one parser
 
-def run_parser(fmt: str, content: str | bytes,
-               name: str | None = None) -> tuple[list[ImageRecord], RejectionLog, Path, Path]:
-    """Parse `content` as the only file of a fresh export; check the properties every
-    parser must keep; return (records, log, annotation file, export root)."""
+def run_parser(fmt: str, content: str | bytes, name: str | None = None,
+               beside: dict[str, str] | None = None
+               ) -> tuple[list[ImageRecord], RejectionLog, Path, Path]:
+    """Parse `content` as the only file of a fresh export (with `beside`: {name: text} of
+    companion files it finds on its own); check the properties every parser must keep;
+    return (records, log, annotation file, export root)."""
     with tempfile.TemporaryDirectory(prefix="odapi-fuzz-") as tmp:
         base = Path(tmp)
         export, outside = base / "export", base / "outside"
@@ -182,6 +185,8 @@ def run_parser(fmt: str, content: str | bytes,
         (export / "link.jpg").symlink_to(outside / "secret.jpg")
         for image in ("a.jpg", "sub/b.jpg", "0123abcd-a.jpg"):
             (export / image).write_bytes(b"\xff\xd8\xff" + b"\0" * 16)
+        for companion, text in (beside or {}).items():
+            (export / companion).write_text(text)
         file = export / (name or f"export{SUFFIX[fmt]}")
         if isinstance(content, str):
             content = content.replace("__SECRET_ABS__", str(outside / "secret.jpg"))
@@ -303,3 +308,58 @@ def test_openimages_hostile_rows(rows):
     records, log, _, _ = run_parser("openimages", csv_text(header, rows))
     for record in records:
         assert record.source.kind in ("local", "url", "gs")
+
+
+yolo_tokens = st.sampled_from(["0", "1", "2", "3", "-1", "0.0", "1.5", "x", "0.5", "0.1",
+                               "nan", "inf", "-0.2", "1e9", "1e-9", ".5", "", "\x00"]) \
+    | st.text(max_size=5)
+yolo_lines = st.lists(st.lists(yolo_tokens, max_size=10).map(" ".join), min_size=1, max_size=6)
+
+
+@FUZZ
+@given(lines=yolo_lines, crlf=st.booleans())
+def test_yolo_hostile_lines(lines, crlf):
+    text = ("\r\n" if crlf else "\n").join(lines)
+    records, log, file, _ = run_parser("yolo", text, name="a.txt",
+                                       beside={"classes.txt": "cat\ndog\n"})
+    if any(r.record == "file" and not r.reason.startswith("no usable box") for r in log.items):
+        return  # the file as a whole was refused (e.g. not UTF-8)
+    numbered = [n for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rejected = {int(r.record.split()[1]) for r in log.items if r.record.startswith("line ")}
+    assert sum(len(r.boxes) for r in records) + len(rejected) == len(numbered)
+    assert rejected <= set(numbered)
+
+
+OD_API_KEYS = ["image/encoded", "image/height", "image/width", "image/filename",
+               "image/source_id", "image/object/bbox/xmin", "image/object/bbox/xmax",
+               "image/object/bbox/ymin", "image/object/bbox/ymax", "image/object/class/text",
+               "image/object/class/label", "image/object/is_crowd"]
+JPEG_HEAD = b"\xff\xd8\xff" + b"\0" * 16
+feature_values = st.one_of(
+    st.lists(st.sampled_from([JPEG_HEAD, b"cat", b"\xff", b"", b"../a.jpg"]) | st.binary(
+        max_size=8), max_size=3).map(lambda v: ("bytes", v)),
+    st.lists(st.floats(width=32) | st.sampled_from([0.1, 0.5, 0.9]), max_size=3).map(
+        lambda v: ("float", v)),
+    st.lists(st.integers(-2**63, 2**63 - 1) | st.integers(0, 3), max_size=3).map(
+        lambda v: ("int64", v)))
+tf_examples = st.lists(st.one_of(
+    st.dictionaries(st.sampled_from(OD_API_KEYS), feature_values, max_size=12),
+    st.binary(max_size=40)), min_size=1, max_size=4)
+
+
+@FUZZ
+@given(examples=tf_examples, tail=st.binary(max_size=20))
+def test_tfrecord_hostile_examples(examples, tail):
+    from odapi_operators.core.data import tfrecord as wire
+
+    encode = {"bytes": wire.bytes_feature, "float": wire.float_feature,
+              "int64": wire.int64_feature}
+    out = io.BytesIO()
+    for example in examples:
+        data = example if isinstance(example, bytes) else wire.encode_example(
+            {key: encode[kind](values) for key, (kind, values) in example.items()})
+        wire.write_record(out, data)
+    records, log, _, _ = run_parser("tfrecord", out.getvalue() + tail)
+    seen = {r.provenance["record"] for r in records} | {
+        int(r.record.split()[1]) for r in log.items if r.record.startswith("record ")}
+    assert set(range(1, len(examples) + 1)) <= seen

@@ -32,7 +32,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-FormatName = Literal["auto", "voc", "cvat", "coco", "labelstudio", "prodigy", "openimages", "csv"]
+FormatName = Literal["auto", "voc", "cvat", "coco", "labelstudio", "prodigy", "openimages", "csv",
+                     "yolo", "tfrecord"]
 
 
 def only(*stages: str) -> dict:

@@ -68,7 +68,7 @@ def _classify(root: Path, fmt: str, log: RejectionLog
             name = formats.detect(path, head)
         else:
             module = formats.load(fmt)
-            name = fmt if path.suffix.lower() in module.SUFFIXES else None
+            name = fmt if formats.may_read(module, path) else None
         if name:
             claimed.setdefault(name, []).append(path)
         else:

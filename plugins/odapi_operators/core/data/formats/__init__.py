@@ -4,6 +4,8 @@ A format module defines:
 
     NAME: str                                   the --format name
     SUFFIXES: tuple[str, ...]                   file endings it may read (".xml", ...)
+    NAME_PATTERN: re.Pattern (optional)         file names it may read beyond SUFFIXES
+                                                (sharded `x.record-00000-of-00010`)
     sniff(path: Path, head: bytes) -> bool      True if the file looks like this format
     parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]
 
@@ -42,7 +44,8 @@ def remote_kind(name: str) -> str | None:
     return kind
 
 # Detection order matters where formats share a file ending.
-FORMAT_MODULES = ("cvat", "voc", "coco", "labelstudio", "prodigy", "openimages", "csv")
+FORMAT_MODULES = ("cvat", "voc", "coco", "labelstudio", "prodigy", "openimages", "csv",
+                  "yolo", "tfrecord")
 _MODULE_NAMES = {"csv": "csvboxes"}  # a module named csv would shadow the stdlib's
 
 
@@ -126,10 +129,16 @@ def load(name: str) -> ModuleType:
     return importlib.import_module(_module_path(name))
 
 
+def may_read(module: ModuleType, path: Path) -> bool:
+    """True if `module` reads files named like `path` (its SUFFIXES or NAME_PATTERN)."""
+    pattern = getattr(module, "NAME_PATTERN", None)
+    return path.suffix.lower() in module.SUFFIXES or bool(pattern and pattern.search(path.name))
+
+
 def detect(path: Path, head: bytes) -> str | None:
     """The first format whose sniffer claims `path`, or None."""
     for name in AVAILABLE:
         module = load(name)
-        if path.suffix.lower() in module.SUFFIXES and module.sniff(path, head):
+        if may_read(module, path) and module.sniff(path, head):
             return name
     return None
