@@ -39,6 +39,76 @@ def boxes(record) -> list[tuple]:
                    round(b.ymax, 6)) for b in record.boxes)
 
 
+# -- 1. CVAT project export: subsets ----------------------------------------------------------
+
+CVAT_PROJECT = """<?xml version="1.0" encoding="utf-8"?>
+<annotations>
+  <version>1.1</version>
+  <meta>
+    <project><id>4</id><name>pets</name>
+      <labels><label><name>cat</name><type>rectangle</type></label>
+              <label><name>dog</name><type>rectangle</type></label></labels>
+      <tasks><task><id>11</id><name>train part</name><subset>Train</subset></task>
+             <task><id>12</id><name>val part</name><subset>Validation</subset></task></tasks>
+    </project>
+    <dumped>2025-03-02 09:12:44.120331+00:00</dumped>
+  </meta>
+  <image id="0" name="0001.jpg" subset="Train" task_id="11" width="200" height="100">
+    <box label="cat" occluded="0" xtl="10" ytl="10" xbr="60" ybr="50" z_order="0"/>
+  </image>
+  <image id="1" name="0002.jpg" subset="Train" task_id="11" width="200" height="100">
+    <box label="dog" occluded="0" xtl="100" ytl="20" xbr="180" ybr="90" z_order="0"/>
+  </image>
+  <image id="2" name="0001.jpg" subset="Validation" task_id="12" width="100" height="100">
+    <box label="dog" occluded="0" xtl="0" ytl="0" xbr="50" ybr="50" z_order="0"/>
+    <box label="cat" occluded="0" xtl="50" ytl="50" xbr="100" ybr="100" z_order="0"/>
+  </image>
+</annotations>
+"""
+
+
+def cvat_project(folder: Path) -> Path:
+    """CVAT's project export layout: annotations.xml and images/<subset>/<name>."""
+    jpeg(folder / "images" / "Train" / "0001.jpg", (200, 100))
+    jpeg(folder / "images" / "Train" / "0002.jpg", (200, 100))
+    jpeg(folder / "images" / "Validation" / "0001.jpg", (100, 100), colour=(9, 9, 9))
+    (folder / "annotations.xml").write_text(CVAT_PROJECT)
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["auto", "cvat"])
+def test_cvat_project_export_keeps_every_subset(tmp_path, fmt):
+    export = cvat_project(tmp_path / "project")
+    summary = ingest([str(export)], tmp_path / "out", fmt=fmt)
+    got = records(tmp_path / "out")
+    assert summary["rejected"] == 0, rejections(tmp_path / "out")
+    assert (summary["images"], summary["boxes"]) == (3, 4)
+    by_source = {Path(r.source.uri).relative_to(export.resolve()).as_posix(): r
+                 for r in got.values()}
+    assert sorted(by_source) == ["images/Train/0001.jpg", "images/Train/0002.jpg",
+                                 "images/Validation/0001.jpg"]
+    train, val = by_source["images/Train/0001.jpg"], by_source["images/Validation/0001.jpg"]
+    assert train.key != val.key and (train.source_id, val.source_id) == (
+        "Train/0001.jpg", "Validation/0001.jpg")
+    assert boxes(train) == [("cat", 0.05, 0.1, 0.3, 0.5)]
+    assert (val.width, val.height) == (100, 100)
+    assert boxes(val) == [("cat", 0.5, 0.5, 1.0, 1.0), ("dog", 0.0, 0.0, 0.5, 0.5)]
+
+
+def test_cvat_project_subset_image_missing_or_escaping_is_reported(tmp_path):
+    export = cvat_project(tmp_path / "project")
+    (export / "images" / "Validation" / "0001.jpg").unlink()
+    xml = CVAT_PROJECT.replace('name="0002.jpg" subset="Train"', 'name="0002.jpg" subset="../.."')
+    (export / "annotations.xml").write_text(xml)
+    summary = ingest([str(export)], tmp_path / "out")
+    assert summary["images"] == 1
+    found = {(r["record"], r["reason"].split(":", 1)[0]) for r in rejections(tmp_path / "out")}
+    assert found == {("image[id=1 subset=../.. name=0002.jpg]", "path outside the allowed root"),
+                     ("Validation/0001.jpg", "missing image")}
+    missing = next(r for r in rejections(tmp_path / "out") if r["record"] == "Validation/0001.jpg")
+    assert missing["reason"].endswith(str(export.resolve() / "images/Validation/0001.jpg"))
+
+
 # -- 3. COCO from CVAT / datumaro: categories before images -------------------------------------
 
 def coco_categories_first(classes: int) -> dict:
