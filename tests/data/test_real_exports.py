@@ -109,6 +109,133 @@ def test_cvat_project_subset_image_missing_or_escaping_is_reported(tmp_path):
     assert missing["reason"].endswith(str(export.resolve() / "images/Validation/0001.jpg"))
 
 
+# -- 2 and 5. Open Images as downloaded: separate files, Subset folders, companions -------------
+
+OI_BOXES = """\
+ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,\
+IsDepiction,IsInside
+000a1249af2bc5f0,xclick,/m/01g317,1,0.1,0.5,0.2,0.9,0,0,0,0,0
+000a1249af2bc5f0,xclick,/m/0199g,1,0.55,0.95,0.3,0.8,1,0,0,0,0
+0a7e8e6d1c5e1f23,activemil,/m/0199g,1,0.0,0.25,0.0,0.5,0,1,0,0,0
+"""
+OI_DESCRIPTIONS = "/m/01g317,Person\n/m/0199g,Bicycle\n/m/0k4j,Car\n"
+OI_INDEX_HEADER = ("ImageID,Subset,OriginalURL,OriginalLandingURL,License,AuthorProfileURL,"
+                   "Author,Title,OriginalSize,OriginalMD5,Thumbnail300KURL,Rotation")
+OI_IMAGE_LABELS = ("ImageID,Source,LabelName,Confidence\n000a1249af2bc5f0,verification,"
+                   "/m/01g317,1\n0a7e8e6d1c5e1f23,crowdsource-verification,/m/0k4j,0\n")
+OI_SEGMENTATION = ("MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,"
+                   "PredictedIoU,Clicks\n000a1249af2bc5f0_m01g317_1b2c.png,000a1249af2bc5f0,"
+                   "/m/01g317,1b2c,0.1,0.5,0.2,0.9,0.8,0.3 0.4 1;0.2 0.5 1\n")
+OI_EXPECTED = {
+    "000a1249af2bc5f0": [("Bicycle", 0.55, 0.3, 0.95, 0.8), ("Person", 0.1, 0.2, 0.5, 0.9)],
+    "0a7e8e6d1c5e1f23": [("Bicycle", 0.0, 0.0, 0.25, 0.5)],
+}
+
+
+def open_images(folder: Path, urls: bool = True) -> dict[str, Path]:
+    """An Open Images download: boxes, class descriptions and image index CSVs (the index
+    either with Flickr URLs or, for images kept locally, with empty OriginalURL)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subsets = {"000a1249af2bc5f0": "train", "0a7e8e6d1c5e1f23": "validation"}
+    rows = [f"{image_id},{subset},"
+            f"{f'https://farm3.staticflickr.com/1/{image_id}_o.jpg' if urls else ''},"
+            f"https://www.flickr.com/photos/x/1,https://creativecommons.org/licenses/by/2.0/,"
+            f'https://www.flickr.com/people/x/,"Doe, Jane",A title,123456,,,0'
+            for image_id, subset in subsets.items()]
+    files = {"boxes": folder / "oidv6-train-annotations-bbox.csv",
+             "descriptions": folder / "class-descriptions-boxable.csv",
+             "index": folder / "train-images-boxable-with-rotation.csv"}
+    files["boxes"].write_text(OI_BOXES)
+    files["descriptions"].write_text(OI_DESCRIPTIONS)
+    files["index"].write_text("\n".join([OI_INDEX_HEADER, *rows]) + "\n")
+    return files
+
+
+@pytest.mark.parametrize("fmt", ["openimages", "auto"])
+@pytest.mark.parametrize("order", [("boxes", "descriptions", "index"),
+                                   ("descriptions", "index", "boxes"),
+                                   ("index", "boxes", "descriptions")])
+def test_openimages_companion_files_given_as_separate_inputs(tmp_path, fmt, order):
+    files = open_images(tmp_path / "oi")
+    summary = ingest([str(files[name]) for name in order], tmp_path / "out", fmt=fmt)
+    got = records(tmp_path / "out")
+    assert summary["rejected"] == 0, rejections(tmp_path / "out")
+    assert {key: boxes(r) for key, r in got.items()} == OI_EXPECTED
+    assert {r.source.kind for r in got.values()} == {"url"}
+
+
+def test_openimages_companions_from_two_folders_are_one_export(tmp_path):
+    files = open_images(tmp_path / "oi" / "boxes")
+    moved = tmp_path / "oi" / "metadata" / files["descriptions"].name
+    moved.parent.mkdir()
+    files["descriptions"].rename(moved)
+    summary = ingest([str(files["boxes"]), str(moved), str(files["index"])], tmp_path / "out")
+    assert (summary["images"], summary["boxes"], summary["rejected"]) == (2, 3, 0)
+
+
+def test_a_loose_file_that_is_no_export_is_still_refused(tmp_path):
+    files = open_images(tmp_path / "oi")
+    notes = tmp_path / "oi" / "notes.txt"
+    notes.write_text("downloaded 2025-01-02\n")
+    with pytest.raises(StageError, match=r"notes.txt: no annotation files found"):
+        ingest([str(files["boxes"]), str(notes)], tmp_path / "out")
+
+
+@pytest.mark.parametrize("fmt", ["openimages", "auto"])
+def test_openimages_local_images_in_subset_folders(tmp_path, fmt):
+    """Images kept as Open Images stores them, images/<Subset>/<ImageID>.jpg (or
+    <Subset>/<ImageID>.jpg), are found through the index's Subset column."""
+    open_images(tmp_path / "oi", urls=False)
+    train = jpeg(tmp_path / "oi" / "images" / "train" / "000a1249af2bc5f0.jpg", (64, 48))
+    val = jpeg(tmp_path / "oi" / "validation" / "0a7e8e6d1c5e1f23.jpg", (64, 48))
+    summary = ingest([str(tmp_path / "oi")], tmp_path / "out", fmt=fmt)
+    got = records(tmp_path / "out")
+    assert summary["rejected"] == 0, rejections(tmp_path / "out")
+    assert {key: boxes(r) for key, r in got.items()} == OI_EXPECTED
+    assert got["000a1249af2bc5f0"].source.uri == str(train.resolve())
+    assert got["0a7e8e6d1c5e1f23"].source.uri == str(val.resolve())
+
+
+def test_openimages_subset_image_missing_names_where_it_looked(tmp_path):
+    open_images(tmp_path / "oi", urls=False)
+    jpeg(tmp_path / "oi" / "images" / "train" / "000a1249af2bc5f0.jpg", (64, 48))
+    summary = ingest([str(tmp_path / "oi")], tmp_path / "out")
+    assert summary["images"] == 1
+    [missing] = rejections(tmp_path / "out")
+    root = (tmp_path / "oi").resolve()
+    assert missing["record"] == "line 4: ImageID 0a7e8e6d1c5e1f23"
+    assert missing["reason"] == (
+        "missing image: no URL or file for ImageID 0a7e8e6d1c5e1f23 (empty OriginalURL, no "
+        f"{root / 'validation/0a7e8e6d1c5e1f23.jpg'} or "
+        f"{root / 'images/validation/0a7e8e6d1c5e1f23.jpg'} or "
+        f"{root / '0a7e8e6d1c5e1f23.jpg'})")
+
+
+@pytest.mark.parametrize("fmt", ["openimages", "auto"])
+@pytest.mark.parametrize("as_files", [False, True])
+def test_openimages_standard_companions_are_skipped_with_a_note(tmp_path, fmt, as_files):
+    files = open_images(tmp_path / "oi")
+    labels = tmp_path / "oi" / "oidv6-train-annotations-human-imagelabels.csv"
+    labels.write_text(OI_IMAGE_LABELS)
+    masks = tmp_path / "oi" / "train-annotations-object-segmentation.csv"
+    masks.write_text(OI_SEGMENTATION)
+    inputs = [*map(str, files.values()), str(labels), str(masks)] if as_files \
+        else [str(tmp_path / "oi")]
+    summary = ingest(inputs, tmp_path / "out", fmt=fmt)
+    assert summary["rejected"] == 0, rejections(tmp_path / "out")
+    assert summary["images"] == 2 and summary["ignored_files"] == []
+    assert summary["skipped_files"] == {
+        str(labels): "Open Images image-level labels, no boxes to read (not a rejection)",
+        str(masks): "Open Images segmentation masks, no boxes to read (not a rejection)"}
+
+
+def test_openimages_companions_alone_are_no_export(tmp_path):
+    (tmp_path / "oi").mkdir()
+    (tmp_path / "oi" / "labels.csv").write_text(OI_IMAGE_LABELS)
+    with pytest.raises(StageError, match="no annotation files found"):
+        ingest([str(tmp_path / "oi")], tmp_path / "out")
+
+
 # -- 3. COCO from CVAT / datumaro: categories before images -------------------------------------
 
 def coco_categories_first(classes: int) -> dict:
