@@ -9,6 +9,8 @@ companion CSVs. Every test goes through `ingest`, the door the CLI and the DAG u
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -289,3 +291,21 @@ def test_other_json_objects_are_not_taken_for_coco(tmp_path):
         ingest([str(only_categories)], tmp_path / "out")
     assert [(r["record"], r["reason"]) for r in rejections(tmp_path / "out")] == [
         ("document", "not a COCO export: no images list")]
+
+
+def test_cli_ingest_of_open_images_files_one_by_one(tmp_path):
+    """The command of the issue, in a real child process: `odapi ingest --format openimages
+    boxes.csv class-descriptions.csv index.csv labels.csv`; the labels CSV is noted."""
+    files = open_images(tmp_path / "oi")
+    labels = tmp_path / "oi" / "oidv6-train-annotations-human-imagelabels.csv"
+    labels.write_text(OI_IMAGE_LABELS)
+    done = subprocess.run(
+        [sys.executable, "-m", "odapi_operators", "ingest", "--format", "openimages",
+         str(files["boxes"]), str(files["descriptions"]), str(files["index"]), str(labels),
+         "--out", str(tmp_path / "out"), "--no-progress"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["images"], result["boxes"], result["rejected"]) == (2, 3, 0)
+    assert (f"skipped {labels}: Open Images image-level labels, no boxes to read"
+            in done.stderr + done.stdout)
