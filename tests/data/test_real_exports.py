@@ -213,6 +213,24 @@ def test_openimages_subset_image_missing_names_where_it_looked(tmp_path):
         f"{root / '0a7e8e6d1c5e1f23.jpg'})")
 
 
+def test_openimages_subset_that_leaves_the_root_is_refused(tmp_path):
+    """A Subset naming a folder outside the export is one bad record, reported; the other
+    image still flows."""
+    files = open_images(tmp_path / "oi", urls=False)
+    jpeg(tmp_path / "oi" / "train" / "000a1249af2bc5f0.jpg", (64, 48))
+    jpeg(tmp_path / "elsewhere" / "0a7e8e6d1c5e1f23.jpg", (64, 48))
+    files["index"].write_text(files["index"].read_text().replace(",validation,",
+                                                                 ",../elsewhere,"))
+    summary = ingest([str(tmp_path / "oi")], tmp_path / "out")
+    assert list(records(tmp_path / "out")) == ["000a1249af2bc5f0"]
+    [refused] = rejections(tmp_path / "out")
+    assert (refused["file"], refused["record"]) == (str(files["boxes"]),
+                                                    "line 4: ImageID 0a7e8e6d1c5e1f23")
+    assert refused["reason"].startswith("path outside the allowed root: "
+                                        "'../elsewhere/0a7e8e6d1c5e1f23.jpg'")
+    assert summary["rejected"] == 1
+
+
 @pytest.mark.parametrize("fmt", ["openimages", "auto"])
 @pytest.mark.parametrize("as_files", [False, True])
 def test_openimages_standard_companions_are_skipped_with_a_note(tmp_path, fmt, as_files):
