@@ -2,8 +2,8 @@
 
 Reads every export given, parses it with the matching format parser (see `formats`), merges
 records by image key, applies the unknown-class policy and writes the manifest, label map,
-rejections and summary to the stage folder in one atomic step. Bad files and boxes are reported and skipped; only an export with nothing
-usable fails the stage.
+rejections and summary to the stage folder in one atomic step. Bad files and boxes are
+reported and skipped; only an export with nothing usable fails the stage.
 """
 
 from __future__ import annotations
@@ -45,57 +45,113 @@ def _leaves_export(path: Path, export: Path) -> bool:
     return export.is_dir() and export.resolve() not in path.resolve().parents
 
 
-def _classify(root: Path, fmt: str, log: RejectionLog
-              ) -> tuple[dict[str, list[Path]], list[str], int]:
-    """Files of one export grouped by format, plus unclaimed non-image files and a file count.
+def _format_of(path: Path, head: bytes, fmt: str) -> str | None:
+    """The format that reads `path`: the sniffed one (auto), else `fmt` if its names match."""
+    if fmt == "auto":
+        return formats.detect(path, head)
+    return fmt if formats.may_read(formats.load(fmt), path) else None
+
+
+def _companion_note(name: str, path: Path, head: bytes) -> str | None:
+    """Why a file format `name` knows is not read (e.g. Open Images image-level labels), or
+    None: such a file is noted, neither parsed nor counted as a rejection."""
+    note = getattr(formats.load(name), "companion_note", None)
+    return note(path, head) if note else None
+
+
+class _Files:
+    """The files of one export by format, plus what was left unread and why."""
+
+    def __init__(self) -> None:
+        self.claimed: dict[str, list[Path]] = {}
+        self.other: list[str] = []
+        self.skipped: dict[str, str] = {}
+        self.count = 0
+
+    def add(self, path: Path, fmt: str) -> bool:
+        """File `path` under its format, skipped with a note, or other; True if known."""
+        with open(path, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+        name = _format_of(path, head, fmt)
+        note = _companion_note(name, path, head) if name else None
+        if note:
+            self.skipped[str(path)] = note
+        elif name:
+            self.claimed.setdefault(name, []).append(path)
+        else:
+            self.other.append(str(path))
+        return name is not None
+
+
+def _classify(root: Path, fmt: str, log: RejectionLog, files: _Files) -> int:
+    """Add the files below `root` (a folder or one file) to `files`; how many were known.
 
     A symlink out of the export folder is refused unread (its first line would otherwise land
     in a rejection reason): an export is what its folder holds.
     """
-    files = [Path(p) for p in storage.list_files(root)]
-    claimed: dict[str, list[Path]] = {}
-    other: list[str] = []
-    for path in files:
+    paths = [Path(p) for p in storage.list_files(root)]
+    files.count += len(paths)
+    known = 0
+    for path in paths:
         if path.suffix.lower() in IMAGE_SUFFIXES or path.name in MARKER_NAMES:
             continue
         if _leaves_export(path, root):
             log.add(RecordError(str(path), "file", "outside the export: a symlink to a file "
                                                    f"outside {root} (not read)").rejection)
             continue
-        with open(path, "rb") as fh:
-            head = fh.read(SNIFF_BYTES)
-        if fmt == "auto":
-            name = formats.detect(path, head)
+        known += files.add(path, fmt)
+    return known
+
+
+def _exports(inputs: list[str]) -> list[list[str]]:
+    """Inputs grouped into exports: each folder is one, and all the files given one by one
+    are one more, in any order (Open Images' boxes CSV, class descriptions and image index
+    are one export whether given as a folder or as three files)."""
+    exports: list[list[str]] = []
+    loose: list[str] = []
+    for item in inputs:
+        if not storage.exists(item):
+            raise StageError(f"{item}: export not found")
+        if Path(item).is_dir():
+            exports.append([item])
         else:
-            module = formats.load(fmt)
-            name = fmt if formats.may_read(module, path) else None
-        if name:
-            claimed.setdefault(name, []).append(path)
-        else:
-            other.append(str(path))
-    return claimed, other, len(files)
+            if not loose:
+                exports.append(loose)
+            loose.append(item)
+    return exports
+
+
+def _export_root(items: list[str]) -> Path:
+    """A folder export's root is itself; files given one by one share their common folder
+    (their own folder when they are in one, as for a single file)."""
+    if len(items) == 1 and Path(items[0]).is_dir():
+        return Path(items[0])
+    return Path(os.path.commonpath([os.path.abspath(Path(i).parent) for i in items]))
 
 
 def _parse_exports(inputs: list[str], fmt: str, images_root: str | None, log: RejectionLog,
-                   inline_dir: Path, options: dict) -> tuple[list[ImageRecord], list[str]]:
+                   inline_dir: Path, options: dict
+                   ) -> tuple[list[ImageRecord], list[str], dict[str, str]]:
     records: list[ImageRecord] = []
     ignored: list[str] = []
-    for item in inputs:
-        path = Path(item)
-        if not storage.exists(item):
-            raise StageError(f"{item}: export not found")
-        root = path if path.is_dir() else path.parent
-        claimed, other, count = _classify(path, fmt, log)
-        ignored.extend(other)
-        if not claimed:
-            raise StageError(f"{item}: no annotation files found ({count} files; "
-                             f"formats tried: {fmt if fmt != 'auto' else ', '.join(formats.AVAILABLE)})")
-        ctx = formats.ParseContext(export_root=root,
+    skipped: dict[str, str] = {}
+    tried = fmt if fmt != "auto" else ", ".join(formats.AVAILABLE)
+    for items in _exports(inputs):
+        files = _Files()
+        for item in items:
+            if not _classify(Path(item), fmt, log, files) and not Path(item).is_dir():
+                raise StageError(f"{item}: no annotation files found (formats tried: {tried})")
+        ignored.extend(files.other)
+        skipped.update(files.skipped)
+        if not files.claimed:
+            raise StageError(f"{', '.join(items)}: no annotation files found ({files.count} "
+                             f"files; formats tried: {tried})")
+        ctx = formats.ParseContext(export_root=_export_root(items),
                                    images_root=Path(images_root) if images_root else None,
                                    log=log, inline_dir=inline_dir, options=options)
-        for name, files in sorted(claimed.items()):
-            records.extend(formats.load(name).parse(sorted(files), ctx))
-    return records, ignored
+        for name, paths in sorted(files.claimed.items()):
+            records.extend(formats.load(name).parse(sorted(paths), ctx))
+    return records, ignored, skipped
 
 
 UNKNOWN_CLASS_POLICIES = ("add", "skip", "reject")
@@ -210,7 +266,8 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
             raise StageError(str(exc)) from None
     log = RejectionLog()
     inline_dir = Path(out_dir).with_name(Path(out_dir).name + "-inline")
-    parsed, other = _parse_exports(inputs, fmt, images_root, log, inline_dir, options or {})
+    parsed, other, skipped = _parse_exports(inputs, fmt, images_root, log, inline_dir,
+                                            options or {})
     records = apply_class_policy(_merge(parsed, log), known, unknown_classes, log)
     classes = Counter(box.label for record in records for box in record.boxes)
     ids = extend_label_map(known or {}, list(classes))
@@ -223,6 +280,7 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
         "rejections_by_reason": log.by_reason(),
         **rejection_budget(log, len(records), max_rejected_share),
         "ignored_files": other,
+        "skipped_files": skipped,
         "fingerprint": fingerprint(records, ids),
         "manifest": str(Path(out_dir) / "manifest.jsonl"),
         "label_map": str(Path(out_dir) / "label_map.pbtxt"),

@@ -99,6 +99,8 @@ def ingest(ctx: StageContext, inputs: IngestInputs, options: ExportsConfig) -> I
                              datasets_dir=ctx.pipeline.datasets if ctx.pipeline else None)
     for path in summary.get("ignored_files", []):
         ctx.log(f"not an annotation or image file, ignored: {path}")
+    for path, note in summary.get("skipped_files", {}).items():
+        ctx.log(f"skipped {path}: {note}")
     return Ingested(**summary)
 
 

@@ -8,6 +8,8 @@ A format module defines:
                                                 (sharded `x.record-00000-of-00010`)
     sniff(path: Path, head: bytes) -> bool      True if the file looks like this format
     parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]
+    companion_note(path, head) -> str | None   optional: why a file of this format's
+                                                exports is not read (noted, not rejected)
 
 `parse` gets every file of one export that the format claimed (companion files such as
 Open Images' class descriptions arrive together), reports bad files/lines/boxes to

@@ -13,6 +13,7 @@ formats so one image gets one key whichever export names it.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -39,15 +40,25 @@ SUFFIXES = (".json",)
 _HEAD_BYTES = 4096  # how much of a file ingest shows a sniffer (ingest.SNIFF_BYTES)
 
 
-def sniff(path: Path, head: bytes) -> bool:
-    """A JSON object naming `images`; `annotations` too unless the head is cut short.
+_FIRST_KEY = re.compile(rb'^\{\s*"(info|licenses|categories|images|annotations)"\s*:')
 
-    A real COCO file may list 100k images before its `annotations` key, far past the head.
-    Label Studio exports are JSON arrays, so the two sniffers never claim the same file.
+
+def sniff(path: Path, head: bytes) -> bool:
+    """A JSON object naming `images`, and `annotations` too unless the head is cut short; or,
+    cut short, one that opens with a COCO key and names `categories`.
+
+    A real COCO file may list 100k images before its `annotations` key, far past the head;
+    CVAT and datumaro write `categories` before `images`, and with ~85 classes or more the
+    `images` key is past the head too. Label Studio exports are JSON arrays, so the two
+    sniffers never claim the same file.
     """
-    if json_root_char(head) != b"{" or b'"images"' not in head:
+    if json_root_char(head) != b"{":
         return False
-    return b'"annotations"' in head or len(head) >= _HEAD_BYTES
+    cut_short = len(head) >= _HEAD_BYTES
+    if b'"images"' in head:
+        return b'"annotations"' in head or cut_short
+    opening = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    return cut_short and b'"categories"' in head and _FIRST_KEY.match(opening) is not None
 
 
 def is_id(value: Any) -> bool:

@@ -8,6 +8,11 @@
       </image>
     </annotations>
 
+A *project* export (several tasks, each in a subset) marks each image with its subset,
+`<image id="3" name="0001.jpg" subset="Train" ...>`, and stores the images under
+`images/<subset>/`: the same name may be in several subsets as different images. The image is
+looked up there (then `<subset>/`, then as named), so each subset's image keeps its own key.
+
 Coordinates are pixels. `rotation` (degrees clockwise, about the box centre, as CVAT rotates)
 becomes the axis-aligned envelope of the rotated box: the envelope's corners may stick out of
 the image where the rotated box's corners do, so it is clipped to the image after checking
@@ -83,6 +88,19 @@ def rotated_envelope(xtl: float, ytl: float, xbr: float, ybr: float,
     return cx - ew, cy - eh, cx + ew, cy + eh
 
 
+def _image_path(name: str, subset: str, folder: Path, ctx: ParseContext, file: str,
+                record: str) -> Path:
+    """The image file of `name`: in its subset's folder for a project export (the first of
+    images/<subset>/, <subset>/ or as named that exists; else images/<subset>/, which the
+    missing-image report then names), as named otherwise."""
+    names = [f"images/{subset}/{name}", f"{subset}/{name}", name] if subset else [name]
+    try:
+        places = [ctx.resolve_image(n, relative_to=folder) for n in names]
+    except ValueError as exc:
+        raise RecordError(file, record, str(exc)) from None
+    return next((p for p in places if p.is_file()), places[0])
+
+
 def _box(element: Element, width: float, height: float, file: str, record: str) -> Box:
     label = element.get("label") or ""
     xtl, ytl, xbr, ybr = (_number(element, c, file, record) for c in ("xtl", "ytl", "xbr", "ybr"))
@@ -118,11 +136,10 @@ def _image_record(element: Element, xml_path: Path, ctx: ParseContext,
     name = (element.get("name") or "").strip()
     if not name:
         raise RecordError(file, record, "missing attribute: name")
-    record = f"image[id={image_id} name={name}]"
-    try:
-        image_path = ctx.resolve_image(name, relative_to=xml_path.parent)
-    except ValueError as exc:
-        raise RecordError(file, record, str(exc)) from None
+    subset = (element.get("subset") or "").strip()
+    source_id = f"{subset}/{name}" if subset else name
+    record = f"image[id={image_id}{f' subset={subset}' if subset else ''} name={name}]"
+    image_path = _image_path(name, subset, xml_path.parent, ctx, file, record)
     width = _number(element, "width", file, record)
     height = _number(element, "height", file, record)
     try:
@@ -149,7 +166,7 @@ def _image_record(element: Element, xml_path: Path, ctx: ParseContext,
     return ImageRecord(
         key=ctx.image_key(image_path, Path(xml_path).parent),
         source=ImageSource("local", str(image_path)),
-        source_id=name,
+        source_id=source_id,
         width=int(width),
         height=int(height),
         boxes=tuple(boxes),

@@ -6,17 +6,24 @@
 - class descriptions: `MID,Name` without header (`/m/0199g,Bicycle`, V4-V6
   class-descriptions-boxable.csv) or with the V6/V7 header `LabelName,DisplayName`.
 - image index (optional): `ImageID,Subset,OriginalURL,...,OriginalMD5,...,Rotation`; only
-  ImageID and OriginalURL are required. OriginalMD5 is base64 of the digest and is stored as
-  lowercase hex (a 32-digit hex value is accepted too). Rotation is 0/90/180/270 degrees
-  COUNTERclockwise (Open Images' convention; empty or nan = unknown = 0) and is stored in
-  `ImageRecord.rotation`, which counts CLOCKWISE: 90 becomes 270.
+  ImageID and one of OriginalURL or Subset are required. OriginalMD5 is base64 of the digest
+  and is stored as lowercase hex (a 32-digit hex value is accepted too). Rotation is
+  0/90/180/270 degrees COUNTERclockwise (Open Images' convention; empty or nan = unknown = 0)
+  and is stored in `ImageRecord.rotation`, which counts CLOCKWISE: 90 becomes 270.
 
-Image source: the index's OriginalURL; an image without an index row (or without an index)
-is looked up as `<ImageID>.jpg` in the images root, else the export folder, else rejected.
+Image source: the index's OriginalURL; an image without one is looked up in the images root,
+else the export folder: as `<Subset>/<ImageID>.jpg` or `images/<Subset>/<ImageID>.jpg` when
+the index names its Subset (train/validation/test, Open Images' own folders), else as
+`<ImageID>.jpg`; else rejected.
+
 Class names come from the descriptions; `options["classes"]` (names, case-insensitive, or
 MIDs) keeps only those classes: one rejection per image sums up its skipped boxes ("class
 not selected: 3 boxes (Person, Tree)"), and an image left with no box is dropped with one
 rejection ("no selected class: image dropped, ...").
+
+The other CSVs that sit next to the boxes in an Open Images download (image-level labels,
+segmentation masks, visual relationships, point labels) carry no boxes: `companion_note`
+names them so ingest skips them with a note instead of reporting them as rejections.
 
 Streaming. No CSV is ever loaded whole; every file is read line by line. A boxes CSV is first
 scanned once for its ImageID order (a cheap pass over the first field). Open Images' own CSVs
@@ -51,24 +58,45 @@ NAME = "openimages"
 SUFFIXES = (".csv",)
 
 BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
-INDEX_COLUMNS = ("ImageID", "OriginalURL")
+INDEX_SOURCES = ("OriginalURL", "Subset")  # an index names at least one of them
 DESCRIPTIONS_HEADER = ("LabelName", "DisplayName")
 ROTATIONS = (0, 90, 180, 270)
 _HEX_MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 _MAX_NAMES = 8  # class names listed in one rejection reason
 
 Report = Callable[[str, str, str], None]
+IndexEntry = tuple[str, int, str, str, str, str]  # file, line, URL, MD5, Rotation, Subset
 
 
 def _is_description(fields: list[str]) -> bool:
     return len(fields) == 2 and fields[0].strip().startswith(("/m/", "/g/"))
 
 
+def _companion_kind(fields: list[str]) -> str | None:
+    """What a standard Open Images CSV without boxes holds, from its header; else None."""
+    if fields[:1] == ["ImageID"] and "Confidence" in fields and "XMin" not in fields:
+        return "image-level labels"
+    if fields[:2] == ["MaskPath", "ImageID"]:
+        return "segmentation masks"
+    if fields[:2] == ["ImageID1", "ImageID2"]:
+        return "visual relationships"
+    if fields[:1] == ["ImageId"] and "X" in fields and "Y" in fields:
+        return "point labels"
+    return None
+
+
+def companion_note(path: Path, head: bytes) -> str | None:
+    """Why a standard Open Images companion CSV is not read; None for the files parsed."""
+    kind = _companion_kind(first_line_fields(head))
+    return f"Open Images {kind}, no boxes to read (not a rejection)" if kind else None
+
+
 def sniff(path: Path, head: bytes) -> bool:
     fields = first_line_fields(head)
     return bool(fields) and (
         (fields[0] == "ImageID" and len(fields) > 1)
-        or _is_description(fields) or tuple(fields) == DESCRIPTIONS_HEADER)
+        or _is_description(fields) or tuple(fields) == DESCRIPTIONS_HEADER
+        or _companion_kind(fields) is not None)
 
 
 def _classify(path: Path) -> tuple[str, dict[str, int], int, bool]:
@@ -84,11 +112,11 @@ def _classify(path: Path) -> tuple[str, dict[str, int], int, bool]:
         if names[0] == "ImageID":
             if all(c in columns for c in BOX_COLUMNS):
                 return "boxes", columns, len(names), True
-            if all(c in columns for c in INDEX_COLUMNS):
+            if any(c in columns for c in INDEX_SOURCES):
                 return "index", columns, len(names), True
             raise ValueError(f"unrecognised Open Images CSV: header {','.join(names)!r} has "
                              "neither the box columns (LabelName, XMin, XMax, YMin, YMax) nor "
-                             "an image index's OriginalURL")
+                             "an image index's OriginalURL or Subset")
         if tuple(names) == DESCRIPTIONS_HEADER:
             return "descriptions", {}, 2, True
         if _is_description(names):
@@ -162,11 +190,12 @@ class _IndexFile:
             self._sorted = _sorted_by_id(self.path, self.columns["ImageID"])
         return self._sorted
 
-    def entries(self) -> Iterator[tuple[str, tuple[str, int, str, str, str]]]:
-        """(ImageID, (file, line, OriginalURL, OriginalMD5, Rotation)) per well-formed row;
-        only the three fields used are kept ("" where the column is absent)."""
+    def entries(self) -> Iterator[tuple[str, IndexEntry]]:
+        """(ImageID, (file, line, OriginalURL, OriginalMD5, Rotation, Subset)) per well-formed
+        row; only the four fields used are kept ("" where the column is absent)."""
         file, id_col = str(self.path), self.columns["ImageID"]
-        wanted = [self.columns.get(c) for c in ("OriginalURL", "OriginalMD5", "Rotation")]
+        wanted = [self.columns.get(c)
+                  for c in ("OriginalURL", "OriginalMD5", "Rotation", "Subset")]
         rows = read_csv_lines(self.path)
         next(rows, None)
         for number, fields, error in rows:
@@ -178,8 +207,8 @@ class _IndexFile:
             elif not fields[id_col].strip():
                 self.report(file, f"line {number}", "missing value: no ImageID")
             else:
-                url, md5, rotation = ("" if i is None else fields[i] for i in wanted)
-                yield fields[id_col].strip(), (file, number, url, md5, rotation)
+                url, md5, rotation, subset = ("" if i is None else fields[i] for i in wanted)
+                yield fields[id_col].strip(), (file, number, url, md5, rotation, subset.strip())
 
 
 class _MergedIndex:
@@ -205,7 +234,7 @@ class _DictIndex:
     """The index rows of the wanted ImageIDs only (first row wins)."""
 
     def __init__(self, files: list[_IndexFile], wanted: set[str]):
-        self.entries: dict[str, tuple[str, int, str, str, str]] = {}
+        self.entries: dict[str, IndexEntry] = {}
         for index_file in files:
             for image_id, entry in index_file.entries():
                 if image_id in wanted and image_id not in self.entries:
@@ -331,6 +360,13 @@ class _Parser:
         return images
 
     # -- records --------------------------------------------------------------------------
+    def local_places(self, image_id: str, subset: str) -> list[Path]:
+        """Where a local copy of the image may be, most specific first: Open Images keeps each
+        Subset's images in its own folder; ValueError for a name that leaves the root."""
+        names = [f"{subset}/{image_id}.jpg", f"images/{subset}/{image_id}.jpg"] if subset else []
+        return [self.ctx.resolve_image(name, relative_to=self.ctx.export_root)
+                for name in [*names, f"{image_id}.jpg"]]
+
     def record(self, path: Path, image_id: str, image: _Image, index) -> ImageRecord | None:
         file, where = str(path), f"line {image.line}: ImageID {image_id}"
         kept = len(image.boxes) if image.boxes is not None else len(image.labels)
@@ -357,11 +393,11 @@ class _Parser:
         if skipped:
             self.report(file, where, f"class not selected: {skipped} boxes "
                                      f"({_listed(image.skipped)})")
-        md5, rotation, url, provenance = None, 0, "", {"format": "openimages", "file": file,
-                                                     "line": image.line}
+        md5, rotation, url, subset = None, 0, "", ""
+        provenance = {"format": "openimages", "file": file, "line": image.line}
         found = index.get(image_id) if index is not None else None
         if found is not None:
-            index_path, index_line, url, md5_raw, rotation_raw = found
+            index_path, index_line, url, md5_raw, rotation_raw, subset = found
             provenance["index"] = f"{index_path}:{index_line}"
             try:
                 rotation = rotation_clockwise(rotation_raw)
@@ -381,15 +417,16 @@ class _Parser:
         else:
             md5 = None  # the checksum is the original file's; a local copy may be re-encoded
             try:
-                local = self.ctx.resolve_image(f"{image_id}.jpg",
-                                               relative_to=self.ctx.export_root)
+                places = self.local_places(image_id, subset)
             except ValueError as exc:
                 self.report(file, where, str(exc))
                 return None
-            if not local.is_file():
+            local = next((p for p in places if p.is_file()), None)
+            if local is None:
                 why = "empty OriginalURL" if found is not None else "no index row"
                 self.report(file, where, f"missing image: no URL or file for ImageID "
-                                         f"{image_id} ({why}, no {local})")
+                                         f"{image_id} ({why}, no "
+                                         f"{' or '.join(map(str, places))})")
                 return None
             source = ImageSource("local", str(local))
         if image.boxes is not None:
