@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from odapi_operators.core.config import ConfigError
 from odapi_operators.core.stages import catalog
 from odapi_operators.core.stages.contract import StageSpec
+from odapi_operators.core.wording import flag_words, speaking
 
 ALIASES = {"fetch": ["download"]}
 _IN, _OPT = "in__", "opt__"
@@ -45,7 +46,7 @@ def _bare(annotation: Any) -> Any:
 
 
 def flag_name(name: str, info: FieldInfo) -> str:
-    return "--" + (info.alias or name).replace("_", "-")
+    return flag_words(info.alias or name)
 
 
 def _argument(name: str, info: FieldInfo) -> dict[str, Any]:
@@ -169,9 +170,10 @@ def run_command(spec: StageSpec, args: argparse.Namespace) -> dict:
     except ValidationError as exc:
         raise ConfigError(_cli_words(exc, spec.inputs.model_fields)) from None
     options = build_options(spec, pipeline, given(args, _OPT))
-    result = run_stage(spec.name, pipeline=pipeline, run_id=args.run_id, inputs=inputs,
-                       options=options, out=args.out, log=_log,
-                       progress={} if args.no_progress else progress_output())
+    with speaking(flag_words):  # the core's messages name settings as this command's flags
+        result = run_stage(spec.name, pipeline=pipeline, run_id=args.run_id, inputs=inputs,
+                           options=options, out=args.out, log=_log,
+                           progress={} if args.no_progress else progress_output())
     return result.model_dump(mode="json")
 
 
