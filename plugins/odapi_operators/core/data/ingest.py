@@ -190,7 +190,7 @@ def apply_aliases(records: list[ImageRecord], aliases: dict[str, str] | None
 def _uses(name: str, classes: Counter[str], known: dict[str, int]) -> str:
     """'Butterfly' (label map, 12 boxes)"""
     uses = (["label map"] if name in known else []) + \
-        ([f"{classes[name]} boxes"] if classes[name] else [])
+        ([f"{classes[name]} box{'es' if classes[name] > 1 else ''}"] if classes[name] else [])
     return f"{name!r} ({', '.join(uses)})"
 
 
@@ -206,8 +206,8 @@ def case_variant_warnings(classes: Counter[str], known: dict[str, int] | None) -
     for names in variants.values():
         if len(names) < 2:
             continue
-        # the label map's spelling wins, else the most used one
-        target = max(sorted(names), key=lambda n: (n in known, classes[n]))
+        # the label map's spelling wins, else the most used one, else the Capitalized one
+        target = max(sorted(names), key=lambda n: (n in known, classes[n], n == n.capitalize()))
         described = ", ".join(_uses(n, classes, known) for n in sorted(names))
         aliases = {n: target for n in sorted(names) if n != target}
         warnings.append(f"class names differ only in case: {described} are {len(names)} "
