@@ -7,6 +7,7 @@ Python API and pipeline configs speak config keys. Before, a user who typed `oda
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,20 @@ def test_cli_names_flags_where_the_user_typed_flags(unknown_csv, tmp_path):
                 "--out", str(tmp_path / "p"))
     assert "bad --csv-columns: no column given for label, xmin" in bad.stderr
     assert "exports.csv_columns" not in bad.stderr
+
+
+def test_stage_run_replays_a_config_and_names_config_keys(unknown_csv, tmp_path):
+    """What an Airflow operator or a pod runs: the user wrote a pipeline config, so the same
+    error names its keys."""
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(f"home: {tmp_path}\nexports: {{path: {unknown_csv.parent}, format: csv}}\n"
+                        "train: {model_config: model.yaml, steps: 1}\n"
+                        "serving: {base: serving, model_name: detector}\n")
+    done = odapi("stage", "run", "ingest", "--pipeline", str(pipeline), "--run-id", "r1",
+                 "--input", "exports", json.dumps([str(unknown_csv)]))
+    assert done.returncode == EXIT_CODES[Failure.DATA], done.stderr
+    assert "or give exports.csv_columns with exports.format: csv" in done.stderr
+    assert "--csv-columns" not in done.stderr
 
 
 def test_python_api_names_config_keys(unknown_csv, tmp_path):

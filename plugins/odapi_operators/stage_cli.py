@@ -23,7 +23,7 @@ from pydantic.fields import FieldInfo
 from odapi_operators.core.config import ConfigError
 from odapi_operators.core.stages import catalog
 from odapi_operators.core.stages.contract import StageSpec
-from odapi_operators.core.wording import flag_words, speaking
+from odapi_operators.core.wording import flag_words
 
 ALIASES = {"fetch": ["download"]}
 _IN, _OPT = "in__", "opt__"
@@ -170,10 +170,9 @@ def run_command(spec: StageSpec, args: argparse.Namespace) -> dict:
     except ValidationError as exc:
         raise ConfigError(_cli_words(exc, spec.inputs.model_fields)) from None
     options = build_options(spec, pipeline, given(args, _OPT))
-    with speaking(flag_words):  # the core's messages name settings as this command's flags
-        result = run_stage(spec.name, pipeline=pipeline, run_id=args.run_id, inputs=inputs,
-                           options=options, out=args.out, log=_log,
-                           progress={} if args.no_progress else progress_output())
+    result = run_stage(spec.name, pipeline=pipeline, run_id=args.run_id, inputs=inputs,
+                       options=options, out=args.out, log=_log,
+                       progress={} if args.no_progress else progress_output())
     return result.model_dump(mode="json")
 
 

@@ -122,7 +122,7 @@ def test_group_boxes_is_a_config_key_and_an_ingest_flag(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert kept.returncode == 0, kept.stderr
     assert json.loads(kept.stdout)["group_boxes"] == {"policy": "keep", "kept": 2, "skipped": 0}
-    assert "2 kept, 0 skipped (--group-boxes: keep)" in kept.stderr
+    assert "2 kept, 0 skipped (--group-boxes keep)" in kept.stderr
     skipped = subprocess.run([*command, "--out", str(tmp_path / "b")], capture_output=True,
                              text=True, timeout=120)
     assert skipped.returncode == 0, skipped.stderr

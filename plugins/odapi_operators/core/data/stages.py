@@ -106,8 +106,7 @@ def ingest(ctx: StageContext, inputs: IngestInputs, options: ExportsConfig) -> I
     groups = summary["group_boxes"]
     if groups["kept"] or groups["skipped"]:
         ctx.log(f"group boxes (COCO iscrowd, Open Images IsGroupOf): {groups['kept']} kept, "
-                f"{groups['skipped']} skipped ({setting('exports.group_boxes')}: "
-                f"{groups['policy']})")
+                f"{groups['skipped']} skipped ({setting('exports.group_boxes', groups['policy'])})")
     return Ingested(**summary)
 
 

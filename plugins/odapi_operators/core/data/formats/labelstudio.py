@@ -266,10 +266,10 @@ def _task_record(task: dict, index: int, folder: Path, file: str,
 # --- JSON-MIN --------------------------------------------------------------------------------
 
 def is_min_record(item: Any) -> bool:
-    """A JSON-MIN record: flat, with `annotation_id` (null for an unannotated task) or without
-    the `data` object every full task has."""
-    return isinstance(item, dict) and ("annotation_id" in item
-                                       or not isinstance(item.get("data"), dict))
+    """A JSON-MIN record: flat, with `annotation_id` (null for an unannotated task), or
+    without any of a full task's `data`, `annotations` and `predictions`."""
+    return isinstance(item, dict) and ("annotation_id" in item or not any(
+        key in item for key in ("data", "annotations", "predictions")))
 
 
 def _min_result(value: Any) -> dict | None:
