@@ -126,3 +126,22 @@ def test_json_min_bad_records_are_reported_and_the_good_ones_flow(tmp_path):
         ("task 3 annotation 13 label[0]", "bad result"),
         ("task 3 annotation 13 label[1]", "bad result"),
     ]
+
+
+def test_json_min_image_under_another_data_key(tmp_path):
+    """A labeling config with `<Image value="$photo"/>` puts the image under `photo`; with
+    two image fields the record is ambiguous and reported, not guessed."""
+    export = tmp_path / "export"
+    jpeg(export / "p.jpg")
+    records = [
+        annotated(1, None, 11, "2024-05-01T10:00:00Z", label=[box(0, 0, 50, 50, "Bee")]),
+        annotated(2, None, 12, "2024-05-01T10:00:00Z", label=[box(0, 0, 50, 50, "Bee")]),
+    ]
+    del records[0]["image"], records[1]["image"]
+    records[0].update(photo="/data/upload/9/0123abcd-p.jpg", caption="a bee on a flower")
+    records[1].update(photo="p.jpg", thumb="p_small.jpg")
+    (export / "export.json").write_text(json.dumps(records))
+    out = tmp_path / "out"
+    ingest([str(export)], out)
+    assert _boxes(out) == {"p": [("Bee", 0.0, 0.0, 0.5, 0.5)]}
+    assert _rejections(out) == [("task 2", "no image")]
