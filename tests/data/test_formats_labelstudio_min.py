@@ -133,15 +133,15 @@ def test_json_min_image_under_another_data_key(tmp_path):
     two image fields the record is ambiguous and reported, not guessed."""
     export = tmp_path / "export"
     jpeg(export / "p.jpg")
-    records = [
-        annotated(1, None, 11, "2024-05-01T10:00:00Z", label=[box(0, 0, 50, 50, "Bee")]),
-        annotated(2, None, 12, "2024-05-01T10:00:00Z", label=[box(0, 0, 50, 50, "Bee")]),
-    ]
-    del records[0]["image"], records[1]["image"]
+    records = [annotated(n, None, 10 + n, "2024-05-01T10:00:00Z",
+                         label=[box(0, 0, 50, 50, "Bee")]) for n in (1, 2, 3)]
+    for record in records:
+        del record["image"]
     records[0].update(photo="/data/upload/9/0123abcd-p.jpg", caption="a bee on a flower")
     records[1].update(photo="p.jpg", thumb="p_small.jpg")
+    records[2].update(source="http://[::1")  # not a URL urlsplit accepts: no crash
     (export / "export.json").write_text(json.dumps(records))
     out = tmp_path / "out"
     ingest([str(export)], out)
     assert _boxes(out) == {"p": [("Bee", 0.0, 0.0, 0.5, 0.5)]}
-    assert _rejections(out) == [("task 2", "no image")]
+    assert _rejections(out) == [("task 2", "no image"), ("task 3", "no image")]

@@ -307,8 +307,8 @@ def _min_image(item: dict) -> Any:
     if "image" in item:
         return item["image"]
     named = [v for k, v in item.items() if k not in MIN_META and isinstance(v, str)
-             and (v.startswith("/data/") or PurePosixPath(urlsplit(v).path).suffix.lower()
-                  in IMAGE_SUFFIXES)]
+             and (v.startswith("/data/") or PurePosixPath(v.split("?", 1)[0]).suffix.lower()
+                  in IMAGE_SUFFIXES)]  # no urlsplit: it raises on text like "http://[x"
     return named[0] if len(named) == 1 else None
 
 
