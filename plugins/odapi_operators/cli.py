@@ -16,6 +16,7 @@ import traceback
 
 from odapi_operators import cli_models, stage_cli
 from odapi_operators.core.failures import EXIT_CODES, EXIT_SKIPPED, StageSkipped, failure_of
+from odapi_operators.core.wording import config_words, flag_words, speaking
 
 
 def cmd_sample(args: argparse.Namespace) -> dict:
@@ -94,8 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Messages name settings as the user gave them: flags, except `odapi stage run`, which
+    # replays a pipeline config for an operator or a pod (config keys).
+    words = config_words if args.command == "stage" else flag_words
     try:
-        summary = args.func(args)
+        with speaking(words):
+            summary = args.func(args)
     except StageSkipped as exc:
         print(f"odapi {args.command}: nothing to do: {exc}", file=sys.stderr)
         return EXIT_SKIPPED

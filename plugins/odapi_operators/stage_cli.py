@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from odapi_operators.core.config import ConfigError
 from odapi_operators.core.stages import catalog
 from odapi_operators.core.stages.contract import StageSpec
+from odapi_operators.core.wording import flag_words
 
 ALIASES = {"fetch": ["download"]}
 _IN, _OPT = "in__", "opt__"
@@ -45,7 +46,7 @@ def _bare(annotation: Any) -> Any:
 
 
 def flag_name(name: str, info: FieldInfo) -> str:
-    return "--" + (info.alias or name).replace("_", "-")
+    return flag_words(info.alias or name)
 
 
 def _argument(name: str, info: FieldInfo) -> dict[str, Any]:

@@ -382,11 +382,12 @@ def test_csv_mapped_columns_pixels_and_normalized(sample, tmp_path):
 def test_csv_bad_column_mapping_is_reported(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     for mapping, reason in [
-        ({"image": "a"}, "bad csv_columns: no column given for label, xmin, ymin, xmax, ymax"),
+        ({"image": "a"},
+         "bad exports.csv_columns: no column given for label, xmin, ymin, xmax, ymax"),
         ({"image": "a", "label": "b", "xmin": "a", "ymin": "a", "xmax": "a", "ymax": "q"},
-         "bad csv_columns: column 'q' (for ymax) is not in the header 'a,b'"),
-        ({"picture": "a"}, "bad csv_columns: unknown key(s) picture; expected image, label, "
-                           "xmin, ymin, xmax, ymax, width, height"),
+         "bad exports.csv_columns: column 'q' (for ymax) is not in the header 'a,b'"),
+        ({"picture": "a"}, "bad exports.csv_columns: unknown key(s) picture; expected image, "
+                           "label, xmin, ymin, xmax, ymax, width, height"),
         (None, "unrecognised CSV header"),
     ]:
         ctx = context(tmp_path, csv_columns=mapping)

@@ -58,6 +58,17 @@ class ExportsConfig(_Strict):
                                    "or reject the image")
     classes: list[str] | None = Field(default=None, description="train only these classes "
                                                                 "(names; Open Images MIDs too)")
+    group_boxes: Literal["skip", "keep"] = Field(
+        default="skip", description="boxes drawn around a group of objects (COCO iscrowd, Open "
+                                    "Images IsGroupOf): skip them, reported per box (an image "
+                                    "left with only group boxes is dropped), or keep them as "
+                                    "ordinary boxes, counted in the ingest summary",
+        json_schema_extra=only("ingest"))
+    class_aliases: dict[str, str] | None = Field(
+        default=None, description="class name -> the class it stands for, e.g. butterfly -> "
+                                  "Butterfly: one class however the tools spelled it (applied "
+                                  "before the label map and unknown_classes)",
+        json_schema_extra=only("ingest"))
     csv_columns: dict[str, str] | None = Field(
         default=None, description="CSV layout, our name -> CSV header: image, label, xmin, "
                                   "ymin, xmax, ymax[, width, height]")
@@ -65,15 +76,16 @@ class ExportsConfig(_Strict):
         default=0.2, ge=0, le=1, json_schema_extra=only("ingest"),
         description="fail the ingest when rejections exceed this share of what it read "
                     "(images kept + rejections); annotators' choices (not accepted, cancelled, "
-                    "superseded, unlabeled), identical duplicates, crowd boxes and the classes "
+                    "superseded, unlabeled), identical duplicates, skipped group boxes and the "
+                    "classes "
                     "/ unknown_classes filters do not count")
     ledger: str = Field(default="var/exports-ledger.jsonl",
                         json_schema_extra=only("select_exports"),
                         description="which run consumed which export")
 
     def parser_options(self) -> dict:
-        return {k: v for k, v in (("classes", self.classes), ("csv_columns", self.csv_columns))
-                if v is not None}
+        return {k: v for k, v in (("classes", self.classes), ("csv_columns", self.csv_columns),
+                                  ("group_boxes", self.group_boxes)) if v is not None}
 
 
 class ImagesConfig(_Strict):

@@ -1,9 +1,11 @@
 """Ingest stage: annotation exports -> canonical manifest + rejection report.
 
-Reads every export given, parses it with the matching format parser (see `formats`), merges
-records by image key, applies the unknown-class policy and writes the manifest, label map,
-rejections and summary to the stage folder in one atomic step. Bad files and boxes are
-reported and skipped; only an export with nothing usable fails the stage.
+Reads every export given, parses it with the matching format parser (see `formats`), renames
+aliased classes, merges records by image key, applies the unknown-class policy and writes the
+manifest, label map, rejections and summary to the stage folder in one atomic step. Bad files
+and boxes are reported and skipped; only an export with nothing usable fails the stage. Class
+names that differ only in case are warned about in the summary: they are two classes unless
+`exports.class_aliases` makes them one.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 
 from odapi_operators.core import storage
 from odapi_operators.core.data import formats
 from odapi_operators.core.data.datasets import publish_version
+from odapi_operators.core.data.formats import group_boxes
 from odapi_operators.core.data.label_map import (
     LabelMapError,
     assert_no_renumbering,
@@ -25,16 +28,17 @@ from odapi_operators.core.data.label_map import (
     format_label_map,
     read_label_map,
 )
-from odapi_operators.core.data.manifest import ImageRecord, write_manifest
+from odapi_operators.core.data.manifest import Box, ImageRecord, write_manifest
+from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.rejections import RecordError, RejectionLog, StageError
+from odapi_operators.core.wording import setting
 
 # Rejections that record a choice (an annotator's, COCO's crowd convention, or the config's
 # classes / unknown_classes) rather than a defect of the export: the budget does not count them.
 CHOICES = frozenset({"not accepted", "cancelled annotation", "superseded annotation",
-                     "unlabeled task", "duplicate record", "crowd box", "unknown class",
+                     "unlabeled task", "duplicate record", group_boxes.REASON, "unknown class",
                      "unknown class skipped", "class not selected", "no selected class"})
-BUDGET_SETTING = "exports.max_rejected_share (--max-rejected-share)"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 MARKER_NAMES = {"_SUCCESS", ".done"}
 SNIFF_BYTES = 4096
@@ -130,7 +134,7 @@ def _export_root(items: list[str]) -> Path:
 
 
 def _parse_exports(inputs: list[str], fmt: str, images_root: str | None, log: RejectionLog,
-                   inline_dir: Path, options: dict
+                   inline_dir: Path, options: dict, notes: Counter[str]
                    ) -> tuple[list[ImageRecord], list[str], dict[str, str]]:
     records: list[ImageRecord] = []
     ignored: list[str] = []
@@ -148,7 +152,8 @@ def _parse_exports(inputs: list[str], fmt: str, images_root: str | None, log: Re
                              f"files; formats tried: {tried})")
         ctx = formats.ParseContext(export_root=_export_root(items),
                                    images_root=Path(images_root) if images_root else None,
-                                   log=log, inline_dir=inline_dir, options=options)
+                                   log=log, inline_dir=inline_dir, options=options,
+                                   notes=notes)
         for name, paths in sorted(files.claimed.items()):
             records.extend(formats.load(name).parse(sorted(paths), ctx))
     return records, ignored, skipped
@@ -183,7 +188,8 @@ def apply_class_policy(records: list[ImageRecord], known: dict[str, int] | None,
     Skipping a box leaves an unlabeled object in the image, so it is reported per image.
     """
     if policy not in UNKNOWN_CLASS_POLICIES:
-        raise StageError(f"unknown_classes must be one of {UNKNOWN_CLASS_POLICIES}, got {policy!r}")
+        raise StageError(f"{setting('exports.unknown_classes')} must be one of "
+                         f"{', '.join(UNKNOWN_CLASS_POLICIES)}, got {policy!r}")
     if known is None or policy == "add":
         return records
     kept = []
@@ -205,6 +211,72 @@ def apply_class_policy(records: list[ImageRecord], known: dict[str, int] | None,
     return kept
 
 
+def check_aliases(aliases: dict[str, str]) -> None:
+    """Refuse a chain (a -> b, b -> c): each name maps straight to its class, in one step."""
+    chained = sorted(name for name, target in aliases.items()
+                     if target in aliases and aliases[target] != target)
+    if chained:
+        raise StageError(f"{setting('exports.class_aliases')}: {', '.join(map(repr, chained))} "
+                         f"map to names that are aliased again; map each name straight to its "
+                         "class", Failure.CONFIG)
+
+
+def apply_aliases(records: list[ImageRecord], aliases: dict[str, str] | None
+                  ) -> tuple[list[ImageRecord], dict[str, int]]:
+    """Rename aliased classes in every box; return the records and the boxes renamed per
+    alias, so the summary shows what the aliases did."""
+    if not aliases:
+        return records, {}
+    renamed: Counter[str] = Counter()
+
+    def alias(box: Box) -> Box:
+        target = aliases.get(box.label, box.label)
+        if target == box.label:
+            return box
+        renamed[f"{box.label} -> {target}"] += 1
+        return replace(box, label=target)
+
+    out = [record if not any(b.label in aliases for b in record.boxes)
+           else replace(record, boxes=tuple(alias(b) for b in record.boxes))
+           for record in records]
+    return out, dict(sorted(renamed.items()))
+
+
+def _uses(name: str, classes: Counter[str], known: dict[str, int]) -> str:
+    """'Butterfly' (label map, 12 boxes)"""
+    uses = (["label map"] if name in known else []) + \
+        ([f"{classes[name]} box{'es' if classes[name] > 1 else ''}"] if classes[name] else [])
+    return f"{name!r} ({', '.join(uses)})"
+
+
+def case_variant_warnings(classes: Counter[str], known: dict[str, int] | None) -> list[str]:
+    """One warning per set of class names that differ only in case ("Butterfly" and
+    "butterfly" in one Label Studio project): they would silently become separate classes.
+    The label map's names count too. Each warning names the variants and the alias to set."""
+    known = known or {}
+    variants: dict[str, set[str]] = defaultdict(set)
+    for name in [*classes, *known]:
+        variants[name.casefold()].add(name)
+    warnings = []
+    for names in variants.values():
+        if len(names) < 2:
+            continue
+        # the label map's spelling wins, else the most used one, else the Capitalized one
+        target = max(sorted(names), key=lambda n: (n in known, classes[n], n == n.capitalize()))
+        described = ", ".join(_uses(n, classes, known) for n in sorted(names))
+        aliases = {n: target for n in sorted(names) if n != target}
+        warnings.append(f"class names differ only in case: {described} are {len(names)} "
+                        f"classes; if they are one, set "
+                        f"{setting('exports.class_aliases', aliases)}")
+    return warnings
+
+
+def group_box_summary(options: dict, notes: Counter[str]) -> dict:
+    """The group-box policy and what it did, so neither choice goes unreported."""
+    return {"policy": options.get("group_boxes") or "skip",
+            "kept": notes[group_boxes.KEPT], "skipped": notes[group_boxes.SKIPPED]}
+
+
 def rejection_budget(log: RejectionLog, kept: int, max_share: float | None) -> dict:
     """The budget's numbers: rejections that count (defects, not `CHOICES`) against all that
     was read (kept images + counted rejections), their share and the limit."""
@@ -221,7 +293,8 @@ def check_rejection_budget(budget: dict, report: str) -> None:
     counted, read, limit = budget["rejected_counted"], budget["read"], budget["max_rejected_share"]
     if limit is not None and read and counted / read > limit:
         raise StageError(f"ingest: {counted} of {read} records rejected ({counted / read:.1%}), "
-                         f"above the budget of {limit:.1%} set by {BUDGET_SETTING}; "
+                         f"above the budget of {limit:.1%} set by "
+                         f"{setting('exports.max_rejected_share')}; "
                          f"see {report}")
 
 
@@ -240,7 +313,8 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
            fmt: str = "auto", options: dict | None = None, label_map: str | None = None,
            unknown_classes: str = "add", datasets_dir: str | None = None,
            production_label_map: str | None = None,
-           max_rejected_share: float | None = None) -> dict:
+           max_rejected_share: float | None = None,
+           class_aliases: dict[str, str] | None = None) -> dict:
     """Parse `inputs` (files or export folders) into `out_dir`; return the summary.
 
     Writes `manifest.jsonl`, `label_map.pbtxt` (the given `label_map` extended append-only
@@ -250,6 +324,8 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
     `label_map` that renumbers `production_label_map`'s classes is refused. More rejections
     than `max_rejected_share` of what was read fail the stage (outputs written, no version
     published); None checks no budget (the stage passes `exports.max_rejected_share`).
+    `class_aliases` renames classes (`{"butterfly": "Butterfly"}`) before anything else sees
+    them; `options["group_boxes"]` ("skip" or "keep") is the group-box policy.
     """
     if fmt != "auto":
         try:
@@ -258,6 +334,12 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
             raise StageError(str(exc)) from None
     if not inputs:
         raise StageError("no annotation exports given")
+    options = options or {}
+    if (options.get("group_boxes") or "skip") not in group_boxes.POLICIES:
+        raise StageError(f"{setting('exports.group_boxes')} must be one of "
+                         f"{', '.join(group_boxes.POLICIES)}, got {options['group_boxes']!r}",
+                         Failure.CONFIG)
+    check_aliases(class_aliases or {})
     known = read_label_map(label_map) if label_map and storage.exists(label_map) else None
     if known is not None and production_label_map and storage.exists(production_label_map):
         try:
@@ -266,8 +348,10 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
             raise StageError(str(exc)) from None
     log = RejectionLog()
     inline_dir = Path(out_dir).with_name(Path(out_dir).name + "-inline")
+    notes: Counter[str] = Counter()
     parsed, other, skipped = _parse_exports(inputs, fmt, images_root, log, inline_dir,
-                                            options or {})
+                                            options or {}, notes)
+    parsed, aliased = apply_aliases(parsed, class_aliases)
     records = apply_class_policy(_merge(parsed, log), known, unknown_classes, log)
     classes = Counter(box.label for record in records for box in record.boxes)
     ids = extend_label_map(known or {}, list(classes))
@@ -281,6 +365,9 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
         **rejection_budget(log, len(records), max_rejected_share),
         "ignored_files": other,
         "skipped_files": skipped,
+        "group_boxes": group_box_summary(options, notes),
+        "aliased": aliased,
+        "warnings": case_variant_warnings(classes, known),
         "fingerprint": fingerprint(records, ids),
         "manifest": str(Path(out_dir) / "manifest.jsonl"),
         "label_map": str(Path(out_dir) / "label_map.pbtxt"),

@@ -16,6 +16,7 @@ from odapi_operators.core.config import ExportsConfig, ImagesConfig, RecordsConf
 from odapi_operators.core.failures import StageSkipped
 from odapi_operators.core.layout import Stage
 from odapi_operators.core.stages.contract import Inputs, Result, StageContext, StageSpec
+from odapi_operators.core.wording import setting
 
 
 def _production_label_map(ctx: StageContext) -> str | None:
@@ -96,11 +97,18 @@ def ingest(ctx: StageContext, inputs: IngestInputs, options: ExportsConfig) -> I
                              label_map=inputs.label_map or _production_label_map(ctx),
                              unknown_classes=options.unknown_classes,
                              max_rejected_share=options.max_rejected_share,
+                             class_aliases=options.class_aliases,
                              datasets_dir=ctx.pipeline.datasets if ctx.pipeline else None)
     for path in summary.get("ignored_files", []):
         ctx.log(f"not an annotation or image file, ignored: {path}")
     for path, note in summary.get("skipped_files", {}).items():
         ctx.log(f"skipped {path}: {note}")
+    for warning in summary.get("warnings", []):
+        ctx.log(f"warning: {warning}")
+    groups = summary["group_boxes"]
+    if groups["kept"] or groups["skipped"]:
+        ctx.log(f"group boxes (COCO iscrowd, Open Images IsGroupOf): {groups['kept']} kept, "
+                f"{groups['skipped']} skipped ({setting('exports.group_boxes', groups['policy'])})")
     return Ingested(**summary)
 
 
@@ -132,7 +140,8 @@ def fetch(ctx: StageContext, inputs: FetchInputs, options: ImagesConfig) -> Fetc
     from odapi_operators.core.data.fetch import fetch_images, fetch_records
 
     if bool(inputs.manifest) == bool(inputs.index):
-        raise ValueError("give a manifest or an image index (one of them)")
+        raise ValueError(f"give {setting('manifest')} (a manifest) or {setting('index')} "
+                         "(an image index), one of them")
     common: dict[str, Any] = dict(threads=options.threads, policy=options.policy(),
                                   max_failed_share=options.max_failed_share,
                                   **(ctx.progress or {"log": ctx.log}))

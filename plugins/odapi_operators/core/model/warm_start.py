@@ -19,6 +19,7 @@ import sys
 from odapi_operators.core import storage
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.serving import serving_dir
+from odapi_operators.core.wording import setting
 
 
 class StartPointError(ValueError):
@@ -108,7 +109,8 @@ def install(task, init_checkpoint: str | None) -> dict:
 def resolve(init_checkpoint: str | None, warm_start_from: str | None) -> dict:
     """The start point asked for: {'checkpoint': prefix or None, 'reason': ...}."""
     if init_checkpoint and warm_start_from:
-        raise StartPointError("give --init-checkpoint or --warm-start-from, not both")
+        raise StartPointError(f"give {setting('train.init_checkpoint')} or "
+                              f"{setting('warm_start_from')}, not both")
     if init_checkpoint:
         return {"checkpoint": init_checkpoint, "reason": "init checkpoint"}
     if warm_start_from:

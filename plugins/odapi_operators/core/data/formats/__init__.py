@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -65,6 +66,8 @@ class ParseContext:
     `inline_dir` is where images embedded in an export (base64 data URIs) are written, by
     content hash, so the manifest references a file instead of carrying megabytes of text.
     `options` holds format options (e.g. {"csv_columns": {...}, "classes": [...]}).
+    `notes` counts what was parsed as the options asked rather than rejected (group boxes
+    kept or skipped), for the ingest summary.
     """
 
     export_root: Path
@@ -72,6 +75,7 @@ class ParseContext:
     log: RejectionLog
     inline_dir: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    notes: Counter[str] = field(default_factory=Counter)
 
     def resolve_image(self, name: str, relative_to: Path | None = None) -> Path:
         """Image `name` inside images_root, else inside `relative_to` (default: the export)."""

@@ -2,8 +2,8 @@
 
 `bbox` is `[x, y, width, height]` in pixels of the image's `width` x `height`. Images resolve
 from `file_name` relative to the JSON's folder (or the images root); an http(s) or gs://
-`file_name` is a remote image. Crowd regions (`iscrowd`) are not single objects and are left
-out, reported like every other dropped annotation. Images without annotations are kept:
+`file_name` is a remote image. Crowd regions (`iscrowd`) are group boxes: skipped or kept as
+`exports.group_boxes` says, always reported (`group_boxes.py`). Images without annotations are kept:
 they are the negatives; an image whose annotations were all refused is dropped (keeping it
 would teach the model that its objects are background).
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from odapi_operators.core.data.boxes import normalized_box
+from odapi_operators.core.data.formats import group_boxes
 from odapi_operators.core.data.formats.common import (
     brief,
     image_size,
@@ -104,9 +105,6 @@ def _label(annotation: Any, image_id: Any, images: dict, labels: dict) -> str:
     category = annotation.get("category_id")
     if not is_id(category) or category not in labels:
         raise ValueError(f"unknown category_id: {brief(category)}")
-    if annotation.get("iscrowd"):
-        raise ValueError(f"crowd box: iscrowd={brief(annotation['iscrowd'])} regions are "
-                         f"not single objects (annotation id {brief(annotation.get('id'))})")
     return labels[category]
 
 
@@ -132,6 +130,8 @@ def parse_coco_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]
 
     boxes: dict[Any, list[Box]] = {image_id: [] for image_id in images}
     refused: Counter[Any] = Counter()  # image id -> its annotations that were refused
+    grouped: Counter[Any] = Counter()  # image id -> its group boxes that were skipped
+    keep_groups = group_boxes.keeps(ctx)
     annotations = doc.get("annotations") or []
     if not isinstance(annotations, list):
         raise RecordError(file, "document", "not a COCO export: annotations is not a list")
@@ -139,7 +139,15 @@ def parse_coco_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]
         image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
         try:
             label = _label(annotation, image_id, images, labels)
-            boxes[image_id].append(_box(annotation, label, images[image_id][1], image_id))
+            box = _box(annotation, label, images[image_id][1], image_id)
+            if annotation.get("iscrowd"):
+                group_boxes.counted(ctx, keep_groups)
+                if not keep_groups:
+                    grouped[image_id] += 1
+                    ctx.log.add(RecordError(file, f"annotations[{index}]", _crowd(annotation))
+                                .rejection)
+                    continue
+            boxes[image_id].append(box)
         except ValueError as exc:
             ctx.log.add(RecordError(file, f"annotations[{index}]", str(exc)).rejection)
             if is_id(image_id) and image_id in images:
@@ -147,17 +155,25 @@ def parse_coco_file(json_path: Path, ctx: ParseContext) -> Iterator[ImageRecord]
 
     for image_id, (index, image) in images.items():
         record = kept(ctx.log, lambda: _image_record(image_id, index, image, boxes[image_id],
-                                                     refused[image_id], folder, file, ctx))
+                                                     refused[image_id], grouped[image_id],
+                                                     folder, file, ctx))
         if record is not None:
             yield record
 
 
+def _crowd(annotation: dict) -> str:
+    return group_boxes.skipped_reason(f"iscrowd={brief(annotation['iscrowd'])} region "
+                                      f"(annotation id {brief(annotation.get('id'))})")
+
+
 def _image_record(image_id: Any, index: int, image: dict, boxes: list[Box], refused: int,
-                  folder: Path, file: str, ctx: ParseContext) -> ImageRecord:
+                  grouped: int, folder: Path, file: str, ctx: ParseContext) -> ImageRecord:
     """The record of one image entry; raises RecordError if it cannot be used."""
     record = f"images[{index}]"
     if refused and not boxes:  # keeping it would teach the model its objects are background
-        raise no_usable_box(file, record, refused, "annotations")
+        raise no_usable_box(file, record, refused + grouped, "annotations")
+    if grouped and not boxes:
+        raise RecordError(file, record, group_boxes.dropped_reason(grouped, "iscrowd"))
     try:
         size = image_size(image.get("width"), image.get("height"))
     except ValueError as exc:

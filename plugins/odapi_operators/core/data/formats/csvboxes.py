@@ -6,10 +6,12 @@ Recognised headers (case-insensitive, columns in this order):
     filename,width,height,class,xmin,ymin,xmax,ymax    pixels (the raccoon dataset's layout)
     path,xmin,ymin,xmax,ymax,label                     pixels; size read from the image file
 
-Any other layout needs `options["csv_columns"]`, mapping our names {image, label, xmin, ymin,
-xmax, ymax, width?, height?} to the CSV's header names, and the format given explicitly
-(fmt="csv": a sniffer cannot see options). `options["csv_normalized"] = True` says the
-coordinates are 0..1 (then width/height are optional).
+Any other layout needs the `exports.csv_columns` option, mapping our names {image, label, xmin,
+ymin, xmax, ymax, width?, height?} to the CSV's header names, and the format given explicitly
+(`exports.format: csv`: a sniffer cannot see options); messages name these settings with
+`wording.setting`, so they read as flags on the command line and as keys in a config.
+`options["csv_normalized"] = True` says the coordinates are 0..1 (then width/height are
+optional).
 
 Images resolve with `ctx.resolve_image` relative to the CSV's folder (or the images root),
 never outside it; http(s):// and gs:// values become remote sources keyed by URL. Rows are
@@ -33,6 +35,7 @@ from odapi_operators.core.data.formats import remote_kind
 from odapi_operators.core.data.formats.common import first_line_fields, read_csv_lines
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource, key_from_url
 from odapi_operators.core.rejections import Rejection
+from odapi_operators.core.wording import setting
 
 if TYPE_CHECKING:
     from odapi_operators.core.data.formats import ParseContext
@@ -42,6 +45,7 @@ SUFFIXES = (".csv",)
 
 OUR_COLUMNS = ("image", "label", "xmin", "ymin", "xmax", "ymax", "width", "height")
 REQUIRED_COLUMNS = OUR_COLUMNS[:6]
+
 LAYOUTS: dict[tuple[str, ...], dict[str, str]] = {
     ("filename", "width", "height", "class", "xmin", "ymin", "xmax", "ymax"): {
         "image": "filename", "width": "width", "height": "height", "label": "class",
@@ -53,33 +57,35 @@ LAYOUTS: dict[tuple[str, ...], dict[str, str]] = {
 
 
 def sniff(path: Path, head: bytes) -> bool:
-    """Only the two known headers; other layouts are read with fmt="csv" and csv_columns."""
+    """Only the two known headers; other layouts need the csv format and csv_columns."""
     return tuple(f.lower() for f in first_line_fields(head)) in LAYOUTS
 
 
 def _columns(header: list[str], options: dict[str, Any]) -> dict[str, int]:
     """Our column name -> index in the CSV row; ValueError says what is wrong."""
     names = [h.strip().lower() for h in header]
+    named = setting("exports.csv_columns")  # in the words of the user's interface
     mapping = options.get("csv_columns")
     if mapping:
         if not isinstance(mapping, dict):
-            raise ValueError(f"bad csv_columns: expected a mapping of {', '.join(OUR_COLUMNS)} "
+            raise ValueError(f"bad {named}: expected a mapping of {', '.join(OUR_COLUMNS)} "
                              f"to header names, got {type(mapping).__name__}")
         unknown = sorted(set(mapping) - set(OUR_COLUMNS))
         if unknown:
-            raise ValueError(f"bad csv_columns: unknown key(s) {', '.join(unknown)}; "
+            raise ValueError(f"bad {named}: unknown key(s) {', '.join(unknown)}; "
                              f"expected {', '.join(OUR_COLUMNS)}")
         missing = [c for c in REQUIRED_COLUMNS if not mapping.get(c)]
         if missing:
-            raise ValueError(f"bad csv_columns: no column given for {', '.join(missing)}")
+            raise ValueError(f"bad {named}: no column given for {', '.join(missing)}")
         if bool(mapping.get("width")) != bool(mapping.get("height")):
-            raise ValueError("bad csv_columns: give both width and height, or neither")
+            raise ValueError(f"bad {named}: give both width and height, or neither")
     else:
         layout = LAYOUTS.get(tuple(names))
         if layout is None:
             raise ValueError(f"unrecognised CSV header: {','.join(header)!r}; expected "
                              + " or ".join(repr(",".join(k)) for k in LAYOUTS)
-                             + ", or give options csv_columns with fmt='csv'")
+                             + f", or give {named} with "
+                             f"{setting('exports.format', NAME)}")
         mapping = layout
     columns = {}
     for ours, theirs in mapping.items():
@@ -87,7 +93,7 @@ def _columns(header: list[str], options: dict[str, Any]) -> dict[str, int]:
             continue
         wanted = str(theirs).strip().lower()
         if wanted not in names:
-            raise ValueError(f"bad csv_columns: column {theirs!r} (for {ours}) is not in the "
+            raise ValueError(f"bad {named}: column {theirs!r} (for {ours}) is not in the "
                              f"header {','.join(header)!r}")
         columns[ours] = names.index(wanted)
     return columns

@@ -20,6 +20,9 @@ Class names come from the descriptions; `options["classes"]` (names, case-insens
 MIDs) keeps only those classes: one rejection per image sums up its skipped boxes ("class
 not selected: 3 boxes (Person, Tree)"), and an image left with no box is dropped with one
 rejection ("no selected class: image dropped, ...").
+`IsGroupOf=1` boxes (optional column) are group boxes: skipped or kept as
+`exports.group_boxes` says, always reported (`group_boxes.py`): skipped ones with one rejection
+per image, an image left with only group boxes is dropped.
 
 The other CSVs that sit next to the boxes in an Open Images download (image-level labels,
 segmentation masks, visual relationships, point labels) carry no boxes: `companion_note`
@@ -47,9 +50,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from odapi_operators.core.data.boxes import checked_box
+from odapi_operators.core.data.formats import group_boxes
 from odapi_operators.core.data.formats.common import first_line_fields, read_csv_lines
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource, key_from_id
 from odapi_operators.core.rejections import Rejection
+from odapi_operators.core.wording import setting
 
 if TYPE_CHECKING:
     from odapi_operators.core.data.formats import ParseContext
@@ -248,7 +253,7 @@ class _Image:
     """One image's boxes: a list of `Box`es while streaming runs; when a whole unsorted file
     is grouped, compactly as label indexes and clipped coordinates in arrays (36 B a box)."""
 
-    __slots__ = ("line", "boxes", "labels", "coords", "skipped", "unknown", "invalid")
+    __slots__ = ("line", "boxes", "labels", "coords", "skipped", "unknown", "invalid", "grouped")
 
     def __init__(self, line: int, compact: bool = False):
         self.line = line
@@ -257,6 +262,7 @@ class _Image:
         self.coords = array("d") if compact else None
         self.skipped: Counter | None = None
         self.unknown: Counter | None = None
+        self.grouped: Counter | None = None  # skipped group boxes by class name
         self.invalid = 0
 
 
@@ -272,13 +278,15 @@ class _Parser:
         self.ctx, self.report, self.selected = ctx, report, selected
         self.mid_index = {mid: i for i, mid in enumerate(names)}
         self.label_names = list(names.values())
+        self.keep_groups = group_boxes.keeps(ctx)
 
     # -- rows -----------------------------------------------------------------------------
     def rows(self, path: Path, columns: dict[str, int], count: int, quiet: bool = False):
-        """(line, ImageID, MID, [xmin, xmax, ymin, ymax]) per well-formed row."""
+        """(line, ImageID, MID, [xmin, xmax, ymin, ymax], IsGroupOf) per well-formed row."""
         file = str(path)
         report = (lambda *_: None) if quiet else self.report
         id_col, label_col = columns["ImageID"], columns["LabelName"]
+        group_col = columns.get("IsGroupOf")
         coord_cols = [(c, columns[c]) for c in ("XMin", "XMax", "YMin", "YMax")]
         lines = read_csv_lines(path)
         next(lines, None)  # header
@@ -305,9 +313,11 @@ class _Parser:
                            if not _is_float(fields[i]))
                 report(file, f"line {number}", f"not a number: {bad[0]} is {bad[1]!r}")
                 continue
-            yield number, image_id, mid, coords
+            group = group_col is not None and fields[group_col].strip() == "1"
+            yield number, image_id, mid, coords, group
 
-    def add(self, image: _Image, file: str, number: int, mid: str, coords: list[float]) -> None:
+    def add(self, image: _Image, file: str, number: int, mid: str, coords: list[float],
+            group: bool = False) -> None:
         index = self.mid_index.get(mid)
         if index is None:
             image.unknown = image.unknown or Counter()
@@ -324,6 +334,12 @@ class _Parser:
             self.report(file, f"line {number}", str(exc))
             image.invalid += 1
             return
+        if group:
+            group_boxes.counted(self.ctx, self.keep_groups)
+            if not self.keep_groups:
+                image.grouped = image.grouped or Counter()
+                image.grouped[self.label_names[index]] += 1
+                return
         if image.boxes is not None:
             image.boxes.append(box)
         else:
@@ -335,7 +351,7 @@ class _Parser:
         """(ImageID, _Image) per run of rows: the file is sorted by ImageID."""
         file = str(path)
         current, image, warned = None, None, False
-        for number, image_id, mid, coords in self.rows(path, columns, count):
+        for number, image_id, mid, coords, group in self.rows(path, columns, count):
             if image_id != current:
                 if image is not None:
                     yield current, image
@@ -344,7 +360,7 @@ class _Parser:
                     self.report(file, f"line {number}", "unsorted boxes CSV: ImageID "
                                 f"{image_id} after {current}; its images may be split")
                 current, image = image_id, _Image(number)
-            self.add(image, file, number, mid, coords)
+            self.add(image, file, number, mid, coords, group)
         if image is not None:
             yield current, image
 
@@ -352,11 +368,11 @@ class _Parser:
         """Every image of an unsorted file, in order of first appearance: O(boxes) memory."""
         file = str(path)
         images: dict[str, _Image] = {}
-        for number, image_id, mid, coords in self.rows(path, columns, count):
+        for number, image_id, mid, coords, group in self.rows(path, columns, count):
             image = images.get(image_id)
             if image is None:
                 image = images[image_id] = _Image(number, compact=True)
-            self.add(image, file, number, mid, coords)
+            self.add(image, file, number, mid, coords, group)
         return images
 
     # -- records --------------------------------------------------------------------------
@@ -372,18 +388,23 @@ class _Parser:
         kept = len(image.boxes) if image.boxes is not None else len(image.labels)
         skipped = sum(image.skipped.values()) if image.skipped else 0
         unknown = sum(image.unknown.values()) if image.unknown else 0
+        grouped = sum(image.grouped.values()) if image.grouped else 0
         if not kept:
-            if skipped and not unknown and not image.invalid:
+            if grouped and not (skipped or unknown or image.invalid):
+                reason = group_boxes.dropped_reason(grouped, f"IsGroupOf=1: "
+                                                             f"{_listed(image.grouped)}")
+            elif skipped and not unknown and not image.invalid and not grouped:
                 reason = (f"no selected class: image dropped, {skipped} boxes "
                           f"({_listed(image.skipped)})")
-            elif unknown and not skipped and not image.invalid:
+            elif unknown and not skipped and not image.invalid and not grouped:
                 reason = (f"unknown MID: image dropped, {unknown} boxes with MID "
                           f"{_listed(image.unknown)} not in the class descriptions")
             else:
                 parts = [f"{skipped} not selected ({_listed(image.skipped)})" if skipped else "",
                          f"{unknown} with unknown MID ({_listed(image.unknown)})"
                          if unknown else "",
-                         f"{image.invalid} invalid" if image.invalid else ""]
+                         f"{image.invalid} invalid" if image.invalid else "",
+                         f"{grouped} group boxes ({_listed(image.grouped)})" if grouped else ""]
                 reason = f"no usable box: image dropped, {'; '.join(p for p in parts if p)}"
             self.report(file, where, reason)
             return None
@@ -393,6 +414,9 @@ class _Parser:
         if skipped:
             self.report(file, where, f"class not selected: {skipped} boxes "
                                      f"({_listed(image.skipped)})")
+        if grouped:
+            self.report(file, where, group_boxes.skipped_reason(
+                f"{grouped} boxes with IsGroupOf=1 ({_listed(image.grouped)})"))
         md5, rotation, url, subset = None, 0, "", ""
         provenance = {"format": "openimages", "file": file, "line": image.line}
         found = index.get(image_id) if index is not None else None
@@ -492,8 +516,8 @@ def _selection(ctx: ParseContext, names: dict[str, str], where: str,
         elif item.lower() in by_name:
             selected |= by_name[item.lower()]
         else:
-            report(where, "options.classes", f"unknown selected class: {item!r} is neither "
-                                             "a MID nor a class name in the class descriptions")
+            report(where, setting("exports.classes"), f"unknown selected class: {item!r} is "
+                   "neither a MID nor a class name in the class descriptions")
     return selected
 
 
@@ -552,8 +576,7 @@ def _parse_boxes(parser: _Parser, path: Path, columns: dict[str, int], count: in
         elif all(f.is_sorted() for f in index_files):
             index = _MergedIndex(index_files)
         else:  # one more pass over the boxes for the ImageIDs whose index rows to keep
-            wanted = {image_id for _, image_id, _, _
-                      in parser.rows(path, columns, count, quiet=True)}
+            wanted = {row[1] for row in parser.rows(path, columns, count, quiet=True)}
             index = _DictIndex(index_files, wanted)
         images = parser.runs(path, columns, count)
     else:
