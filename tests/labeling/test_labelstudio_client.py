@@ -115,3 +115,25 @@ def test_command_line_without_an_address_names_its_flags(tmp_path):
     assert done.returncode == 3, done.stderr  # a config failure: retrying cannot help
     assert "--url (or $LABEL_STUDIO_URL) and $LABEL_STUDIO_API_KEY, or --conn-id" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("connection, url", [
+    ({"host": "http://ls.example:8080/"}, "http://ls.example:8080"),
+    ({"host": "ls.example", "port": 8081}, "http://ls.example:8081"),
+    ({"host": "ls.example", "schema": "https"}, "https://ls.example")])
+def test_hook_reads_the_url_and_token_from_the_connection(monkeypatch, connection, url):
+    from odapi_operators.hooks import LabelStudioHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_LABELSTUDIO_DEFAULT", json.dumps(
+        {"conn_type": "labelstudio", "password": "tok", **connection}))
+    address = LabelStudioHook().address()
+    assert (address.url, address.api_key) == (url, "tok")
+
+
+def test_hook_without_a_token_names_the_connection(monkeypatch):
+    from odapi_operators.hooks import LabelStudioHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_LS_NO_TOKEN", json.dumps(
+        {"conn_type": "labelstudio", "host": "http://ls:8080"}))
+    with pytest.raises(ValueError, match="connection 'ls_no_token': needs host .* password"):
+        LabelStudioHook("ls_no_token").address()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -229,16 +228,22 @@ class ProjectSource:
         return cls(conn_id, int(parts[1]))
 
 
-def last_pull(pulls: str | os.PathLike[str], project: int) -> dict | None:
-    """`labelstudio.json` of the newest complete pull of `project` under `pulls`, if any."""
+def newest_pull(pulls: str | os.PathLike[str], project: int) -> Path | None:
+    """The newest complete pull of `project` under `pulls` (names sort by time), if any."""
     folder = Path(os.fspath(pulls))
     found = sorted(folder.glob(f"project-{project}-*/{PULL_FILE}")) if folder.is_dir() else []
-    return json.loads(found[-1].read_text()) if found else None
+    return found[-1].parent if found else None
+
+
+def last_pull(pulls: str | os.PathLike[str], project: int) -> dict | None:
+    """`labelstudio.json` of the newest complete pull of `project` under `pulls`, if any."""
+    newest = newest_pull(pulls, project)
+    return json.loads((newest / PULL_FILE).read_text()) if newest else None
 
 
 def pull_if_new(client: LabelStudioClient, project: int, pulls: str | os.PathLike[str],
                 marker: str | None = "_SUCCESS") -> dict | None:
-    """Pull `project` into `<pulls>/project-<id>-<UTC time>` when its annotations changed
+    """Pull `project` into `<pulls>/project-<id>-<UTC time, to the microsecond>` when its annotations changed
     since the last pull there (and it has any); the pull's summary, else None."""
     data = client.export(project, "JSON")
     tasks = json.loads(data)
@@ -246,6 +251,16 @@ def pull_if_new(client: LabelStudioClient, project: int, pulls: str | os.PathLik
     if not any(t.get("annotations") for t in tasks) or (
             before and before.get("state") == annotation_state(tasks)):
         return None
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")  # sorts by time
     return pull_export(client, project, Path(os.fspath(pulls)) / f"project-{project}-{stamp}",
                        "JSON", marker, data=data)
+
+
+def watch_project(client: LabelStudioClient, project: int, pulls: str | os.PathLike[str],
+                  marker: str | None = "_SUCCESS") -> tuple[str | None, dict | None]:
+    """What an exports sensor sees of a project: (the newest pull's folder, the summary of a
+    pull made now because annotations changed, or None). A pull is a full snapshot of the
+    project, so only the newest is an export to take; the ledger tells if a run took it."""
+    pulled = pull_if_new(client, project, pulls, marker)
+    newest = newest_pull(pulls, project)
+    return (str(newest) if newest else None), pulled
