@@ -137,3 +137,14 @@ def test_hook_without_a_token_names_the_connection(monkeypatch):
         {"conn_type": "labelstudio", "host": "http://ls:8080"}))
     with pytest.raises(ValueError, match="connection 'ls_no_token': needs host .* password"):
         LabelStudioHook("ls_no_token").address()
+
+
+def test_labeling_config_command_prints_the_config_of_a_label_map(tmp_path):
+    label_map = "item { id: 2 name: 'b' }\nitem { id: 1 name: 'a' }\n"
+    (tmp_path / "label_map.pbtxt").write_text(label_map)
+    done = subprocess.run([sys.executable, "-m", "odapi_operators", "labelstudio",
+                           "labeling-config", "--label-map", str(tmp_path / "label_map.pbtxt")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    labels = ElementTree.fromstring(done.stdout).find("RectangleLabels")
+    assert [label.get("value") for label in labels] == ["a", "b"]

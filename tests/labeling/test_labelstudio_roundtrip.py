@@ -11,6 +11,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,3 +187,36 @@ def test_json_min_export_ingests_to_the_submitted_boxes(annotated_project, json_
     out, _ = json_min_export
     records = ingested(out, annotated_project["images"], annotated_project["root"] / "ingest-min")
     assert_boxes(records, annotated_project["submitted"])
+
+
+@pytest.mark.parametrize("token, project, said", [
+    ("not-a-token", 1, "HTTP 401"), (None, 999, "HTTP 404")], ids=["bad token", "no project"])
+def test_a_refused_pull_is_a_config_failure_and_writes_nothing(label_studio, tmp_path, token,
+                                                                project, said):
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url,
+           "LABEL_STUDIO_API_KEY": token or label_studio.token}
+    done = subprocess.run([sys.executable, "-m", "odapi_operators", "labelstudio",
+                           "pull-export", "--project", str(project), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert done.returncode == 3, done.stderr  # retrying cannot help
+    assert f"{label_studio.url}/api/projects/{project}/export: {said}" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_personal_access_token_works_as_the_api_key(label_studio, annotated_project,
+                                                      tmp_path):
+    """Label Studio's newer tokens are JWT refresh tokens, exchanged for an access token."""
+    import requests
+
+    created = requests.post(f"{label_studio.url}/api/token/", timeout=30,
+                            headers={"Authorization": f"Token {label_studio.token}"})
+    created.raise_for_status()
+    token = created.json()["token"]
+    assert token.count(".") == 2  # a JWT, not a legacy key
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": token}
+    done = subprocess.run([sys.executable, "-m", "odapi_operators", "labelstudio",
+                           "pull-export", "--project", str(annotated_project["project"]),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["annotations"] == len(annotated_project["submitted"])

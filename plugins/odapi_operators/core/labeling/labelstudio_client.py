@@ -91,7 +91,7 @@ class LabelStudioClient:
     def _authorization(self) -> str:
         if self._auth is None:
             if self._api_key.count(".") == 2:  # a JWT: personal access (refresh) token
-                access = self._call("POST", "/api/token/refresh", auth=False,
+                access = self._call("POST", "/api/token/refresh/", auth=False,
                                     json={"refresh": self._api_key}).json()["access"]
                 self._auth = f"Bearer {access}"
             else:
@@ -136,9 +136,9 @@ class LabelStudioClient:
 
 def read_tasks(path: str | os.PathLike[str]) -> list[dict]:
     """Label Studio import tasks from a tasks file, or a preannotate batch folder."""
-    source = Path(os.fspath(path))
-    if storage.is_local(source) and source.is_dir():
-        source = source / TASK_FILES["labelstudio"]
+    source = os.fspath(path)
+    if storage.is_local(source) and Path(source).is_dir():
+        source = str(Path(source) / TASK_FILES["labelstudio"])
     try:
         tasks = json.loads(storage.read_text(source))
     except (OSError, ValueError) as exc:
@@ -243,8 +243,8 @@ def last_pull(pulls: str | os.PathLike[str], project: int) -> dict | None:
 
 def pull_if_new(client: LabelStudioClient, project: int, pulls: str | os.PathLike[str],
                 marker: str | None = "_SUCCESS") -> dict | None:
-    """Pull `project` into `<pulls>/project-<id>-<UTC time, to the microsecond>` when its annotations changed
-    since the last pull there (and it has any); the pull's summary, else None."""
+    """Pull `project` into `<pulls>/project-<id>-<UTC time, in microseconds>` when its
+    annotations changed since the last pull there (and it has any); its summary, else None."""
     data = client.export(project, "JSON")
     tasks = json.loads(data)
     before = last_pull(pulls, project)
