@@ -148,3 +148,19 @@ def test_labeling_config_command_prints_the_config_of_a_label_map(tmp_path):
     assert done.returncode == 0, done.stderr
     labels = ElementTree.fromstring(done.stdout).find("RectangleLabels")
     assert [label.get("value") for label in labels] == ["a", "b"]
+
+
+@pytest.mark.parametrize("content, said", [
+    ("{not json", "cannot read tasks"),
+    ('{"data": {"image": "a.jpg"}}', "not Label Studio tasks"),
+    ('[{"image": "a.jpg"}]', "not Label Studio tasks")])
+def test_push_tasks_refuses_a_file_that_is_not_tasks_before_calling_the_server(
+        tmp_path, content, said):
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(content)
+    env = {**os.environ, "LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "k"}
+    done = subprocess.run([sys.executable, "-m", "odapi_operators", "labelstudio", "push-tasks",
+                           str(tmp_path), "--project", "1"], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 3, done.stderr
+    assert f"{tasks}: {said}" in done.stderr

@@ -220,3 +220,17 @@ def test_a_personal_access_token_works_as_the_api_key(label_studio, annotated_pr
                           env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["annotations"] == len(annotated_project["submitted"])
+
+
+def test_pull_export_reads_the_server_from_an_airflow_connection(label_studio, annotated_project,
+                                                                 tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")}
+    env["AIRFLOW_CONN_LS_TEAM"] = json.dumps({"conn_type": "labelstudio", "host": label_studio.url,
+                                              "password": label_studio.token})
+    done = subprocess.run([sys.executable, "-m", "odapi_operators", "labelstudio",
+                           "pull-export", "--conn-id", "ls_team", "--project",
+                           str(annotated_project["project"]), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["url"] == label_studio.url
+    assert (tmp_path / "out" / "_SUCCESS").exists()
