@@ -8,12 +8,18 @@ command line is visible to every user of the machine).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import TYPE_CHECKING
 
 from odapi_operators.core.failures import Failure
 
+if TYPE_CHECKING:
+    from odapi_operators.core.labeling.labelstudio_client import LabelStudioClient
 
-def _client(args: argparse.Namespace):
+
+def _client(args: argparse.Namespace) -> LabelStudioClient:
+    """--conn-id's connection, else --url / $LABEL_STUDIO_URL with $LABEL_STUDIO_API_KEY."""
     from odapi_operators.core.labeling.labelstudio_client import (
         API_KEY_ENV,
         URL_ENV,
@@ -26,8 +32,6 @@ def _client(args: argparse.Namespace):
         from odapi_operators.hooks import LabelStudioHook
 
         return LabelStudioHook(args.conn_id).get_conn()
-    import os
-
     url, api_key = args.url or os.environ.get(URL_ENV), os.environ.get(API_KEY_ENV)
     if not (url and api_key):
         missing = " and ".join(([] if url else [f"--url (or ${URL_ENV})"]) +

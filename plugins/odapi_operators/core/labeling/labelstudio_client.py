@@ -53,17 +53,6 @@ class Address:
     api_key: str
 
 
-def address_from_env(url: str | None = None, api_key: str | None = None) -> Address:
-    """The given url/api_key, else $LABEL_STUDIO_URL / $LABEL_STUDIO_API_KEY."""
-    url = url or os.environ.get(URL_ENV)
-    api_key = api_key or os.environ.get(API_KEY_ENV)
-    missing = [name for name, value in ((URL_ENV, url), (API_KEY_ENV, api_key)) if not value]
-    if missing:
-        raise LabelStudioError(f"no Label Studio {' and '.join(missing)}: set them, or give "
-                               "the address and token another way", Failure.CONFIG)
-    return Address(url.rstrip("/"), api_key)
-
-
 def labeling_config(label_map: dict[str, int], from_name: str = "label",
                     to_name: str = "image") -> str:
     """A RectangleLabels labeling config with the label map's classes in id order; its tag
@@ -171,10 +160,11 @@ def push_tasks(client: LabelStudioClient, tasks_path: str, project: int | None =
 def annotation_state(tasks: list[dict]) -> str:
     """A digest of every annotation's id, update time and cancellation in a JSON export:
     any submitted, changed or deleted annotation changes it."""
-    seen = sorted([task.get("id"), a.get("id"), a.get("updated_at"), bool(a.get("was_cancelled"))]
+    seen = sorted(json.dumps([task.get("id"), a.get("id"), a.get("updated_at"),
+                              bool(a.get("was_cancelled"))], default=str)
                   for task in tasks if isinstance(task, dict)
                   for a in task.get("annotations") or [] if isinstance(a, dict))
-    return hashlib.sha256(json.dumps(seen, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256("\n".join(seen).encode()).hexdigest()
 
 
 def _export_name(project: int, export_type: str) -> str:
@@ -193,10 +183,12 @@ def pull_export(client: LabelStudioClient, project: int, out_dir: str | os.PathL
     except ValueError as exc:
         raise LabelStudioError(f"{client.url} project {project}: the export is not JSON: "
                                f"{exc}") from None
+    full = export_type == "JSON"  # JSON-MIN: one flat record a task, no annotation ids
     pulled = {"url": client.url, "project": project, "export_type": export_type,
               "tasks": len(tasks), "annotations": sum(
-                  len(t.get("annotations") or []) for t in tasks if isinstance(t, dict)),
-              "state": annotation_state(tasks) if export_type == "JSON" else None,
+                  len(t.get("annotations") or []) for t in tasks if isinstance(t, dict))
+              if full else None,
+              "state": annotation_state(tasks) if full else None,
               "pulled_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     out = Path(os.fspath(out_dir))
     with storage.atomic_directory(out) as tmp:
