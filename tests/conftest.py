@@ -130,6 +130,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio (its own venv, SQLite, offline) on 127.0.0.1 for the session."""
+    from support.label_studio import label_studio_venv, start_label_studio
+
+    venv = label_studio_venv(ROOT)
+    server = start_label_studio(venv, tmp_path_factory.mktemp("label-studio"), free_port(),
+                                tmp_path_factory.mktemp("label-studio-files"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def gcs_emulator():
     """An in-memory emulator with bucket `odapi-test`; STORAGE_EMULATOR_HOST points at it."""

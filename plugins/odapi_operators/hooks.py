@@ -1,4 +1,6 @@
-"""TFServingHook: a TF Serving address held in an Airflow connection, handed out as a client.
+"""Hooks: service addresses held in Airflow connections, handed out as clients.
+
+TFServingHook: a TF Serving address, handed out as a client.
 
 Connection (type `tf_serving`, default id `tf_serving_default`): host and port are the gRPC
 address (port default 8500); extra `{"rest_url": "http://serving:8501", "timeout": 10}`.
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 
 if TYPE_CHECKING:
+    from odapi_operators.core.labeling.labelstudio_client import Address, LabelStudioClient
     from odapi_operators.core.serving.client import ServingClient
     from odapi_operators.core.serving.models_config import ServingOptions
 
@@ -79,3 +82,45 @@ def serving_addresses(options: ServingOptions,
             return {}
         del found["timeout"]
     return {k: v for k, v in found.items() if v}
+
+
+class LabelStudioHook(BaseHook):
+    """A Label Studio URL and API token from a connection, handed out as a client.
+
+    Connection (type `labelstudio`, default id `labelstudio_default`): host is the URL (or a
+    host name with schema and port), password the API token (legacy or personal access). E.g.
+    `AIRFLOW_CONN_LABELSTUDIO_DEFAULT='{"conn_type": "labelstudio",
+    "host": "http://labelstudio:8080", "password": "<token>"}'`.
+    """
+
+    conn_name_attr = "labelstudio_conn_id"
+    default_conn_name = "labelstudio_default"
+    conn_type = "labelstudio"
+    hook_name = "Label Studio"
+
+    def __init__(self, labelstudio_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.labelstudio_conn_id = labelstudio_conn_id
+
+    def address(self) -> Address:
+        from odapi_operators.core.labeling.labelstudio_client import Address
+
+        conn = self.get_connection(self.labelstudio_conn_id)
+        host = (conn.host or "").rstrip("/")
+        if not host or not conn.password:
+            raise ValueError(f"connection {self.labelstudio_conn_id!r}: needs host (the Label "
+                             "Studio URL) and password (its API token)")
+        if "://" not in host:
+            host = f"{conn.schema or 'http'}://{host}{f':{conn.port}' if conn.port else ''}"
+        return Address(host, conn.password)
+
+    def get_conn(self) -> LabelStudioClient:
+        from odapi_operators.core.labeling.labelstudio_client import LabelStudioClient
+
+        return LabelStudioClient(self.address())
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {"hidden_fields": ["login", "extra"],
+                "relabeling": {"host": "URL", "password": "API token"},
+                "placeholders": {"host": "http://labelstudio:8080"}}

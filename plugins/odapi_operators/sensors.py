@@ -13,7 +13,11 @@ from airflow.sdk.exceptions import AirflowException
 class AnnotationExportSensor(BaseSensorOperator):
     """Wait until the configured export folder (local or gs://) holds a complete export.
 
-    Returns (as XCom) the list of complete export paths. `deferrable=True` waits in the
+    Returns (as XCom) the list of complete export paths. With `exports.path`
+    `labelstudio://<connection id>/projects/<id>` it asks that Label Studio project instead:
+    when its annotations changed since the last pull it pulls an export folder into
+    `exports.labelstudio_pulls`, and returns the newest pull (a project is polled from the
+    worker, never deferred: its client needs the connection). `deferrable=True` waits in the
     triggerer (no worker slot held); otherwise poke, or `mode="reschedule"` for long waits.
     `marker` and `inactivity_seconds` override the frozen config's `exports` section
     (`marker=""`: no marker, wait for `inactivity_seconds` without changes instead).
@@ -47,8 +51,11 @@ class AnnotationExportSensor(BaseSensorOperator):
 
     def poke(self, context: Any) -> PokeReturnValue:
         from odapi_operators.core.data.exports import scan_exports
+        from odapi_operators.core.labeling.labelstudio_client import ProjectSource
 
         path, marker, inactivity = self.watch()
+        if (source := ProjectSource.parse(path)) is not None:
+            return self._poke_project(source, marker)
         # Reschedule mode builds a new sensor per poke: keep the snapshot in the state store.
         store = context.get("task_state_store") if self.reschedule and not marker else None
         previous = store.get(self._SNAPSHOT_KEY) if store is not None else self._snapshot
@@ -58,8 +65,23 @@ class AnnotationExportSensor(BaseSensorOperator):
         self.log.info("%d complete export(s) at %s", len(found), path)
         return PokeReturnValue(is_done=bool(found), xcom_value=[e.path for e in found])
 
+    def _poke_project(self, source: Any, marker: str | None) -> PokeReturnValue:
+        from odapi_operators.core.config import read_frozen_config
+        from odapi_operators.core.labeling.labelstudio_client import watch_project
+        from odapi_operators.hooks import LabelStudioHook
+
+        pulls = read_frozen_config(self.config).exports.labelstudio_pulls
+        newest, pulled = watch_project(LabelStudioHook(source.conn_id).get_conn(),
+                                       source.project, pulls, marker or "_SUCCESS")
+        if pulled:
+            self.log.info("pulled %d annotated task(s) of project %d into %s", pulled["tasks"],
+                          source.project, pulled["out"])
+        return PokeReturnValue(is_done=newest is not None, xcom_value=[newest] if newest else [])
+
     def execute(self, context: Any) -> Any:
-        if not self.deferrable:
+        from odapi_operators.core.labeling.labelstudio_client import ProjectSource
+
+        if not self.deferrable or ProjectSource.parse(self.watch()[0]) is not None:
             return super().execute(context)
         first = self.poke(context)
         if first.is_done:

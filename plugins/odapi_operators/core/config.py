@@ -43,8 +43,13 @@ def only(*stages: str) -> dict:
 
 
 class ExportsConfig(_Strict):
-    path: str = Field(description="export folder, or a folder of export folders, to watch",
+    path: str = Field(description="export folder, or a folder of export folders, to watch; "
+                                  "or labelstudio://<connection id>/projects/<id>",
                       json_schema_extra=only("watch", "select_exports"))
+    labelstudio_pulls: str = Field(
+        default="var/labelstudio-pulls", json_schema_extra=only("watch"),
+        description="with a labelstudio:// path: the sensor pulls the project's export here "
+                    "(one export folder a pull) when its annotations changed")
     format: FormatName = Field(default="auto", description="annotation format of the exports")
     marker: str | None = Field(default="_SUCCESS",
                                json_schema_extra=only("watch", "select_exports"),
@@ -297,7 +302,7 @@ class PipelineConfig(_Strict):
 PATH_KEYS = ("runs", "datasets", "exports.ledger", "records.cache", "serving.models_config",
               "serving.registry", "exports.path", "exports.images_root", "train.model_config",
               "train.init_checkpoint", "serving.base", "preannotate.pool",
-              "preannotate.out_dir")
+              "preannotate.out_dir", "exports.labelstudio_pulls")
 
 
 def default_home(config_path: Path) -> Path:

@@ -78,7 +78,11 @@ def preannotate(ctx: StageContext, inputs: PreannotateInputs,
         raise StageSkipped(f"{options.pool}: no unlabeled images to pre-annotate")
     labeled = options.labeled
     if labeled is None and ctx.pipeline is not None:
-        labeled = [ctx.pipeline.exports.path]
+        from odapi_operators.core.labeling.labelstudio_client import ProjectSource
+
+        exports = ctx.pipeline.exports  # a Label Studio project: what was pulled of it
+        labeled = [exports.labelstudio_pulls if ProjectSource.parse(exports.path) else
+                   exports.path]
     labeled = [path for path in labeled or [] if path and storage.exists(path)]
     core_options = PreannotateOptions(
         fmt=options.format, top_k=options.top_k, score_threshold=options.score_threshold,

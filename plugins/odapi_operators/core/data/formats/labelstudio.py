@@ -193,15 +193,16 @@ def _chosen_annotation(task: dict, file: str, record: str, ctx: ParseContext) ->
 
 
 def _source_model_version(task: dict, annotation: dict) -> Any:
-    """The `model_version` of the prediction an annotation was made from (Label Studio sets
-    `parent_prediction` to its id, and may inline it as `prediction`), else None."""
-    inline = annotation.get("prediction")
-    if isinstance(inline, dict) and inline.get("model_version") is not None:
-        return scalar(inline["model_version"])
+    """The `model_version` of the prediction an annotation was made from, else None.
+
+    Label Studio names that prediction in `parent_prediction` (an id). Its export lists the
+    task's predictions in full or by id only, and inlines in the annotation's `prediction` the
+    prediction *shown* when it was saved (the project's current model version), which is the
+    parent only if the ids match: an annotation drawn from scratch has one too."""
     parent = annotation.get("parent_prediction")
-    if not isinstance(parent, (int, str)):  # an id; comparing a deep structure would recurse
-        return None
-    for prediction in task.get("predictions") or []:
+    if not isinstance(parent, (int, str)) or isinstance(parent, bool):
+        return None  # an id; comparing a deep structure would recurse
+    for prediction in [annotation.get("prediction"), *(task.get("predictions") or [])]:
         if isinstance(prediction, dict) and prediction.get("id") == parent:
             return scalar(prediction.get("model_version"))
     return None
