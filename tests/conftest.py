@@ -135,7 +135,7 @@ def label_studio(tmp_path_factory):
     """A real Label Studio (its own venv, SQLite, offline) on 127.0.0.1 for the session."""
     from support.label_studio import label_studio_venv, start_label_studio
 
-    venv = label_studio_venv(ROOT)
+    venv = label_studio_venv()
     server = start_label_studio(venv, tmp_path_factory.mktemp("label-studio"), free_port(),
                                 tmp_path_factory.mktemp("label-studio-files"))
     try:

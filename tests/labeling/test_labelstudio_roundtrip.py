@@ -182,7 +182,6 @@ def test_json_min_export_is_pulled(annotated_project, json_min_export):
     assert sorted(t["odapi_key"] for t in tasks) == sorted(annotated_project["submitted"])
 
 
-@pytest.mark.xfail(strict=True, reason="JSON-MIN: helper B")
 def test_json_min_export_ingests_to_the_submitted_boxes(annotated_project, json_min_export):
     out, _ = json_min_export
     records = ingested(out, annotated_project["images"], annotated_project["root"] / "ingest-min")

@@ -2,7 +2,8 @@
 
 Label Studio pins its own Django stack (and label-studio-sdk pins opencv < 4.13), so it never
 shares the project's dependency set: `label_studio_venv` installs it once per version under
-`var/cache/label-studio-<version>` (or $ODAPI_LABEL_STUDIO_VENV), which later runs reuse.
+the user's cache, `~/.cache/odapi/label-studio-<version>` (or $ODAPI_LABEL_STUDIO_VENV): like
+pip's cache it outlives a checkout, so later runs and other clones on the machine reuse it.
 
 Offline: `label-studio start` reaches no network with the settings below. From its source
 (label_studio/core/settings/*.py, core/utils/common.py): LATEST_VERSION_CHECK=false skips
@@ -32,11 +33,11 @@ USERNAME = "annotator@odapi.test"
 ANNOTATOR = Path(__file__).with_name("ls_annotator.py")
 
 
-def label_studio_venv(root: Path, version: str = VERSION) -> Path:
+def label_studio_venv(version: str = VERSION) -> Path:
     """A virtualenv with label-studio==`version`, installed once and reused; a marker written
     after a complete install tells a finished venv from an interrupted one."""
-    venv = Path(os.environ.get("ODAPI_LABEL_STUDIO_VENV") or
-                root / "var" / "cache" / f"label-studio-{version}")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "odapi"
+    venv = Path(os.environ.get("ODAPI_LABEL_STUDIO_VENV") or cache / f"label-studio-{version}")
     complete = venv / ".odapi-installed"
     if complete.exists():
         return venv
