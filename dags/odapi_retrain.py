@@ -75,7 +75,11 @@ with DAG(
                                  description="Start from this checkpoint (folder or prefix, "
                                              "local or gs://) instead of from scratch"),
         "warm_start": Param(PIPELINE.train.warm_start, type="boolean",
-                            description="Start from the checkpoint of the model in production"),
+                            description="Continuous training: start from the weights of the "
+                                        "model in production (off: from scratch)"),
+        "warm_start_steps": Param(PIPELINE.train.warm_start_steps, type=["null", "integer"],
+                                  minimum=1, description="Training steps of a warm start "
+                                                         "(empty: train_steps)"),
         "min_ap50": Param(None, type=["null", "number"], minimum=0, maximum=1,
                           description="Promote only at or above this AP50"),
         "force_promote": Param(False, type="boolean",
@@ -92,7 +96,8 @@ with DAG(
         param_keys={"export_path": "exports.path", "train_steps": "train.steps",
                     "model_config": "train.model_config",
                     "init_checkpoint": "train.init_checkpoint",
-                    "warm_start": "train.warm_start", "min_ap50": "gate.min_ap50",
+                    "warm_start": "train.warm_start",
+                    "warm_start_steps": "train.warm_start_steps", "min_ap50": "gate.min_ap50",
                     "take_exports": "run.take_exports", "dry_run": "run.dry_run",
                     "force_promote": "run.force_promote", "force_reason": "run.reason"})
     cfg = config.output["config"]

@@ -20,7 +20,7 @@ import yaml
 from conftest import ROOT
 
 MODELS = ROOT / "include" / "configs" / "models"
-TWO_PROBLEMS = {"force_promote": True, "init_checkpoint": "/models/ckpt-100", "warm_start": True}
+TWO_PROBLEMS = {"force_promote": True, "warm_start": False, "warm_start_steps": 50}
 
 
 @pytest.fixture()
@@ -85,9 +85,9 @@ def test_dag_test_refuses_a_bad_conf_before_creating_a_run(retrain: Any,
     ({"force_promote": True}, "run.force_promote needs run.reason (the force_reason param)"),
     ({"force_promote": True, "force_reason": "  "},
      "run.force_promote needs run.reason (the force_reason param)"),
-    ({"init_checkpoint": "/models/ckpt-100", "warm_start": True},
-     "give train.init_checkpoint or train.warm_start, not both"),
-], ids=["force-no-reason", "force-blank-reason", "checkpoint-and-warm-start"])
+    ({"warm_start": False, "warm_start_steps": 50},
+     "train.warm_start_steps is the budget of a warm start: it needs train.warm_start"),
+], ids=["force-no-reason", "force-blank-reason", "budget-without-warm-start"])
 def test_schema_valid_combinations_are_refused_by_name(retrain: Any, conf: dict,
                                                        message: str) -> None:
     from odapi_operators.core.config import ConfigError, load_pipeline_config
@@ -114,7 +114,8 @@ def test_a_run_with_bad_combinations_fails_at_resolve_config(
     log = capsys.readouterr().out
     assert "AirflowFailException: " in log and "invalid pipeline config" in log
     assert ("run.force_promote needs run.reason (the force_reason param): it is recorded in "
-            "decision.json; give train.init_checkpoint or train.warm_start, not both") in log
+            "decision.json; train.warm_start_steps is the budget of a warm start: it needs "
+            "train.warm_start") in log
 
 
 def test_valid_params_reach_the_frozen_config(retrain: Any, airflow_db: Path) -> None:

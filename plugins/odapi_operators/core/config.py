@@ -176,9 +176,14 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=8, gt=0, description="global batch size")
     init_checkpoint: str | None = Field(
         default=None, description="start from this checkpoint (prefix or folder, local or "
-                                  "gs://): one of ours, or a TF-Vision backbone checkpoint")
-    warm_start: bool = Field(default=False, description="start from the checkpoint of the "
-                                                        "model in production")
+                                  "gs://): one of ours, or a TF-Vision backbone checkpoint; "
+                                  "an explicit start point wins over train.warm_start")
+    warm_start: bool = Field(default=True, description="continuous training: once a model "
+                             "is in production, start from its weights on the whole dataset "
+                             "version (false: from scratch)")
+    warm_start_steps: int | None = Field(
+        default=None, gt=0, description="step budget of a warm-started training (none: "
+                                        "train.steps); a scratch training uses train.steps")
     placement: TrainPlacement = TrainPlacement()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -289,8 +294,9 @@ class PipelineConfig(_Strict):
         if self.run.force_promote and not (self.run.reason or "").strip():
             problems.append("run.force_promote needs run.reason (the force_reason param): it "
                             "is recorded in decision.json")
-        if self.train.init_checkpoint and self.train.warm_start:
-            problems.append("give train.init_checkpoint or train.warm_start, not both")
+        if self.train.warm_start_steps and not self.train.warm_start:
+            problems.append("train.warm_start_steps is the budget of a warm start: it needs "
+                            "train.warm_start")
         if problems:
             raise ValueError("; ".join(problems))
         return self

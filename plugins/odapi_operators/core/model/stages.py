@@ -11,6 +11,7 @@ from pydantic import Field
 from odapi_operators.core.config import EvaluateConfig, ExportConfig, TrainConfig
 from odapi_operators.core.layout import METRICS, RunFile, Stage
 from odapi_operators.core.stages.contract import Inputs, Result, StageContext, StageSpec
+from odapi_operators.core.wording import setting
 
 # --- train ----------------------------------------------------------------------------------
 
@@ -37,15 +38,17 @@ def train(ctx: StageContext, inputs: TrainInputs, options: TrainConfig) -> Train
 
     warm_from = inputs.warm_start_from
     if options.warm_start and not warm_from and not options.init_checkpoint:
-        if ctx.pipeline is None:
-            raise ValueError("warm_start needs the serving model folder (warm_start_from) "
-                             "or a pipeline config")
-        from odapi_operators.core.serving.serving_dir import model_dir
+        if ctx.pipeline is None:  # no serving folder known: nothing is in production for us
+            ctx.log("warm start: no pipeline config and no serving model folder given "
+                    f"({setting('warm_start_from')}): from scratch")
+        else:
+            from odapi_operators.core.serving.serving_dir import model_dir
 
-        warm_from = model_dir(ctx.pipeline.serving.base, ctx.pipeline.serving.model_name)
+            warm_from = model_dir(ctx.pipeline.serving.base, ctx.pipeline.serving.model_name)
     summary = train_detector(options.model_config_path, inputs.data, ctx.folder, options.steps,
                              options.batch_size, init_checkpoint=options.init_checkpoint,
-                             warm_start_from=warm_from)
+                             warm_start_from=warm_from,
+                             warm_start_steps=options.warm_start_steps)
     return Trained(**summary)
 
 

@@ -128,11 +128,16 @@ def _finished(model_dir: str | Path, steps: int, start: dict, experiment: str) -
 
 def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
           steps: int, batch_size: int, *, init_checkpoint: str | None = None,
-          warm_start_from: str | None = None) -> dict:
+          warm_start_from: str | None = None, warm_start_steps: int | None = None) -> dict:
     """Train (or resume) in `model_dir`; a new run starts from `init_checkpoint`, from the
     production model under `warm_start_from` (`<serving base>/<model>`), or from scratch.
-    Fails with TrainingInProgress while another process trains into `model_dir`."""
+    A start from production trains `warm_start_steps` (when given) instead of `steps`: it
+    refines weights that already know the older labels. Fails with TrainingInProgress while
+    another process trains into `model_dir`."""
     start = warm_start.resolve(init_checkpoint, warm_start_from)
+    if warm_start_steps and start.get("production_version") is not None:
+        steps = warm_start_steps
+        start = {**start, "step_budget": steps}
     experiment, _ = tfvision.load_model_config(model_config)
     with _own_model_dir(model_dir):
         testpoints.reached("train:owns_model_dir")
