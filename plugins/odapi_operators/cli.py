@@ -20,9 +20,12 @@ from odapi_operators.core.wording import config_words, flag_words, speaking
 
 
 def cmd_sample(args: argparse.Namespace) -> dict:
-    from odapi_operators.core.data.sample_data import generate
+    from odapi_operators.core.data.sample_data import Look, generate
 
-    return generate(args.out, count=args.count, seed=args.seed, max_side=args.max_side)
+    look = Look(classes=tuple(args.classes.split(",")), sizes=tuple(args.sizes),
+                palette=args.palette)
+    return generate(args.out, count=args.count, seed=args.seed, max_side=args.max_side,
+                    prefix=args.prefix, look=look)
 
 
 def cmd_prepare(args: argparse.Namespace) -> dict:
@@ -68,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-side", type=int, default=160)
+    p.add_argument("--prefix", default="shapes", help="image names <prefix>_<n>.jpg; another "
+                   "export of other images needs another prefix (same name = same image)")
+    p.add_argument("--classes", default="circle,square,triangle",
+                   help="comma-separated shapes to draw (circle, square, triangle, diamond)")
+    p.add_argument("--sizes", type=float, nargs=2, default=(0.25, 0.5), metavar=("MIN", "MAX"),
+                   help="object side as a share of the image's shorter side")
+    p.add_argument("--palette", default="any", choices=("any", "dark", "light"),
+                   help="object colours")
     p.set_defaults(func=cmd_sample)
 
     about = "download, verify, label map and shard in one go"

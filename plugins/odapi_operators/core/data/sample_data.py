@@ -18,7 +18,19 @@ from PIL import Image, ImageDraw
 from odapi_operators.core import storage
 
 CLASSES = ("circle", "square", "triangle")
+DRAWN = (*CLASSES, "diamond")  # every shape `render_image` can draw; a later export may add one
 MARKER = "_SUCCESS"
+SIZES = (0.25, 0.5)  # object side as a share of the image's shorter side
+PALETTES = {"any": (0, 256), "dark": (0, 110), "light": (150, 256)}
+
+
+@dataclass(frozen=True)
+class Look:
+    """What a batch of images looks like, so exports can differ the way real batches do: a
+    class added, objects smaller, colours shifted (bench/continuous.py)."""
+    classes: tuple[str, ...] = CLASSES
+    sizes: tuple[float, float] = SIZES
+    palette: str = "any"
 
 
 @dataclass(frozen=True)
@@ -42,10 +54,11 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     return np.clip(base[None, None, :] + ramp + noise, 0, 255).astype(np.uint8)
 
 
-def _place(rng: np.random.Generator, width: int, height: int, taken: list[Shape]):
+def _place(rng: np.random.Generator, width: int, height: int, taken: list[Shape],
+           sizes: tuple[float, float] = SIZES):
     short = min(width, height)
     for _ in range(50):
-        side = int(rng.uniform(0.25, 0.5) * short)
+        side = max(4, int(rng.uniform(*sizes) * short))
         x0 = int(rng.integers(0, width - side))
         y0 = int(rng.integers(0, height - side))
         box = (x0, y0, x0 + side, y0 + side)
@@ -54,24 +67,32 @@ def _place(rng: np.random.Generator, width: int, height: int, taken: list[Shape]
     return None
 
 
-def render_image(rng: np.random.Generator, max_side: int) -> tuple[Image.Image, list[Shape]]:
+def render_image(rng: np.random.Generator, max_side: int,
+                 look: Look = Look()) -> tuple[Image.Image, list[Shape]]:
     """One image with 1-4 shapes; box coordinates are exact shape extents in pixels."""
+    unknown = set(look.classes) - set(DRAWN)
+    if unknown or look.palette not in PALETTES:
+        raise ValueError(f"cannot draw {sorted(unknown) or look.palette!r}: shapes are "
+                         f"{', '.join(DRAWN)}, palettes {', '.join(PALETTES)}")
     width = int(rng.integers(max_side * 3 // 4, max_side + 1))
     height = int(rng.integers(max_side * 3 // 4, max_side + 1))
     image = Image.fromarray(_background(rng, width, height))
     draw = ImageDraw.Draw(image)
     shapes: list[Shape] = []
     for _ in range(int(rng.integers(1, 5))):
-        box = _place(rng, width, height, shapes)
+        box = _place(rng, width, height, shapes, look.sizes)
         if box is None:
             continue
-        label = CLASSES[int(rng.integers(0, len(CLASSES)))]
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        label = look.classes[int(rng.integers(0, len(look.classes)))]
+        colour = tuple(int(c) for c in rng.integers(*PALETTES[look.palette], size=3))
         x0, y0, x1, y1 = box
         if label == "circle":
             draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=colour)
         elif label == "square":
             draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=colour)
+        elif label == "diamond":
+            cx, cy = (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2
+            draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=colour)
         else:
             draw.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)], fill=colour)
         shapes.append(Shape(label, box))
@@ -115,10 +136,13 @@ def voc_xml(filename: str, annotator_path: str, width: int, height: int,
 
 
 def generate(out_dir: str | Path, count: int = 200, seed: int = 0, max_side: int = 160,
-             marker: str | None = MARKER) -> dict:
+             marker: str | None = MARKER, prefix: str = "shapes", look: Look = Look()) -> dict:
     """Write `count` JPEG + VOC XML pairs to `out_dir`; return a summary.
 
-    The completion marker (if any) is written last, so a watcher never sees half an export.
+    Images are named `<prefix>_<index>.jpg`: an image's key comes from its name, so a second
+    export of *other* images needs another prefix (the same names are the same images,
+    relabelled). The completion marker (if any) is written last, so a watcher never sees half
+    an export.
     """
     if count < 1:
         raise ValueError("count must be at least 1")
@@ -126,14 +150,15 @@ def generate(out_dir: str | Path, count: int = 200, seed: int = 0, max_side: int
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     boxes = 0
-    per_class = dict.fromkeys(CLASSES, 0)
+    per_class = dict.fromkeys(look.classes, 0)
     for index in range(count):
-        image, shapes = render_image(rng, max_side)
-        name = f"shapes_{index:05d}.jpg"
+        image, shapes = render_image(rng, max_side, look)
+        name = f"{prefix}_{index:05d}.jpg"
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=92)
         storage.write_bytes(out / name, buffer.getvalue())
-        xml = voc_xml(name, f"/home/annotator/shapes/{name}", image.width, image.height, shapes)
+        xml = voc_xml(name, f"/home/annotator/{prefix}/{name}", image.width, image.height,
+                      shapes)
         storage.write_text(out / f"{Path(name).stem}.xml", xml)
         boxes += len(shapes)
         for s in shapes:
