@@ -74,6 +74,15 @@ def is_number(value: Any) -> bool:
         and -sys.float_info.max <= value <= sys.float_info.max
 
 
+def parses_as_float(raw: str) -> bool:
+    """True for text `float()` accepts: a numeric field of a text format (YOLO, CSV)."""
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
 def image_size(width: Any, height: Any) -> tuple[int, int] | None:
     """(width, height) in whole pixels; None if the export gives neither (size unknown).
 

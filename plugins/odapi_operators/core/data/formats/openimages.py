@@ -51,7 +51,11 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from odapi_operators.core.data.boxes import checked_box
 from odapi_operators.core.data.formats import group_boxes
-from odapi_operators.core.data.formats.common import first_line_fields, read_csv_lines
+from odapi_operators.core.data.formats.common import (
+    first_line_fields,
+    parses_as_float,
+    read_csv_lines,
+)
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource, key_from_id
 from odapi_operators.core.rejections import Rejection
 from odapi_operators.core.wording import setting
@@ -310,7 +314,7 @@ class _Parser:
                 coords = [float(fields[i]) for _, i in coord_cols]
             except ValueError:
                 bad = next((name, fields[i]) for name, i in coord_cols
-                           if not _is_float(fields[i]))
+                           if not parses_as_float(fields[i]))
                 report(file, f"line {number}", f"not a number: {bad[0]} is {bad[1]!r}")
                 continue
             group = group_col is not None and fields[group_col].strip() == "1"
@@ -462,14 +466,6 @@ class _Parser:
         return ImageRecord(key=key_from_id(image_id), source=source, source_id=image_id,
                            width=None, height=None, boxes=boxes, provenance=provenance,
                            md5=md5, rotation=rotation)
-
-
-def _is_float(raw: str) -> bool:
-    try:
-        float(raw)
-        return True
-    except ValueError:
-        return False
 
 
 def _load_descriptions(files: list[tuple[Path, bool]], report: Report) -> dict[str, str]:

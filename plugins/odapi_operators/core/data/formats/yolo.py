@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import yaml
 
 from odapi_operators.core.data.boxes import checked_box
-from odapi_operators.core.data.formats.common import brief, no_usable_box
+from odapi_operators.core.data.formats.common import brief, no_usable_box, parses_as_float
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource
 from odapi_operators.core.rejections import RecordError
 
@@ -271,7 +271,7 @@ def _line_box(fields: list[str], names: tuple[list[str], str] | None) -> Box:
     try:
         values = [float(v) for v in fields[1:]]
     except ValueError:
-        bad = next(v for v in fields[1:] if not _is_float(v))
+        bad = next(v for v in fields[1:] if not parses_as_float(v))
         raise ValueError(f"not a number: {bad!r}") from None
     if names is None:
         raise ValueError(f"no class names: no {NAMES_HINT} in the label's folder or above it")
@@ -286,14 +286,6 @@ def _line_box(fields: list[str], names: tuple[list[str], str] | None) -> Box:
         return checked_box(label_names[class_id], cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
     xs, ys = values[0::2], values[1::2]
     return checked_box(label_names[class_id], min(xs), min(ys), max(xs), max(ys))
-
-
-def _is_float(raw: str) -> bool:
-    try:
-        float(raw)
-        return True
-    except ValueError:
-        return False
 
 
 def _label_lines(path: Path) -> list[tuple[int, str]]:
