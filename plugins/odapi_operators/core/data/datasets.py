@@ -120,3 +120,53 @@ def read_json(datasets_dir: str | Path, fingerprint: str, name: str) -> dict:
     """summary.json or diff.json of a version ({} for a version older than that file)."""
     path = version_dir(datasets_dir, fingerprint) / name
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def version_rows(datasets_dir: str | Path) -> list[dict]:
+    """What `odapi dataset list` shows: every version, oldest first, the current one marked."""
+    current = current_version(datasets_dir)
+    return [{"version": line["fingerprint"], "current": "*" if line["fingerprint"] == current
+             else "", "parent": line.get("parent"), "created": _when(line.get("created_at")),
+             "run": line.get("run_id"), "images": line.get("images"), "boxes": line.get("boxes"),
+             "changes": _changes(line)} for line in list_versions(datasets_dir)]
+
+
+def show_version(datasets_dir: str | Path, fingerprint: str) -> dict:
+    """What `odapi dataset show` prints: one version's line, exports absorbed and classes."""
+    fingerprint = version_dir(datasets_dir, fingerprint).name
+    line = next((v for v in list_versions(datasets_dir) if v["fingerprint"] == fingerprint), {})
+    summary = read_json(datasets_dir, fingerprint, SUMMARY)
+    changes = read_json(datasets_dir, fingerprint, DIFF)
+    return {"fingerprint": fingerprint, "current": fingerprint == current_version(datasets_dir),
+            "parent": changes.get("parent", line.get("parent")),
+            "created": _when(line.get("created_at")), "run_id": line.get("run_id"),
+            "images": summary.get("images"), "boxes": summary.get("boxes"),
+            "newest_landed_at": summary.get("newest_landed_at"),
+            "exports": changes.get("exports", []),
+            **{k: len(changes.get(k, [])) for k in ("added", "changed", "removed")},
+            "classes_before": changes.get("classes_before", {}),
+            "classes": summary.get("classes", {}),
+            "label_map": version_label_map(datasets_dir, fingerprint)}
+
+
+def compare_versions(datasets_dir: str | Path, before: str, after: str) -> dict:
+    """`odapi dataset diff A B`: images added, changed and removed from A to B, boxes per
+    class on each side; any two versions, related or not."""
+    from odapi_operators.core.data.versions import diff
+
+    a, b = (version_dir(datasets_dir, v).name for v in (before, after))
+    return {"before": a, "after": b,
+            **diff(version_records(datasets_dir, a), version_records(datasets_dir, b))}
+
+
+def _changes(line: dict) -> str:
+    if line.get("added") is None:
+        return ""  # a version from before versions recorded their diff
+    return f"+{line['added']} ~{line['changed']} -{line['removed']}"
+
+
+def _when(epoch: float | None) -> str | None:
+    from datetime import UTC, datetime
+
+    return None if epoch is None else \
+        datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")

@@ -454,9 +454,12 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
                                             options, notes, deleted_file)
     deltas, aliased = _deltas(parsed, known, unknown_classes, class_aliases, log, marker,
                               mode, modes)
-    applied = versions.apply_exports([] if rebuild else base.records, deltas,
-                                     base_name=base.name,
-                                     newest_landed_at=None if rebuild else base.newest_landed_at)
+    if rebuild:
+        applied = versions.apply_exports([], deltas, base_name="the rebuilt dataset",
+                                         replay=True)
+    else:
+        applied = versions.apply_exports(base.records, deltas, base_name=base.name,
+                                         newest_landed_at=base.newest_landed_at)
     records = applied.records
     classes = Counter(box.label for record in records for box in record.boxes)
     ids = extend_label_map(known if known is not None else base.label_map or {}, list(classes))

@@ -117,18 +117,21 @@ def _candidate_keys(name: str) -> set[str]:
 
 
 def _resolve_deleted(delta: ExportDelta, state: dict[str, ImageRecord],
-                     incoming: dict[str, ImageRecord], base: str) -> set[str]:
+                     incoming: dict[str, ImageRecord], base: str, replay: bool) -> set[str]:
     """The keys `delta`'s deleted file names; every name must name exactly one image the
-    dataset holds, and none the export itself labels."""
+    dataset holds (when replayed, a name of no image removes nothing), and none the export
+    itself labels."""
     index: dict[str, set[str]] = defaultdict(set)
     for record in (*state.values(), *incoming.values()):
         for name in _names(record):
             index[name].add(record.key)
     keys, problems = set(), []
     for number, name in delta.deleted:
-        found = index.get(name) or {k for k in _candidate_keys(name) if k in state or
-                                    k in incoming}
+        found = index.get(name) or {k for k in _candidate_keys(name)
+                                    if k in state or k in incoming}
         where = f"{delta.deleted_file} line {number}: {name!r}"
+        if not found and replay:
+            continue
         if not found:
             problems.append(f"{where} names no image of {base} or of this export")
         elif len(found) > 1:
@@ -156,13 +159,15 @@ class Applied:
 
 
 def apply_exports(base: Iterable[ImageRecord], deltas: list[ExportDelta], *, base_name: str,
-                  newest_landed_at: str | None = None) -> Applied:
+                  newest_landed_at: str | None = None, replay: bool = False) -> Applied:
     """`base` with every export of `deltas` applied in landing order (see the module doc).
 
     `base_name` names the base in messages ("version 3f2a..."); `newest_landed_at` is the
-    newest landing time the base absorbed (None: no snapshot is too old, as when a run
-    rebuilds from every export). Raises a data StageError, naming the export, for a snapshot
-    older than that, a deleted file naming unknown images, or an export that empties it.
+    newest landing time the base absorbed (None: no snapshot is too old). Raises a data
+    StageError, naming the export, for a snapshot older than that, a deleted file naming
+    unknown images, or an export that empties the dataset. `replay` (a rebuild from every
+    export, each checked when it was first consumed): a deleted name of an image no replayed
+    export holds (it came from an export since gone) removes nothing.
     """
     state = {r.key: r for r in base}
     superseded: list[str] = []
@@ -176,7 +181,8 @@ def apply_exports(base: Iterable[ImageRecord], deltas: list[ExportDelta], *, bas
                 f"({setting('exports.modes', {delta.path: 'incremental'})}); nothing was "
                 "published")
         incoming = {r.key: r for r in delta.records}
-        removals = _resolve_deleted(delta, state, incoming, base_name) if delta.deleted else set()
+        removals = (_resolve_deleted(delta, state, incoming, base_name, replay)
+                    if delta.deleted else set())
         if delta.mode == "snapshot":
             removals |= state.keys() - incoming.keys()
         before = len(state)
