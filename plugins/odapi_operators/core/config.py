@@ -90,12 +90,14 @@ class ExportsConfig(_Strict):
                     "/ unknown_classes filters do not count")
     mode: ExportMode = Field(
         default="incremental", json_schema_extra=only("ingest"),
-        description="what an export says about the dataset: incremental (it adds or relabels "
-                    "the images it holds; removals are listed in its deleted file), as labelImg "
-                    "folders, YOLO/Roboflow batches, Open Images CSVs and COCO files of new "
-                    "batches are; snapshot (it is the whole labelling project: an image absent "
-                    "from it leaves the dataset), as Label Studio project exports (and "
-                    "labelstudio:// pulls), CVAT project/task exports and `prodigy db-out` are")
+        description="what an export says about the dataset. incremental: it adds the images it "
+                    "holds and relabels those it holds again; it removes only those its deleted "
+                    "file lists (exports of one labelling batch each: a folder per batch, a "
+                    "Prodigy dataset, CVAT task or Label Studio view per batch). snapshot: it is "
+                    "the whole labelling project, and an image absent from it leaves the "
+                    "dataset (what Label Studio and CVAT project exports, `prodigy db-out`, a "
+                    "labelImg folder that grows and a Roboflow dataset version hold; "
+                    "labelstudio:// pulls too)")
     modes: dict[str, ExportMode] = Field(
         default={}, json_schema_extra=only("ingest"),
         description="per export source: export path glob -> mode, overriding mode; the first "
