@@ -14,6 +14,7 @@ whose content equals an earlier version makes that one current again).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -100,7 +101,7 @@ def version_dir(datasets_dir: str | Path, fingerprint: str) -> Path:
     if fingerprint and (root / fingerprint / SUMMARY).is_file():
         return root / fingerprint
     found = sorted(p for p in root.glob(f"{fingerprint}*") if (p / SUMMARY).is_file()) \
-        if fingerprint and "/" not in fingerprint else []
+        if re.fullmatch(r"[0-9a-f]+", fingerprint or "") else []
     if len(found) == 1:
         return found[0]
     known = ", ".join(v["fingerprint"] for v in list_versions(root)[-5:]) or "none"

@@ -1,9 +1,12 @@
-"""Ingest stage: annotation exports -> canonical manifest + rejection report.
+"""Ingest stage: annotation exports -> the run's dataset version + rejection report.
 
 Reads every export given, parses it with the matching format parser (see `formats`), renames
-aliased classes, merges records by image key, applies the unknown-class policy and writes the
-manifest, label map, rejections and summary to the stage folder in one atomic step. Bad files
-and boxes are reported and skipped; only an export with nothing usable fails the stage. Class
+aliased classes, merges each export's records by image key and applies the unknown-class
+policy; then applies the exports, in landing order, to the parent version (`versions`) and
+writes the whole version (manifest, label map), its diff, the rejections and the summary to
+the stage folder in one atomic step, and publishes it (`datasets`). Bad files and boxes are
+reported and skipped; an export with nothing usable, or one that cannot apply to the parent,
+fails the stage. Class
 names that differ only in case are warned about in the summary: they are two classes unless
 `exports.class_aliases` makes them one.
 """

@@ -127,8 +127,8 @@ def _resolve_deleted(delta: ExportDelta, state: dict[str, ImageRecord],
             index[name].add(record.key)
     keys, problems = set(), []
     for number, name in delta.deleted:
-        found = index.get(name) or {k for k in _candidate_keys(name)
-                                    if k in state or k in incoming}
+        found = ({name} if name in state or name in incoming else index.get(name)) or {
+            k for k in _candidate_keys(name) if k in state or k in incoming}
         where = f"{delta.deleted_file} line {number}: {name!r}"
         if not found and replay:
             continue
