@@ -253,3 +253,11 @@ def test_stage_builds_on_the_current_version_and_reports_the_diff(tmp_path):
     assert second.contract()["diff"] == second.diff  # pushed to XCom
     assert f"version {first.fingerprint} +0 added, ~1 changed, -1 removed" in second.log_line()
     assert f"export {tuesday}: snapshot, landed 2026-01-06T08:00:00" in "\n".join(lines)
+
+
+def test_an_unknown_mode_is_a_config_error(tmp_path, store):
+    export = voc_export(tmp_path / "exports" / "x", MONDAY, {"a.jpg": [CAT]})
+    with pytest.raises(StageError, match=r"exports.modes: a mode is one of incremental, "
+                                         r"snapshot, got 'snapshots'") as e:
+        run([export], store, "r", modes={"*": "snapshots"})
+    assert e.value.failure is Failure.CONFIG

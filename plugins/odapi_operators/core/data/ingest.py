@@ -441,6 +441,11 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
                          f"{', '.join(group_boxes.POLICIES)}, got {options['group_boxes']!r}",
                          Failure.CONFIG)
     check_aliases(class_aliases or {})
+    for key, value in [("exports.mode", mode), *(("exports.modes", m) for m in
+                                                  (modes or {}).values())]:
+        if value not in versions.MODES:
+            raise StageError(f"{setting(key)}: a mode is one of {', '.join(versions.MODES)}, "
+                             f"got {value!r}", Failure.CONFIG)
     known = read_label_map(label_map) if label_map and storage.exists(label_map) else None
     if known is not None and production_label_map and storage.exists(production_label_map):
         try:

@@ -21,12 +21,15 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import get_args
 
 from odapi_operators.core import storage
+from odapi_operators.core.config import ExportMode
 from odapi_operators.core.data.manifest import ImageRecord, key_from_id, key_from_path, key_from_url
 from odapi_operators.core.rejections import StageError
 from odapi_operators.core.wording import setting
 
+MODES = get_args(ExportMode)
 SHOWN = 5  # problems named in one message; the rest are counted
 
 
