@@ -14,7 +14,7 @@ import json
 import sys
 import traceback
 
-from odapi_operators import cli_labelstudio, cli_models, stage_cli
+from odapi_operators import cli_datasets, cli_labelstudio, cli_models, stage_cli
 from odapi_operators.core.failures import EXIT_CODES, EXIT_SKIPPED, StageSkipped, failure_of
 from odapi_operators.core.wording import config_words, flag_words, speaking
 
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summary)
 
     cli_models.add_commands(sub)
+    cli_datasets.add_commands(sub)
     cli_labelstudio.add_commands(sub)
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -290,25 +291,28 @@ def test_fingerprint_stable_and_sensitive(tmp_path):
     assert third != first
 
 
-def test_duplicates_across_exports_reported(tmp_path):
+def test_later_export_relabels_and_duplicates_within_one_export_are_reported(tmp_path):
+    """Across exports the later-landed one wins (a re-labelled image is not a conflict);
+    within one export two records of one image still are."""
     a, b = tmp_path / "a", tmp_path / "b"
     sample_data.generate(a, count=3, seed=5)
     shutil.copytree(a, b)
+    os.utime(b / "_SUCCESS", (2e9, 2e9))  # b landed after a
     xml = b / "shapes_00001.xml"
     text = xml.read_text()
     start = text.index("<xmin>") + len("<xmin>")
     end = text.index("</xmin>")
     xml.write_text(text[:start] + str(int(text[start:end]) + 1) + text[end:])  # one box moves
-    summary = ingest([str(a), str(b)], tmp_path / "out")
-    assert summary["images"] == 3
-    rej = {Path(r["file"]).name: r for r in rejections(tmp_path / "out")}
-    assert all(str(b) in r["file"] for r in rejections(tmp_path / "out"))
-    assert rej["shapes_00000.xml"]["reason"].startswith("duplicate record")
-    assert rej["shapes_00001.xml"]["reason"].startswith("conflicting duplicate")
-    assert str(a / "shapes_00000.xml") in rej["shapes_00000.xml"]["reason"]
-    assert summary["rejections_by_reason"] == {"duplicate record": 2, "conflicting duplicate": 1}
-    # the first export wins
-    assert all(str(a) in r.source.uri for r in manifest(tmp_path / "out"))
+    shutil.copy(b / "shapes_00002.xml", b / "copy_of_00002.xml")
+    summary = ingest([str(b), str(a)], tmp_path / "out")
+    assert (summary["images"], summary["rejected"]) == (3, 1)
+    [rejected] = rejections(tmp_path / "out")
+    assert rejected["reason"].startswith("duplicate record: image key shapes_00002 already "
+                                         f"given by {b / 'copy_of_00002.xml'}")
+    by_key = {r.key: r for r in manifest(tmp_path / "out")}
+    assert str(b) in by_key["shapes_00001"].source.uri  # the re-labelled image: b's labels
+    assert str(a) in by_key["shapes_00000"].source.uri  # unchanged: keeps where it was
+    assert by_key["shapes_00000"].provenance["export"] == str(b)  # ... confirmed by b
 
 
 def test_rejections_by_reason_groups_box_reasons(tmp_path):

@@ -209,15 +209,13 @@ def test_coco_images_resolve_next_to_json(truth, tmp_path):
         assert got[f"images__{key}"].source.uri == str((export / "images" / f"{key}.jpg").resolve())
 
 
-def test_coco_and_voc_of_same_images_merge_as_duplicates(truth, tmp_path):
+def test_coco_and_voc_of_same_images_merge_as_the_same_images(truth, tmp_path):
     voc_dir, records = truth
-    json_file = write_json(tmp_path / "coco" / "instances.json", coco_doc(records))
+    write_json(tmp_path / "coco" / "instances.json", coco_doc(records))
     summary = ingest([str(voc_dir), str(tmp_path / "coco")], tmp_path / "out",
                      images_root=str(voc_dir))
-    assert summary["images"] == 6
-    # same key and bit-identical boxes: each COCO image is a plain duplicate of its VOC twin
-    assert summary["rejections_by_reason"] == {"duplicate record": 6}
-    assert {f for f, _, _ in rejections(tmp_path / "out")} == {json_file.name}
+    # same key and bit-identical boxes: the later export confirms each image, changing none
+    assert (summary["images"], summary["rejected"], summary["changed"]) == (6, 0, 0)
     assert all(r.provenance["format"] == "voc" for r in manifest(tmp_path / "out").values())
 
 
@@ -335,7 +333,9 @@ def test_labelstudio_boxes_equal_voc(truth, tmp_path, fmt):
         assert record.source == records[key].source
         assert (record.width, record.height) == (records[key].width, records[key].height)
         assert record.source_id == str(100 + index)
-        assert record.provenance == {"format": "labelstudio", "file": str(json_file),
+        assert record.provenance == {"export": str(tmp_path / "ls"),
+                                     "landed_at": summary["exports"][0]["landed_at"],
+                                     "format": "labelstudio", "file": str(json_file),
                                      "element": f"tasks[{index}]", "task": 100 + index,
                                      "annotation": index}
 

@@ -80,9 +80,11 @@ def test_same_exports_same_version_and_changed_box_new_version(tmp_path, export)
     assert changed["new_version"] is True and changed["fingerprint"] != first["fingerprint"]
     versions = list_versions(datasets)
     assert [v["fingerprint"] for v in versions] == [first["fingerprint"], changed["fingerprint"]]
+    assert versions[1]["parent"] == first["fingerprint"]  # the re-labelled export applies
+    assert (changed["added"], changed["changed"], changed["removed"]) == (0, 1, 0)
     version_dir = datasets / first["fingerprint"]
     assert sorted(p.name for p in version_dir.iterdir()) == [
-        "label_map.pbtxt", "manifest.jsonl", "summary.json"]
+        "diff.json", "label_map.pbtxt", "manifest.jsonl", "summary.json"]
 
 
 def test_unknown_policy_name_is_refused(tmp_path, export):

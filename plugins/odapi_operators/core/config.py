@@ -36,6 +36,9 @@ FormatName = Literal["auto", "voc", "cvat", "coco", "labelstudio", "prodigy", "o
                      "yolo", "tfrecord"]
 
 
+ExportMode = Literal["incremental", "snapshot"]
+
+
 def only(*stages: str) -> dict:
     """Field metadata: this option belongs to these stages of a shared section (their
     commands offer it; the others do not). `watch` is the export sensor."""
@@ -52,8 +55,9 @@ class ExportsConfig(_Strict):
                     "(one export folder a pull) when its annotations changed")
     format: FormatName = Field(default="auto", description="annotation format of the exports")
     marker: str | None = Field(default="_SUCCESS",
-                               json_schema_extra=only("watch", "select_exports"),
-                               description="an export counts once this file exists")
+                               json_schema_extra=only("watch", "select_exports", "ingest"),
+                               description="an export counts once this file exists; its "
+                                           "time is when the export landed")
     inactivity_seconds: int = Field(default=0, ge=0, json_schema_extra=only("watch"),
                                     description="without a marker: unchanged this long")
     images_root: str | None = Field(default=None, description="resolve image names here "
@@ -84,6 +88,27 @@ class ExportsConfig(_Strict):
                     "superseded, unlabeled), identical duplicates, skipped group boxes and the "
                     "classes "
                     "/ unknown_classes filters do not count")
+    mode: ExportMode = Field(
+        default="incremental", json_schema_extra=only("ingest"),
+        description="what an export says about the dataset. incremental: it adds the images it "
+                    "holds and relabels those it holds again; it removes only those its deleted "
+                    "file lists (exports of one labelling batch each: a folder per batch, a "
+                    "Prodigy dataset, CVAT task or Label Studio view per batch). snapshot: it is "
+                    "the whole labelling project, and an image absent from it leaves the "
+                    "dataset (what Label Studio and CVAT project exports, `prodigy db-out`, a "
+                    "labelImg folder that grows and a Roboflow dataset version hold; "
+                    "labelstudio:// pulls too)")
+    modes: dict[str, ExportMode] = Field(
+        default={}, json_schema_extra=only("ingest"),
+        description="per export source: export path glob -> mode, overriding mode; the first "
+                    "glob that matches the export's path wins (fnmatch: * also crosses /), "
+                    "e.g. {'*/labelstudio-*': snapshot}")
+    deleted_file: str = Field(
+        default="deleted.txt", json_schema_extra=only("ingest"),
+        description="file in an export (path relative to it) listing images to remove from "
+                    "the dataset, one a line: the image's key or its name as the export names "
+                    "images (file name, path or URL); a line starting with # is a comment. "
+                    "Read, never parsed as annotations")
     ledger: str = Field(default="var/exports-ledger.jsonl",
                         json_schema_extra=only("select_exports"),
                         description="which run consumed which export")

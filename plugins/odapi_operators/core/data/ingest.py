@@ -1,9 +1,12 @@
-"""Ingest stage: annotation exports -> canonical manifest + rejection report.
+"""Ingest stage: annotation exports -> the run's dataset version + rejection report.
 
 Reads every export given, parses it with the matching format parser (see `formats`), renames
-aliased classes, merges records by image key, applies the unknown-class policy and writes the
-manifest, label map, rejections and summary to the stage folder in one atomic step. Bad files
-and boxes are reported and skipped; only an export with nothing usable fails the stage. Class
+aliased classes, merges each export's records by image key and applies the unknown-class
+policy; then applies the exports, in landing order, to the parent version (`versions`) and
+writes the whole version (manifest, label map), its diff, the rejections and the summary to
+the stage folder in one atomic step, and publishes it (`datasets`). Bad files and boxes are
+reported and skipped; an export with nothing usable, or one that cannot apply to the parent,
+fails the stage. Class
 names that differ only in case are warned about in the summary: they are two classes unless
 `exports.class_aliases` makes them one.
 """
@@ -14,12 +17,12 @@ import hashlib
 import json
 import os
 from collections import Counter, defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from odapi_operators.core import storage
-from odapi_operators.core.data import formats
-from odapi_operators.core.data.datasets import publish_version
+from odapi_operators.core.data import datasets, formats, versions
+from odapi_operators.core.data.exports import Export, describe_export, make_export
 from odapi_operators.core.data.formats import group_boxes
 from odapi_operators.core.data.label_map import (
     LabelMapError,
@@ -70,6 +73,7 @@ class _Files:
         self.claimed: dict[str, list[Path]] = {}
         self.other: list[str] = []
         self.skipped: dict[str, str] = {}
+        self.deleted: str | None = None  # the export's deleted file
         self.count = 0
 
     def add(self, path: Path, fmt: str) -> bool:
@@ -87,8 +91,11 @@ class _Files:
         return name is not None
 
 
-def _classify(root: Path, fmt: str, log: RejectionLog, files: _Files) -> int:
-    """Add the files below `root` (a folder or one file) to `files`; how many were known.
+def _classify(root: Path, export_root: Path, fmt: str, deleted_file: str | None,
+              log: RejectionLog, files: _Files) -> int:
+    """Add the files below `root` (a folder or one file of the export at `export_root`) to
+    `files`; how many were known. The export's deleted file is noted, never parsed (a YOLO
+    parser would take a .txt for labels).
 
     A symlink out of the export folder is refused unread (its first line would otherwise land
     in a rejection reason): an export is what its folder holds.
@@ -102,6 +109,10 @@ def _classify(root: Path, fmt: str, log: RejectionLog, files: _Files) -> int:
         if _leaves_export(path, root):
             log.add(RecordError(str(path), "file", "outside the export: a symlink to a file "
                                                    f"outside {root} (not read)").rejection)
+            continue
+        if deleted_file and Path(os.path.relpath(path, export_root)) == Path(deleted_file):
+            files.deleted = str(path)
+            known += 1
             continue
         known += files.add(path, fmt)
     return known
@@ -133,36 +144,63 @@ def _export_root(items: list[str]) -> Path:
     return Path(os.path.commonpath([os.path.abspath(Path(i).parent) for i in items]))
 
 
+@dataclass
+class _Parsed:
+    """One export as parsed: its items (a folder, or the files given one by one), the
+    records its files gave and its deleted file, if it has one."""
+
+    items: list[str]
+    root: Path
+    records: list[ImageRecord]
+    deleted_file: str | None
+
+
 def _parse_exports(inputs: list[str], fmt: str, images_root: str | None, log: RejectionLog,
-                   inline_dir: Path, options: dict, notes: Counter[str]
-                   ) -> tuple[list[ImageRecord], list[str], dict[str, str]]:
-    records: list[ImageRecord] = []
+                   inline_dir: Path, options: dict, notes: Counter[str],
+                   deleted_file: str | None = None
+                   ) -> tuple[list[_Parsed], list[str], dict[str, str]]:
+    parsed: list[_Parsed] = []
     ignored: list[str] = []
     skipped: dict[str, str] = {}
     tried = fmt if fmt != "auto" else ", ".join(formats.AVAILABLE)
     for items in _exports(inputs):
         files = _Files()
+        root = _export_root(items)
         for item in items:
-            if not _classify(Path(item), fmt, log, files) and not Path(item).is_dir():
+            if not _classify(Path(item), root, fmt, deleted_file, log, files) and \
+                    not Path(item).is_dir():
                 raise StageError(f"{item}: no annotation files found (formats tried: {tried})")
         ignored.extend(files.other)
         skipped.update(files.skipped)
-        if not files.claimed:
+        if not files.claimed and not files.deleted:
             raise StageError(f"{', '.join(items)}: no annotation files found ({files.count} "
                              f"files; formats tried: {tried})")
-        ctx = formats.ParseContext(export_root=_export_root(items),
+        ctx = formats.ParseContext(export_root=root,
                                    images_root=Path(images_root) if images_root else None,
                                    log=log, inline_dir=inline_dir, options=options,
                                    notes=notes)
+        records: list[ImageRecord] = []
         for name, paths in sorted(files.claimed.items()):
             records.extend(formats.load(name).parse(sorted(paths), ctx))
-    return records, ignored, skipped
+        parsed.append(_Parsed(items, root, records, files.deleted))
+    return parsed, ignored, skipped
+
+
+def _landing(export: _Parsed, marker: str | None) -> Export:
+    """When and in what state the export landed (`exports.describe_export`); files given one
+    by one are one export rooted at their common folder."""
+    if len(export.items) == 1 and Path(export.items[0]).is_dir():
+        return describe_export(export.items[0], marker)
+    files = {os.path.relpath(item, export.root): storage.stat(item) for item in export.items}
+    return make_export(str(export.root), files, marker)
 
 
 UNKNOWN_CLASS_POLICIES = ("add", "skip", "reject")
 
 
 def _merge(records, log: RejectionLog) -> list[ImageRecord]:
+    """One record per image key within one export: a second record of a key is rejected
+    (labels conflict within an export; across exports the later export wins instead)."""
     merged: dict[str, ImageRecord] = {}
     for record in records:
         if record.source.kind == "local" and not os.path.isfile(record.source.uri):
@@ -309,23 +347,86 @@ def fingerprint(records: list[ImageRecord], label_map: dict[str, int] | None = N
     return digest.hexdigest()[:16]
 
 
+@dataclass
+class _Base:
+    """What a run's version builds on: the parent (the current version, or for a re-run the
+    parent its first ingest recorded), its records, label map and newest landing time."""
+
+    parent: str | None = None
+    records: list[ImageRecord] = field(default_factory=list)
+    label_map: dict[str, int] | None = None
+    newest_landed_at: str | None = None
+    first: dict | None = None  # the run's record from its first ingest, for a re-run
+
+    @classmethod
+    def load(cls, datasets_dir: str | None, run_id: str | None) -> _Base:
+        if not datasets_dir:
+            return cls()
+        first = datasets.run_record(datasets_dir, run_id)
+        parent = first["parent"] if first else datasets.current_version(datasets_dir)
+        if parent is None:
+            return cls(first=first)
+        summary = datasets.read_json(datasets_dir, parent, SUMMARY)
+        return cls(parent, datasets.version_records(datasets_dir, parent),
+                   datasets.version_label_map(datasets_dir, parent),
+                   summary.get("newest_landed_at"), first)
+
+    @property
+    def name(self) -> str:
+        return f"version {self.parent}" if self.parent else "the empty dataset"
+
+
+def _deltas(exports: list[_Parsed], known: dict[str, int] | None, unknown_classes: str,
+            class_aliases: dict[str, str] | None, log: RejectionLog, marker: str | None,
+            mode: str, modes: dict[str, str] | None
+            ) -> tuple[list[versions.ExportDelta], dict[str, int]]:
+    """Each export as a delta, in landing order: its records merged (one per key), aliased
+    and through the class policy; its mode, landing time and deleted list."""
+    deltas, aliased = [], Counter()
+    for export in exports:
+        records, renamed = apply_aliases(export.records, class_aliases)
+        aliased.update(renamed)
+        landed = _landing(export, marker)
+        deltas.append(versions.ExportDelta(
+            path=landed.path, fingerprint=landed.fingerprint,
+            landed_at=versions.iso(landed.landed_at),
+            mode=versions.export_mode(landed.path, mode, modes),
+            records=apply_class_policy(_merge(records, log), known, unknown_classes, log),
+            deleted=versions.read_deleted(export.deleted_file) if export.deleted_file else [],
+            deleted_file=export.deleted_file))
+    return sorted(deltas, key=lambda d: d.landed_at), dict(sorted(aliased.items()))
+
+
 def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = None,
            fmt: str = "auto", options: dict | None = None, label_map: str | None = None,
            unknown_classes: str = "add", datasets_dir: str | None = None,
            production_label_map: str | None = None,
            max_rejected_share: float | None = None,
-           class_aliases: dict[str, str] | None = None) -> dict:
-    """Parse `inputs` (files or export folders) into `out_dir`; return the summary.
+           class_aliases: dict[str, str] | None = None, *, run_id: str | None = None,
+           marker: str | None = None, mode: str = "incremental",
+           modes: dict[str, str] | None = None, deleted_file: str | None = "deleted.txt",
+           rebuild: bool = False) -> dict:
+    """Parse `inputs` (files or export folders) into the dataset version they make; write it
+    to `out_dir` and return the summary.
 
-    Writes `manifest.jsonl`, `label_map.pbtxt` (the given `label_map` extended append-only
-    when `unknown_classes` is "add"), `rejections.jsonl` and `summary.json` atomically.
-    Images embedded in an export are written, by content hash, to `<out_dir>-inline/`.
-    With `datasets_dir`, the result is also published as an immutable dataset version. A
+    The version is the parent's records (the current version in `datasets_dir`; for a re-run
+    of `run_id`, the parent its first ingest recorded) with each export applied in landing
+    order (`marker`'s time) in its mode (`mode`, or the first `modes` glob matching its path;
+    see `versions`): a re-labelled image takes the later labels, an export's `deleted_file`
+    removes images, a snapshot removes what it lacks. `rebuild` (`run.take_exports: all`)
+    starts from no records but still diffs against the parent. Without `datasets_dir` the
+    exports alone make the version.
+
+    Writes `manifest.jsonl` (the whole version), `label_map.pbtxt` (the given `label_map`,
+    else the parent's, extended append-only when `unknown_classes` is "add"),
+    `rejections.jsonl`, `diff.json` (against the parent) and `summary.json` atomically, then
+    publishes the version in `datasets_dir` unless the same content is there already. Images
+    embedded in an export are written, by content hash, to `<out_dir>-inline/`. A
     `label_map` that renumbers `production_label_map`'s classes is refused. More rejections
-    than `max_rejected_share` of what was read fail the stage (outputs written, no version
-    published); None checks no budget (the stage passes `exports.max_rejected_share`).
-    `class_aliases` renames classes (`{"butterfly": "Butterfly"}`) before anything else sees
-    them; `options["group_boxes"]` ("skip" or "keep") is the group-box policy.
+    than `max_rejected_share` of what this run's exports gave fail the stage (outputs
+    written, no version published); None checks no budget. `class_aliases` renames classes
+    (`{"butterfly": "Butterfly"}`) before anything else sees them; `options["group_boxes"]`
+    ("skip" or "keep") is the group-box policy.
     """
     if fmt != "auto":
         try:
@@ -340,21 +441,41 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
                          f"{', '.join(group_boxes.POLICIES)}, got {options['group_boxes']!r}",
                          Failure.CONFIG)
     check_aliases(class_aliases or {})
+    for key, value in [("exports.mode", mode), *(("exports.modes", m) for m in
+                                                  (modes or {}).values())]:
+        if value not in versions.MODES:
+            raise StageError(f"{setting(key)}: a mode is one of {', '.join(versions.MODES)}, "
+                             f"got {value!r}", Failure.CONFIG)
     known = read_label_map(label_map) if label_map and storage.exists(label_map) else None
     if known is not None and production_label_map and storage.exists(production_label_map):
         try:
             assert_no_renumbering(read_label_map(production_label_map), known, str(label_map))
         except LabelMapError as exc:
             raise StageError(str(exc)) from None
+    base = _Base.load(datasets_dir, run_id)
+    if base.first:  # a re-run keeps the label map its first ingest started from
+        known = base.first.get("label_map")
     log = RejectionLog()
     inline_dir = Path(out_dir).with_name(Path(out_dir).name + "-inline")
     notes: Counter[str] = Counter()
     parsed, other, skipped = _parse_exports(inputs, fmt, images_root, log, inline_dir,
-                                            options or {}, notes)
-    parsed, aliased = apply_aliases(parsed, class_aliases)
-    records = apply_class_policy(_merge(parsed, log), known, unknown_classes, log)
+                                            options, notes, deleted_file)
+    deltas, aliased = _deltas(parsed, known, unknown_classes, class_aliases, log, marker,
+                              mode, modes)
+    if rebuild:
+        applied = versions.apply_exports([], deltas, base_name="the rebuilt dataset",
+                                         replay=True)
+    else:
+        applied = versions.apply_exports(base.records, deltas, base_name=base.name,
+                                         newest_landed_at=base.newest_landed_at)
+    records = applied.records
     classes = Counter(box.label for record in records for box in record.boxes)
-    ids = extend_label_map(known or {}, list(classes))
+    ids = extend_label_map(known if known is not None else base.label_map or {}, list(classes))
+    changes = {"parent": base.parent, "exports": [d.describe() for d in deltas],
+               **versions.diff(base.records, records)}
+    newest = max([d.landed_at for d in deltas] +
+                 ([base.newest_landed_at] if base.newest_landed_at and not rebuild else []))
+    version_fingerprint = fingerprint(records, ids)
     summary = {
         "inputs": list(inputs),
         "images": len(records),
@@ -362,27 +483,47 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
         "classes": dict(sorted(classes.items())),
         "rejected": len(log),
         "rejections_by_reason": log.by_reason(),
-        **rejection_budget(log, len(records), max_rejected_share),
+        **rejection_budget(log, sum(len(d.records) for d in deltas), max_rejected_share),
         "ignored_files": other,
         "skipped_files": skipped,
         "group_boxes": group_box_summary(options, notes),
         "aliased": aliased,
         "warnings": case_variant_warnings(classes, known),
-        "fingerprint": fingerprint(records, ids),
+        "fingerprint": version_fingerprint,
+        "run_id": run_id,
+        "parent": base.parent,
+        "rebuild": rebuild,
+        "exports": changes["exports"],
+        "added": len(changes["added"]),
+        "changed": len(changes["changed"]),
+        "removed": len(changes["removed"]),
+        "superseded": applied.superseded,
+        "newest_landed_at": newest,
         "manifest": str(Path(out_dir) / "manifest.jsonl"),
         "label_map": str(Path(out_dir) / "label_map.pbtxt"),
         "rejections": str(Path(out_dir) / "rejections.jsonl"),
+        "diff": str(Path(out_dir) / datasets.DIFF),
+        "version": str(Path(datasets_dir) / version_fingerprint) if datasets_dir else None,
     }
     with storage.atomic_directory(out_dir) as tmp:
         write_manifest(tmp / "manifest.jsonl", records)
         storage.write_text(tmp / "label_map.pbtxt", format_label_map(ids))
         log.write(tmp / "rejections.jsonl")
+        storage.write_text(tmp / datasets.DIFF, json.dumps(changes, indent=2))
         storage.write_text(tmp / SUMMARY, json.dumps(summary, indent=2))
-    if not records:
+    if not records or not any(d.records or d.deleted or d.mode == "snapshot" for d in deltas):
         first = "; ".join(str(r) for r in log.items[:3])
         raise StageError(f"no usable records in {', '.join(inputs)}: {len(log)} rejected "
                          f"(e.g. {first}); see {summary['rejections']}")
     check_rejection_budget(summary, summary["rejections"])
     if datasets_dir:
-        summary["new_version"] = publish_version(datasets_dir, out_dir, summary)
+        summary["new_version"] = datasets.publish_version(datasets_dir, out_dir, summary)
+        kept = datasets.record_run(datasets_dir, {
+            "run_id": run_id, "parent": base.parent, "fingerprint": version_fingerprint,
+            "label_map": known, "rebuild": rebuild,
+            "exports": [d.path for d in deltas]})
+        if kept["fingerprint"] != version_fingerprint:
+            summary["warnings"].append(
+                f"run {run_id} gave version {kept['fingerprint']} the first time and "
+                f"{version_fingerprint} now: its exports changed since")
     return summary

@@ -76,8 +76,9 @@ class IngestInputs(Inputs):
 
 
 class Ingested(Result):
-    log_format = ("ingested {images} images, {boxes} boxes, {rejected} rejected "
-                  "(dataset {fingerprint})")
+    """The run's dataset version: the whole of it (what fetch, verify and records take) and
+    how it differs from its parent (`diff`: diff.json, whose added + changed keys are the
+    images new to this version)."""
 
     manifest: str
     label_map: str
@@ -87,24 +88,48 @@ class Ingested(Result):
     rejected: int
     fingerprint: str
     new_version: bool | None = None
+    version: str | None = None  # <datasets>/<fingerprint>, with a datasets folder
+    diff: str
+    parent: str | None = None
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+
+    def log_line(self) -> str:
+        parent = f"version {self.parent}" if self.parent else "no parent"
+        return (f"ingested {self.images} images, {self.boxes} boxes, {self.rejected} rejected "
+                f"(dataset {self.fingerprint}: {parent} +{self.added} added, ~{self.changed} "
+                f"changed, -{self.removed} removed)")
 
 
 def ingest(ctx: StageContext, inputs: IngestInputs, options: ExportsConfig) -> Ingested:
+    """The run's version builds on the current one; a backfill merges its late exports into
+    it, `run.take_exports: all` rebuilds from every export (still diffed against it)."""
     from odapi_operators.core.data.ingest import ingest as ingest_exports
 
+    run = ctx.pipeline.run if ctx.pipeline else None
     summary = ingest_exports(list(inputs.exports), ctx.folder, images_root=options.images_root,
                              fmt=options.format, options=options.parser_options(),
                              label_map=inputs.label_map or _production_label_map(ctx),
                              unknown_classes=options.unknown_classes,
                              max_rejected_share=options.max_rejected_share,
                              class_aliases=options.class_aliases,
-                             datasets_dir=ctx.pipeline.datasets if ctx.pipeline else None)
+                             datasets_dir=ctx.pipeline.datasets if ctx.pipeline else None,
+                             run_id=ctx.run_id, marker=options.marker, mode=options.mode,
+                             modes=options.modes, deleted_file=options.deleted_file,
+                             rebuild=bool(run and run.take_exports == "all"
+                                          and not run.is_backfill))
     for path in summary.get("ignored_files", []):
         ctx.log(f"not an annotation or image file, ignored: {path}")
     for path, note in summary.get("skipped_files", {}).items():
         ctx.log(f"skipped {path}: {note}")
     for warning in summary.get("warnings", []):
         ctx.log(f"warning: {warning}")
+    for export in summary.get("exports", []):
+        ctx.log(f"export {export['path']}: {export['mode']}, landed {export['landed_at']}")
+    if summary.get("superseded"):
+        ctx.log(f"{len(summary['superseded'])} images keep labels from exports that landed "
+                f"later than the ones consumed now (e.g. {summary['superseded'][0]})")
     groups = summary["group_boxes"]
     if groups["kept"] or groups["skipped"]:
         ctx.log(f"group boxes (COCO iscrowd, Open Images IsGroupOf): {groups['kept']} kept, "
