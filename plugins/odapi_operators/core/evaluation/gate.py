@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from odapi_operators.core import storage
@@ -35,6 +36,7 @@ from odapi_operators.core.evaluation.bootstrap import (
     paired_intervals,
     read_matches,
 )
+from odapi_operators.core.evaluation.slices import SLICES
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import DECISION, MATCHES
 
@@ -124,8 +126,11 @@ class GatePolicy(_Strict):
     vs_production: dict[str, ChangeThreshold] = {}
     per_class_max_drop: float | None = Field(default=None, ge=0)  # largest per-class AP drop
     min_eval_images: int | None = Field(default=None, ge=1)
-    slices: list[SliceCheck] = Field(default_factory=lambda: list(DEFAULT_SLICE_CHECKS))
-    bootstrap: BootstrapPolicy = BootstrapPolicy()
+    slices: list[SliceCheck] = Field(
+        default=list(DEFAULT_SLICE_CHECKS), description="checks on the all/new/old val "
+        "images: [{slice, metric, min_delta, use_interval}]; replaces the default `old` guard")
+    bootstrap: BootstrapPolicy = Field(default=BootstrapPolicy(), description="resamples, "
+                                       "confidence and seed of the slice intervals")
 
     @field_validator("bounds", "vs_production")
     @classmethod
@@ -295,17 +300,20 @@ def _slice_metrics(metrics: dict | None, name: str) -> dict | None:
     return {**metrics, "images": metrics.get("eval_images")} if name == "all" else None
 
 
-def compare_slices(metrics: dict, baseline: Baseline, policy: GatePolicy,
+def compare_slices(metrics: dict, baseline_metrics: dict | None,
+                   bootstrap: BootstrapPolicy | None = None,
                    candidate_matches: Matches | None = None,
                    baseline_matches: Matches | None = None) -> dict[str, dict]:
     """Per slice of the candidate: images, and per bootstrap metric candidate, production,
     delta and interval (None without production or matches). What the slice checks and the
     report read."""
-    names = [n for n in ("all", "new", "old") if _slice_metrics(metrics, n) is not None]
+    bootstrap = bootstrap or BootstrapPolicy()
+    names = [n for n in SLICES if _slice_metrics(metrics, n) is not None]
     result: dict[str, dict] = {}
+    computed: dict[tuple[int, ...], dict] = {}
     for name in names:
         own = _slice_metrics(metrics, name) or {}
-        base = _slice_metrics(baseline.metrics, name) if baseline.version is not None else None
+        base = _slice_metrics(baseline_metrics, name)
         images = own.get("images")
         entry: dict[str, Any] = {"images": images}
         ids = (candidate_matches.slices.get(name) if candidate_matches is not None
@@ -316,11 +324,14 @@ def compare_slices(metrics: dict, baseline: Baseline, policy: GatePolicy,
         note = None
         if base is not None and images and candidate_matches is not None \
                 and baseline_matches is not None and ids is not None:
+            key = tuple(np.asarray(ids).tolist())  # `new` is `all` in a first version
             try:
-                intervals = paired_intervals(
-                    candidate_matches, baseline_matches, ids, tuple(METRICS),
-                    resamples=policy.bootstrap.resamples,
-                    confidence=policy.bootstrap.confidence, seed=policy.bootstrap.seed)
+                if key not in computed:
+                    computed[key] = paired_intervals(
+                        candidate_matches, baseline_matches, key, tuple(METRICS),
+                        resamples=bootstrap.resamples, confidence=bootstrap.confidence,
+                        seed=bootstrap.seed)
+                intervals = computed[key]
             except ValueError as exc:
                 note = f"no interval: {exc}"
         elif base is not None and images:
@@ -390,7 +401,9 @@ def decide(metrics: dict[str, Any], policy: GatePolicy, baseline: Baseline | Non
     bootstrap intervals; without them the slice checks test point deltas only.
     """
     baseline = baseline or Baseline()
-    comparison = compare_slices(metrics, baseline, policy, candidate_matches, baseline_matches)
+    comparison = compare_slices(metrics, baseline.metrics if baseline.version is not None
+                                else None, policy.bootstrap, candidate_matches,
+                                baseline_matches)
     checks = [*_eval_checks(metrics, baseline, policy.min_eval_images),
               *_bound_checks(metrics, policy.effective_bounds()),
               *_change_checks(metrics, baseline, policy)]
