@@ -19,6 +19,7 @@ from odapi_operators.core.evaluation.evaluate import score
 from odapi_operators.core.evaluation.gate import DEFAULT_SLICE_CHECKS, GatePolicy, gate
 from odapi_operators.core.evaluation.report import slices_section
 from odapi_operators.core.evaluation.slices import SliceError, image_keys, read_diff, slice_images
+from odapi_operators.core.model.detector import Detections
 
 from support.detections import detections, ground_truth, perfect
 
@@ -267,3 +268,45 @@ def test_report_shows_slices_side_by_side_with_interval_whiskers(forgetful, tmp_
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10
     alone = slices_section(candidate, None, None, tmp_path)
     assert "no production model" in alone and "—" in alone
+
+
+# --- the evaluate stage on real records --------------------------------------------------------
+
+
+class TruthDetector:
+    """Stands in for a model: detects exactly the record's boxes (no TensorFlow model)."""
+
+    kind, path = "stand-in", "truth"
+
+    def detect(self, example: bytes) -> Detections:
+        import tensorflow as tf
+
+        f = tf.train.Example.FromString(example).features.feature
+        boxes = np.stack([f[f"image/object/bbox/{k}"].float_list.value
+                          for k in ("ymin", "xmin", "ymax", "xmax")], axis=1)
+        labels = np.asarray(f["image/object/class/label"].int64_list.value)
+        return Detections(boxes, np.full(len(labels), 0.9), labels)
+
+
+def test_evaluate_stage_slices_real_records_by_the_diff(tmp_path, monkeypatch):
+    from odapi_operators.core.evaluation.evaluate import evaluate as evaluate_model
+    from odapi_operators.core.model import detector
+
+    from conftest import prepare_records
+
+    records = prepare_records(tmp_path, count=12)
+    val = {int(i): e["key"] for i, e in json.loads((records / "source_ids.json").read_text())
+           .items() if e["split"] == "val"}
+    fresh = sorted(val)[: len(val) // 2]
+    diff_file = write_diff(tmp_path, "fp-parent", changed=[val[i] for i in fresh])
+    monkeypatch.setattr(detector, "load_detector", lambda model: TruthDetector())
+    summary = evaluate_model("truth", records, tmp_path / "eval" / "metrics.json",
+                             missing_classes="warn", diff=diff_file)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert summary["metrics"] == str(tmp_path / "eval" / "metrics.json")
+    assert metrics["AP50"] == pytest.approx(1.0) and metrics["eval_images"] == len(val)
+    assert metrics["slices"]["new"]["images"] == len(fresh)
+    assert metrics["slices"]["old"]["images"] == len(val) - len(fresh)
+    matches = read_matches(tmp_path / "eval" / "matches.npz")
+    assert matches.slices["new"].tolist() == fresh
+    assert metrics["model"] == "truth" and metrics["model_kind"] == "stand-in"
