@@ -212,10 +212,8 @@ def test_first_model_and_missing_slices_skip_with_a_reason(forgetful, gt, tmp_pa
 
 
 def test_an_interval_check_without_matches_fails_closed(forgetful, tmp_path):
-    for name in ("metrics.json", "matches.npz"):
-        (tmp_path / "p").mkdir(exist_ok=True)
-        if name == "metrics.json":
-            (tmp_path / "p" / name).write_text(forgetful["production"].read_text())
+    (tmp_path / "p").mkdir()  # production's metrics.json without its matches.npz
+    (tmp_path / "p" / "metrics.json").write_text(forgetful["production"].read_text())
     result = gate(forgetful["candidate"], tmp_path / "gate", FORGETTING, baseline_version=4,
                   baseline_metrics=tmp_path / "p" / "metrics.json")
     new = next(c for c in result["checks"] if c["check"] == "slice:new:AP50")
@@ -310,3 +308,13 @@ def test_evaluate_stage_slices_real_records_by_the_diff(tmp_path, monkeypatch):
     matches = read_matches(tmp_path / "eval" / "matches.npz")
     assert matches.slices["new"].tolist() == fresh
     assert metrics["model"] == "truth" and metrics["model_kind"] == "stand-in"
+
+
+def test_unreadable_matches_fail_an_interval_check_closed(forgetful, tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "metrics.json").write_text(forgetful["production"].read_text())
+    (tmp_path / "p" / "matches.npz").write_bytes(b"not a zip")
+    result = gate(forgetful["candidate"], tmp_path / "gate", FORGETTING, baseline_version=4,
+                  baseline_metrics=tmp_path / "p" / "metrics.json")
+    new = next(c for c in result["checks"] if c["check"] == "slice:new:AP50")
+    assert new["verdict"] == "fail" and "matches missing for production" in new["note"]

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -467,10 +469,18 @@ def as_policy(policy: GatePolicy | dict | float | None) -> GatePolicy:
 
 
 def _matches_beside(metrics_path: str | Path) -> Matches | None:
-    """The evaluation's matches.npz beside its metrics.json; None for older evaluations."""
+    """The evaluation's matches.npz beside its metrics.json; None for older evaluations or an
+    unreadable file (interval checks then fail closed, saying so)."""
     path = f"{os.fspath(metrics_path).rsplit('/', 1)[0]}/{MATCHES}" if "/" in os.fspath(
         metrics_path) else MATCHES
-    return read_matches(path) if storage.exists(path) else None
+    if not storage.exists(path):
+        return None
+    try:
+        return read_matches(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        print(f"warning: {path}: unreadable per-image matches ({exc}); no intervals",
+              file=sys.stderr)
+        return None
 
 
 def gate(metrics_path: str | Path, out_dir: str | Path,

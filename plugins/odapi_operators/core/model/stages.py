@@ -80,8 +80,11 @@ class Evaluated(Result):
         if self.metrics is None:
             return "no model in production yet: the gate applies the first-model rule"
         extra = self.model_extra or {}
+        slices = "; ".join(f"{name}: AP50 {s.get('AP50')} on {s.get('images')}"
+                           for name, s in (extra.get("slices") or {}).items() if name != "all")
         return (f"{extra.get('model')}: AP {self.AP}, AP50 {self.AP50} on "
-                f"{extra.get('eval_images')} val images; per class: {extra.get('per_class')}")
+                f"{extra.get('eval_images')} val images; per class: {extra.get('per_class')}"
+                + (f"; slices {slices}" if slices else ""))
 
 
 def _evaluate(ctx: StageContext, model: str, data: str, diff: str | None,
