@@ -226,5 +226,5 @@ def test_a_run_report_shows_every_image_in_the_browser(browser, tmp_path):
                 images.map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])));
         """)
         assert sorted(src for src, _, _ in images) == ["loss.png", "per_class_ap.png",
-                                                       "val_grid.png"]
+                                                       "slices.png", "val_grid.png"]
         assert [src for src, complete, width in images if not (complete and width > 0)] == []

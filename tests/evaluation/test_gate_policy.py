@@ -269,7 +269,9 @@ def test_decision_json_records_everything(tmp_path):
     assert {c["check"]: (c["value"], c["bound"], c["verdict"]) for c in written["checks"]} == {
         "same_split:eval_images": (40, 40, "pass"),
         "AP50 >= 0.5": (0.7, 0.5, "pass"),
-        "vs_production:AP": (0.45, 0.0, "fail")}
+        "vs_production:AP": (0.45, 0.0, "fail"),
+        # the default forgetting guard: metrics without slices (no dataset diff) skip it
+        "slice:old:AP50": (None, -0.01, "skipped")}
 
 
 def test_no_thresholds_still_writes_decision(tmp_path):

@@ -156,13 +156,13 @@ def test_report_compares_with_production_and_shows_decision_loss_and_boxes(run, 
                            grid_images=50, title="shapes <nightly>")
     assert summary["report"] == str(out / "report.html")
     assert sorted(Path(p).name for p in summary["images"]) == [
-        "loss.png", "per_class_ap.png", "val_grid.png"]
+        "loss.png", "per_class_ap.png", "slices.png", "val_grid.png"]
     images = len(json.loads((run["eval"] / "ground_truth.json").read_text())["images"])
     assert summary["grid_images"] == images and summary["promoted"] is True
     text = (out / "report.html").read_text()
     page = Page(text)
 
-    assert sorted(page.images) == ["loss.png", "per_class_ap.png", "val_grid.png"]
+    assert sorted(page.images) == ["loss.png", "per_class_ap.png", "slices.png", "val_grid.png"]
     assert not [s for s in page.images if "/" in s]  # relative names: the folder travels
     assert "<script" not in text and "&lt;script&gt;" in text
     assert "shapes &lt;nightly&gt;" in text
@@ -175,6 +175,9 @@ def test_report_compares_with_production_and_shows_decision_loss_and_boxes(run, 
     assert page.row("eval_images") == ["eval_images", str(images), str(images), "+0"]
     assert page.row("square") == ["square", "0.600", "0.500", "+0.100"]
     assert page.row(HOSTILE) == [HOSTILE, "n/a", "n/a", "—"]
+    # metrics evaluated without a dataset diff: slice `all` only, no matches so no interval
+    assert page.row("all")[:7] == ["all", str(images), "AP50", "0.610", "0.510", "+0.100", "—"]
+    assert "evaluated without a dataset diff" in "".join(page.text)
     assert page.row("AP50 >= 0.5")[1:5] == ["0.610", ">= 0.5", "—", "pass"]
     assert page.row("vs_production:AP")[1:5] == ["0.600", "improvement >= 0.0", "0.500",
                                                  "pass"]
@@ -196,7 +199,7 @@ def test_report_without_production_or_events_says_so(run, tmp_path):
     summary = build_report(out, run["eval"], run["records"], model_dir=run["empty_model"],
                            grid_images=2)  # the same folder: replaced whole
     assert sorted(Path(p).name for p in summary["images"]) == ["per_class_ap.png",
-                                                              "val_grid.png"]
+                                                              "slices.png", "val_grid.png"]
     assert not (out / "loss.png").exists()
     page = Page((out / "report.html").read_text())
     assert "loss.png" not in page.images

@@ -140,10 +140,14 @@ def test_gate_decide(metrics, bound, promoted, reason):
     decision = decide(metrics, GatePolicy(min_ap50=bound), Baseline(version=1, metrics={}))
     assert decision["promoted"] is promoted
     assert reason in decision["reason"]
+    # the default `old` slice guard is listed, skipped: these metrics have no slices
+    [guard] = [c for c in decision["checks"] if c["kind"] == "slice"]
+    assert guard["verdict"] == "skipped" and "without a dataset diff" in guard["note"]
+    checks = [c for c in decision["checks"] if c["kind"] != "slice"]
     if bound is None:
-        assert decision["checks"] == []
+        assert checks == []
     else:
-        [check] = decision["checks"]
+        [check] = checks
         assert check["metric"] == "AP50" and check["bound"] == bound
         assert check["passed"] is promoted
 

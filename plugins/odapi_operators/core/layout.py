@@ -39,6 +39,7 @@ class Stage(str, Enum):
 
 SUMMARY = "summary.json"
 METRICS = "metrics.json"
+MATCHES = "matches.npz"  # per-image COCO matches beside metrics.json (the gate's bootstrap)
 DECISION = "decision.json"
 PIPELINE = "pipeline.json"
 REPORT_PAGE = "report.html"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -71,8 +72,9 @@ def _class_ap(precision: np.ndarray) -> float:
     return float(valid.mean()) if valid.size else -1.0
 
 
-def coco_metrics(gt: dict, detections: list[dict]) -> dict:
-    """COCO bbox metrics plus `per_class` AP and `per_class_AP50` (-1: no ground truth)."""
+def coco_eval(gt: dict, detections: list[dict], image_ids: Iterable[int] | None = None) -> Any:
+    """A pycocotools COCOeval, evaluated, accumulated and summarized (on `image_ids` only, if
+    given). Its `evalImgs` hold the per-image matches the gate's bootstrap resamples."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -86,9 +88,16 @@ def coco_metrics(gt: dict, detections: list[dict]) -> dict:
                                "annotations": []}
             results.createIndex()
         evaluator = COCOeval(coco, results, "bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(image_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
+    return evaluator
+
+
+def summary(evaluator: Any, gt: dict) -> dict:
+    """COCO bbox metrics plus `per_class` AP and `per_class_AP50` (-1: no ground truth)."""
     metrics = {key: float(value) for key, value in zip(COCO_KEYS, evaluator.stats)}
     precision = evaluator.eval["precision"]  # [IoU, recall, class, area, max dets]
     names = {c["id"]: c["name"] for c in gt["categories"]}
@@ -97,3 +106,8 @@ def coco_metrics(gt: dict, detections: list[dict]) -> dict:
         metrics["per_class"][names[category]] = _class_ap(precision[:, :, k, 0, -1])
         metrics["per_class_AP50"][names[category]] = _class_ap(precision[0, :, k, 0, -1])
     return metrics
+
+
+def coco_metrics(gt: dict, detections: list[dict]) -> dict:
+    """COCO bbox metrics plus `per_class` AP and `per_class_AP50` (-1: no ground truth)."""
+    return summary(coco_eval(gt, detections), gt)

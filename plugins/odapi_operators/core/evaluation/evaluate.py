@@ -2,15 +2,16 @@
 
 The model (the candidate's newest checkpoint, or the SavedModel Serving holds) runs over every
 image of the val split; pycocotools' COCOeval scores its detections against the records'
-boxes. Next to `metrics.json` (COCO stats, per-class AP and AP50) the stage writes
-`detections.json` and `ground_truth.json` (COCO JSON) for the report and for anyone who wants
-to look closer. Candidate and production go through the same code on the same split.
+boxes. Next to `metrics.json` (COCO stats, per-class AP and AP50; per slice under `slices`,
+see slices.py) the stage writes `detections.json` and `ground_truth.json` (COCO JSON) for the
+report and for anyone who wants to look closer, and `matches.npz`, the per-image matches the
+gate's bootstrap resamples (see bootstrap.py) without TensorFlow or a second inference.
+Candidate and production go through the same code on the same split and the same slices.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -18,13 +19,11 @@ from typing import Literal
 
 from odapi_operators.core import storage
 from odapi_operators.core.data.label_map import read_label_map
-from odapi_operators.core.evaluation.coco_metrics import (
-    COCO_KEYS,
-    coco_metrics,
-    detection_entries,
-    ground_truth,
-)
+from odapi_operators.core.evaluation.bootstrap import write_matches
+from odapi_operators.core.evaluation.coco_metrics import COCO_KEYS, detection_entries, ground_truth
+from odapi_operators.core.evaluation.slices import image_keys, read_diff, score_slices, slice_images
 from odapi_operators.core.failures import Failure
+from odapi_operators.core.layout import MATCHES
 from odapi_operators.core.model import tfvision
 
 __all__ = ["COCO_KEYS", "EvaluationError", "evaluate", "val_split"]
@@ -60,18 +59,19 @@ def _check_split(gt: dict, data_dir: str | Path, min_images: int,
     return missing
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 def evaluate(model: str | Path, data_dir: str | Path, out_file: str | Path, *,
-             min_images: int = 1, missing_classes: Literal["fail", "warn"] = "fail") -> dict:
-    """Evaluate `model` (model dir or SavedModel) on the val split of `data_dir`."""
+             min_images: int = 1, missing_classes: Literal["fail", "warn"] = "fail",
+             diff: str | Path | None = None) -> dict:
+    """Evaluate `model` (model dir or SavedModel) on the val split of `data_dir`; with the
+    dataset version's `diff`, also on its `new` and `old` val images."""
     from odapi_operators.core.model.detector import load_detector
 
     examples, label_map = val_split(data_dir)
     gt = ground_truth(examples, label_map)
     missing = _check_split(gt, data_dir, min_images, missing_classes)
+    slices = slice_images([image["id"] for image in gt["images"]],
+                          image_keys(data_dir) if diff is not None else None,
+                          read_diff(diff) if diff is not None else None)
     started = time.monotonic()
     detector = load_detector(model)
     detections: list[dict] = []
@@ -79,15 +79,26 @@ def evaluate(model: str | Path, data_dir: str | Path, out_file: str | Path, *,
         found = detector.detect(example)
         detections += detection_entries(image, found.boxes, found.scores, found.classes)
     seconds = time.monotonic() - started
-    metrics = coco_metrics(gt, detections)
-    out_dir = Path(out_file).parent
-    storage.write_text(out_dir / "detections.json", json.dumps(detections))
-    storage.write_text(out_dir / "ground_truth.json", json.dumps(gt))
-    result = {**{k: _finite(v) for k, v in metrics.items() if k in COCO_KEYS},
-              "per_class": metrics["per_class"], "per_class_AP50": metrics["per_class_AP50"],
-              "classes_without_ground_truth": missing,
-              "eval_images": len(gt["images"]), "eval_boxes": len(gt["annotations"]),
-              "model": detector.path, "model_kind": detector.kind,
-              "seconds": round(seconds, 1)}
+    result = score(gt, detections, Path(out_file), slices, diff=diff)
+    result.update(classes_without_ground_truth=missing, model=detector.path,
+                  model_kind=detector.kind, seconds=round(seconds, 1))
     storage.write_text(out_file, json.dumps(result, indent=2))
     return {**result, "metrics": str(out_file)}
+
+
+def score(gt: dict, detections: list[dict], out_file: Path, slices: dict[str, list[int]], *,
+          diff: str | Path | None = None) -> dict:
+    """Score detections per slice; write detections, ground truth and matches beside
+    `out_file`; return metrics.json's content: slice `all` at the top level (what readers of
+    earlier versions read), every slice under `slices`."""
+    per_slice, matches = score_slices(gt, detections, slices)
+    out_dir = out_file.parent
+    storage.write_text(out_dir / "detections.json", json.dumps(detections))
+    storage.write_text(out_dir / "ground_truth.json", json.dumps(gt))
+    write_matches(out_dir / MATCHES, matches)
+    overall = per_slice["all"]
+    return {**{k: overall[k] for k in COCO_KEYS},
+            "per_class": overall["per_class"], "per_class_AP50": overall["per_class_AP50"],
+            "eval_images": overall["images"], "eval_boxes": overall["boxes"],
+            "slices": per_slice, "diff": str(diff) if diff is not None else None,
+            "matches": MATCHES}

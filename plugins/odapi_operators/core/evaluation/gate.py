@@ -1,8 +1,10 @@
 """Gate stage: decide whether a candidate may replace the model that is serving, and say why.
 
 The policy (`GatePolicy`, the `gate:` section of the pipeline YAML) holds absolute bounds per
-metric, change thresholds against the production baseline, a per-class regression tolerance
-and a minimum number of eval images. The baseline is the version Serving actually answers with
+metric, change thresholds against the production baseline, a per-class regression tolerance,
+a minimum number of eval images, and slice checks: a candidate-minus-production delta on the
+`all`, `new` or `old` val images (slices.py) with a paired bootstrap interval (bootstrap.py),
+whose lower bound a check can require to clear the threshold. The baseline is the version Serving actually answers with
 (`stable`, else the newest; see `serving_dir.production_version`), evaluated on the same split in the
 same run. Rules, from what went wrong with TFX's Evaluator:
 
@@ -11,21 +13,34 @@ same run. Rules, from what went wrong with TFX's Evaluator:
 - No production model yet: change checks pass by rule ("first model"); bounds still apply.
 - A baseline version without baseline metrics fails the change checks: never guess.
 - Forcing needs a reason, and who/why are recorded. Backfills are gated like any run.
+- A slice without images (the first dataset version has nothing `old`) or metrics without
+  slices (evaluated without a dataset diff) skip its checks, with a note; never a crash.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from odapi_operators.core import storage
+from odapi_operators.core.evaluation.bootstrap import (
+    METRICS,
+    Matches,
+    paired_intervals,
+    read_matches,
+)
+from odapi_operators.core.evaluation.slices import SLICES
 from odapi_operators.core.failures import Failure
-from odapi_operators.core.layout import DECISION
+from odapi_operators.core.layout import DECISION, MATCHES
 
 # Float noise must not flip a verdict: 0.7 - 0.6 is 0.0999..., not below a min_delta of 0.1.
 _EPS = 1e-9
@@ -75,6 +90,36 @@ def higher_is_better(metric: str, threshold: ChangeThreshold | None = None) -> b
     return not metric.endswith("loss")
 
 
+SliceName = Literal["all", "new", "old"]
+
+
+class SliceCheck(_Strict):
+    """Candidate minus production on one slice's val images must be at least `min_delta`.
+
+    With `use_interval: true` the lower bound of the paired bootstrap interval must clear it,
+    not just the point delta: "better, and not by luck". A "no worse than" check (a negative
+    `min_delta` on `old`) usually tests the point: on a few dozen images the lower bound of
+    even an identical model sits well below -0.01.
+    """
+
+    slice: SliceName
+    metric: Literal["AP", "AP50", "AP75"] = "AP50"
+    min_delta: float = 0.0
+    use_interval: bool = False
+
+
+class BootstrapPolicy(_Strict):
+    """The paired bootstrap over val images behind every slice check's interval."""
+
+    resamples: int = Field(default=1000, ge=1000, le=100_000)
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    seed: int = 0
+
+
+# Forgetting is what a gate on all images misses; guard the old images unless told otherwise.
+DEFAULT_SLICE_CHECKS = (SliceCheck(slice="old", metric="AP50", min_delta=-0.01),)
+
+
 class GatePolicy(_Strict):
     """The `gate:` section of the pipeline YAML."""
 
@@ -83,6 +128,11 @@ class GatePolicy(_Strict):
     vs_production: dict[str, ChangeThreshold] = {}
     per_class_max_drop: float | None = Field(default=None, ge=0)  # largest per-class AP drop
     min_eval_images: int | None = Field(default=None, ge=1)
+    slices: list[SliceCheck] = Field(
+        default=list(DEFAULT_SLICE_CHECKS), description="checks on the all/new/old val "
+        "images: [{slice, metric, min_delta, use_interval}]; replaces the default `old` guard")
+    bootstrap: BootstrapPolicy = Field(default=BootstrapPolicy(), description="resamples, "
+                                       "confidence and seed of the slice intervals")
 
     @field_validator("bounds", "vs_production")
     @classmethod
@@ -101,9 +151,11 @@ class GatePolicy(_Strict):
         return {**self.bounds, "AP50": Bound(min=self.min_ap50, max=ap50.max if ap50 else None)}
 
     def has_thresholds(self) -> bool:
-        """Anything that can justify promotion (min_eval_images alone is a sanity check)."""
+        """Anything that can justify promotion (min_eval_images alone is a sanity check, and
+        so is the default `old` guard: promotion must be asked for)."""
         return bool(self.effective_bounds() or self.vs_production
-                    or self.per_class_max_drop is not None)
+                    or self.per_class_max_drop is not None
+                    or self.slices != list(DEFAULT_SLICE_CHECKS) and self.slices)
 
 
 class Baseline(BaseModel):
@@ -240,15 +292,126 @@ def _eval_checks(metrics: dict, baseline: Baseline, minimum: int | None) -> list
     return checks
 
 
+def _slice_metrics(metrics: dict | None, name: str) -> dict | None:
+    """One slice's metrics; metrics without slices (no diff, older files) have `all` only."""
+    if metrics is None:
+        return None
+    slices = metrics.get("slices")
+    if isinstance(slices, dict):
+        return slices.get(name)
+    return {**metrics, "images": metrics.get("eval_images")} if name == "all" else None
+
+
+def compare_slices(metrics: dict, baseline_metrics: dict | None,
+                   bootstrap: BootstrapPolicy | None = None,
+                   candidate_matches: Matches | None = None,
+                   baseline_matches: Matches | None = None) -> dict[str, dict]:
+    """Per slice of the candidate: images, and per bootstrap metric candidate, production,
+    delta and interval (None without production or matches). What the slice checks and the
+    report read."""
+    bootstrap = bootstrap or BootstrapPolicy()
+    names = [n for n in SLICES if _slice_metrics(metrics, n) is not None]
+    result: dict[str, dict] = {}
+    computed: dict[tuple[int, ...], dict] = {}
+    for name in names:
+        own = _slice_metrics(metrics, name) or {}
+        base = _slice_metrics(baseline_metrics, name)
+        images = own.get("images")
+        entry: dict[str, Any] = {"images": images}
+        ids = (candidate_matches.slices.get(name) if candidate_matches is not None
+               and candidate_matches.slices else None)
+        if ids is None and name == "all" and candidate_matches is not None:
+            ids = candidate_matches.image_ids
+        intervals: dict[str, Any] = {}
+        note = None
+        if base is not None and images and candidate_matches is not None \
+                and baseline_matches is not None and ids is not None:
+            key = tuple(np.asarray(ids).tolist())  # `new` is `all` in a first version
+            try:
+                if key not in computed:
+                    computed[key] = paired_intervals(
+                        candidate_matches, baseline_matches, key, tuple(METRICS),
+                        resamples=bootstrap.resamples, confidence=bootstrap.confidence,
+                        seed=bootstrap.seed)
+                intervals = computed[key]
+            except ValueError as exc:
+                note = f"no interval: {exc}"
+        elif base is not None and images:
+            note = "no interval: per-image matches missing for " + (
+                "the candidate" if candidate_matches is None else "production")
+        for metric in METRICS:
+            value, before = _number(own.get(metric)), _number((base or {}).get(metric))
+            interval = intervals.get(metric)
+            entry[metric] = {"candidate": value, "production": before,
+                             "delta": (value - before if value is not None
+                                       and before is not None else None),
+                             "interval": ([interval.low, interval.high]
+                                          if interval is not None and interval.low is not None
+                                          else None)}
+        if note:
+            entry["note"] = note
+        result[name] = entry
+    return result
+
+
+def _slice_verdict(spec: SliceCheck, seen: dict | None, numbers: dict,
+                   first_model: bool) -> tuple[Verdict, Any, str | None]:
+    """(verdict, value tested, note) of one slice check."""
+    if first_model:
+        return "skipped", None, "first model: no production baseline, passes by rule"
+    if seen is None:
+        return "skipped", None, (f"no `{spec.slice}` slice in the candidate's metrics "
+                                 "(evaluated without a dataset diff)")
+    if not seen.get("images"):
+        return "skipped", None, (f"no val image in slice `{spec.slice}` (e.g. the first "
+                                 "dataset version has nothing old): nothing to compare, passes")
+    if numbers.get("delta") is None:
+        side = "candidate" if numbers.get("candidate") is None else "production"
+        return "fail", None, f"{side} has no {spec.metric} on slice `{spec.slice}`"
+    if spec.use_interval and numbers.get("interval") is None:
+        return "fail", None, seen.get("note") or "no interval: cannot bound the delta"
+    value = numbers["interval"][0] if spec.use_interval else numbers["delta"]
+    return ("pass" if value >= spec.min_delta - _EPS else "fail"), value, None
+
+
+def _slice_checks(comparison: dict[str, dict], baseline: Baseline,
+                  policy: GatePolicy) -> list[dict]:
+    checks = []
+    for spec in policy.slices:
+        seen = comparison.get(spec.slice)
+        numbers = (seen or {}).get(spec.metric) or {}
+        verdict, value, note = _slice_verdict(spec, seen, numbers, baseline.version is None)
+        checks.append({
+            "check": f"slice:{spec.slice}:{spec.metric}", "kind": "slice",
+            "slice": spec.slice, "metric": spec.metric,
+            "op": "interval low >=" if spec.use_interval else "delta >=",
+            "bound": spec.min_delta, "value": value, "candidate": numbers.get("candidate"),
+            "production": numbers.get("production"), "baseline": numbers.get("production"),
+            "delta": numbers.get("delta"), "interval": numbers.get("interval"),
+            "confidence": policy.bootstrap.confidence, "use_interval": spec.use_interval,
+            "images": (seen or {}).get("images"), "verdict": verdict,
+            "passed": verdict != "fail", **({"note": note} if note else {})})
+    return checks
+
+
 def decide(metrics: dict[str, Any], policy: GatePolicy, baseline: Baseline | None = None,
-           force: Force | None = None) -> dict:
-    """The promotion decision: pure, every check listed, `rule` saying what decided it."""
+           force: Force | None = None, candidate_matches: Matches | None = None,
+           baseline_matches: Matches | None = None) -> dict:
+    """The promotion decision: pure, every check listed, `rule` saying what decided it.
+
+    The per-image matches (matches.npz of both evaluations) give the slice deltas their
+    bootstrap intervals; without them the slice checks test point deltas only.
+    """
     baseline = baseline or Baseline()
+    comparison = compare_slices(metrics, baseline.metrics if baseline.version is not None
+                                else None, policy.bootstrap, candidate_matches,
+                                baseline_matches)
     checks = [*_eval_checks(metrics, baseline, policy.min_eval_images),
               *_bound_checks(metrics, policy.effective_bounds()),
               *_change_checks(metrics, baseline, policy)]
     if policy.per_class_max_drop is not None:
         checks += _per_class_checks(metrics, baseline, policy.per_class_max_drop)
+    checks += _slice_checks(comparison, baseline, policy)
     failed = [c for c in checks if c["verdict"] == "fail"]
     first_model = baseline.version is None
     if not policy.has_thresholds():
@@ -266,19 +429,34 @@ def decide(metrics: dict[str, Any], policy: GatePolicy, baseline: Baseline | Non
         promoted, rule = True, "forced"
     return {"promoted": promoted, "rule": rule, "reason": reason, "first_model": first_model,
             "forced": force is not None, "force": force.model_dump() if force else None,
-            "checks": checks, "baseline": {"version": baseline.version, "metrics": baseline.source},
+            "checks": checks, "slices": comparison,
+            "baseline": {"version": baseline.version, "metrics": baseline.source},
             "policy": policy.model_dump(exclude_defaults=True)}
 
 
 def _failure(check: dict) -> str:
     if check["kind"] == "bound":
         text = f"{check['metric']} {check['value']} not {check['op']} {check['bound']}"
+    elif check["kind"] == "slice":
+        text = (f"{check['metric']} on slice {check['slice']} ({check['images']} images): "
+                f"{_rounded(check['candidate'])} vs production {_rounded(check['production'])}")
+        if check["delta"] is not None:
+            text += f", delta {_rounded(check['delta'])}"
+        if check["interval"] is not None:
+            low, high = check["interval"]
+            text += f" [{_rounded(low)}, {_rounded(high)}]"
+        text += f", needs {check['op']} {check['bound']}"
     else:
         text = f"{check['check']} {check['value']}"
         if "baseline" in check:
             text += f" vs production {check['baseline']}"
         text += f", needs {check['op']} {check['bound']}"
     return text + (f" ({check['note']})" if check.get("note") else "")
+
+
+def _rounded(value: Any) -> str:
+    return f"{value:+.3f}" if isinstance(value, float) and value < 0 else (
+        f"{value:.3f}" if isinstance(value, float) else str(value))
 
 
 def as_policy(policy: GatePolicy | dict | float | None) -> GatePolicy:
@@ -288,6 +466,21 @@ def as_policy(policy: GatePolicy | dict | float | None) -> GatePolicy:
     if isinstance(policy, dict):
         return GatePolicy.model_validate(policy)
     return GatePolicy(min_ap50=policy)
+
+
+def _matches_beside(metrics_path: str | Path) -> Matches | None:
+    """The evaluation's matches.npz beside its metrics.json; None for older evaluations or an
+    unreadable file (interval checks then fail closed, saying so)."""
+    path = f"{os.fspath(metrics_path).rsplit('/', 1)[0]}/{MATCHES}" if "/" in os.fspath(
+        metrics_path) else MATCHES
+    if not storage.exists(path):
+        return None
+    try:
+        return read_matches(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        print(f"warning: {path}: unreadable per-image matches ({exc}); no intervals",
+              file=sys.stderr)
+        return None
 
 
 def gate(metrics_path: str | Path, out_dir: str | Path,
@@ -301,6 +494,8 @@ def gate(metrics_path: str | Path, out_dir: str | Path,
     it writes a refusal into decision.json and raises GateError, so the run fails loudly.
     """
     metrics = json.loads(storage.read_text(metrics_path))
+    candidate_matches = _matches_beside(metrics_path)
+    baseline_matches = _matches_beside(baseline_metrics) if baseline_metrics else None
     base = Baseline(version=baseline_version,
                     source=str(baseline_metrics) if baseline_metrics else None,
                     metrics=(json.loads(storage.read_text(baseline_metrics))
@@ -312,7 +507,8 @@ def gate(metrics_path: str | Path, out_dir: str | Path,
             forced = Force(reason=force_reason, by=forced_by)
         else:
             refusal = "forced promotion refused: no reason given"
-    decision = decide(metrics, as_policy(policy), base, forced)
+    decision = decide(metrics, as_policy(policy), base, forced, candidate_matches,
+                      baseline_matches)
     if refusal:
         decision.update(promoted=False, rule="force_refused", reason=refusal,
                         force={"reason": None, "by": forced_by})

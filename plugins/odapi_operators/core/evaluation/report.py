@@ -1,7 +1,8 @@
 """Run report (child process): one self-contained HTML page per run, with its PNGs.
 
 It reads what earlier stages left behind: the evaluator's `metrics.json`, `detections.json` and
-`ground_truth.json` (candidate, and production when there is one), the gate's `decision.json`,
+`ground_truth.json` (candidate, and production when there is one), the gate's `decision.json`
+(its per-slice deltas with bootstrap intervals),
 TF-Vision's TensorBoard events under `<model_dir>/train/` and the val TFRecords. A person
 deciding whether to trust the run needs all of it on one page. Text from data (class names
 are user input) is HTML-escaped. The folder is written whole with `storage.atomic_directory`:
@@ -27,6 +28,8 @@ from odapi_operators.core.model.tfvision import val_examples
 METRIC_ROWS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax100", "eval_images")
 NO_PRODUCTION = "no production model"
 PER_CLASS_PNG, LOSS_PNG, GRID_PNG = "per_class_ap.png", "loss.png", "val_grid.png"
+SLICES_PNG = "slices.png"
+SLICE_METRICS = ("AP50", "AP")
 GROUND_TRUTH_COLOUR, PREDICTION_COLOUR = (0, 255, 0), (255, 0, 0)
 CELL = 256  # grid cell side in pixels; small images are scaled up so boxes stay readable
 CAPTION = 16
@@ -269,6 +272,80 @@ def draw_grid(examples: list[bytes], ground_truth: dict, detections: list[dict],
     return len(cells)
 
 
+def plot_slices(comparison: dict[str, dict], path: Path, metric: str = "AP50") -> None:
+    """Per slice: candidate and production bars (left), and the delta with its bootstrap
+    interval as whiskers (right). A slice without images or numbers draws no bar."""
+    from matplotlib.figure import Figure
+
+    names = list(comparison)
+    figure = Figure(figsize=(10, 3.5), dpi=100)
+    values, deltas = figure.subplots(1, 2)
+    width = 0.4
+    for offset, side, colour in ((-width / 2, "candidate", "tab:blue"),
+                                 (width / 2, "production", "tab:orange")):
+        numbers = [_number((comparison[n].get(metric) or {}).get(side)) for n in names]
+        bars = values.bar([i + offset for i in range(len(names))], [v or 0.0 for v in numbers],
+                          width=width, color=colour, label=side)
+        values.bar_label(bars, labels=[_metric(v) for v in numbers], padding=2, fontsize=8)
+    values.set_xticks(range(len(names)), labels=[f"{n} ({comparison[n].get('images') or 0})"
+                                                 for n in names])
+    values.set(ylim=(0, 1.1), ylabel=metric, title=f"{metric} per slice (val images)")
+    values.legend(loc="upper right", fontsize=8)
+    numbers = [(comparison[n].get(metric) or {}) for n in names]
+    delta = [d.get("delta") if isinstance(d.get("delta"), (int, float)) else 0.0
+             for d in numbers]
+    low = [max(0.0, v - d["interval"][0]) if d.get("interval") else 0.0
+           for v, d in zip(delta, numbers)]
+    high = [max(0.0, d["interval"][1] - v) if d.get("interval") else 0.0
+            for v, d in zip(delta, numbers)]
+    colours = ["tab:green" if v >= 0 else "tab:red" for v in delta]
+    deltas.bar(range(len(names)), delta, color=colours, yerr=[low, high], capsize=6,
+               error_kw={"elinewidth": 1.5})
+    deltas.axhline(0, color="black", linewidth=0.8)
+    deltas.set_xticks(range(len(names)), labels=names)
+    deltas.set(ylabel=f"{metric} delta", title="candidate - production (whiskers: interval)")
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+def _interval(numbers: dict) -> str:
+    interval = numbers.get("interval")
+    return f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else "—"
+
+
+def slices_section(metrics: dict, baseline: dict | None, decision: dict | None,
+                   folder: Path) -> str:
+    """Candidate and production side by side per slice, with the gate's bootstrap intervals
+    (when it computed them) as a table and as whiskers on per-slice bars."""
+    from odapi_operators.core.evaluation.gate import compare_slices
+
+    comparison = (decision or {}).get("slices") or compare_slices(metrics, baseline)
+    if not comparison:
+        return _note("the metrics have no slices")
+    rows = []
+    for name, seen in comparison.items():
+        for metric in SLICE_METRICS:
+            numbers = seen.get(metric) or {}
+            production = (NO_PRODUCTION if baseline is None
+                          else _metric(numbers.get("production")))
+            rows.append([name, _format(seen.get("images")), metric,
+                         _metric(numbers.get("candidate")), production,
+                         _delta(numbers.get("candidate"), numbers.get("production")),
+                         _interval(numbers)])
+    confidence = ((decision or {}).get("policy") or {}).get("bootstrap", {}).get(
+        "confidence", 0.95)
+    notes = "".join(_note(f"{name}: {seen['note']}") for name, seen in comparison.items()
+                    if seen.get("note"))
+    if "new" not in comparison:
+        notes += _note("evaluated without a dataset diff: no new/old slices")
+    plot_slices(comparison, folder / SLICES_PNG)
+    return (_table(["slice", "images", "metric", "candidate", "production", "delta",
+                    f"{confidence:.0%} interval"], rows)
+            + _note("new: val images added or changed in this dataset version; old: the "
+                    "others; intervals: paired bootstrap over the slice's images")
+            + notes + _figure(SLICES_PNG, "per-slice metrics with intervals"))
+
+
 def _run_info(metrics: dict, baseline: dict | None, paths: dict[str, Any]) -> str:
     def model(m: dict) -> str:
         return f"{m.get('model', '—')} ({m.get('model_kind', '?')})"
@@ -345,6 +422,7 @@ def build_report(out_dir: str | Path, eval_dir: str | Path, data_dir: str | Path
             "Metrics: candidate vs production": _table(
                 ["metric", "candidate", "production", "delta"],
                 comparison_rows(METRIC_ROWS, metrics, baseline)),
+            "Slices: candidate vs production": slices_section(metrics, baseline, gate, tmp),
             "Gate decision": (decision_section(gate) if gate is not None
                               else _note("no gate decision given")),
             "Per-class AP": _per_class_section(

@@ -6,6 +6,8 @@ never holds TensorFlow or GPU memory after the task.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from odapi_operators.core.config import EvaluateConfig, ExportConfig, TrainConfig
@@ -59,9 +61,16 @@ TRAIN = StageSpec(name="train", help="train a TF-Vision detector (resumes from t
 
 # --- evaluate ------------------------------------------------------------------------------
 
+def _diff() -> Any:
+    return Field(default=None, description="the dataset version's diff.json: its added and "
+                 "changed val images are the `new` slice, the others `old` (none: slice `all` "
+                 "only)")
+
+
 class EvaluateInputs(Inputs):
     model: str = Field(description="a training model dir or a SavedModel folder")
     data: str = Field(description="records folder (its val split is evaluated)")
+    diff: str | None = _diff()
 
 
 class Evaluated(Result):
@@ -74,29 +83,34 @@ class Evaluated(Result):
         if self.metrics is None:
             return "no model in production yet: the gate applies the first-model rule"
         extra = self.model_extra or {}
+        slices = "; ".join(f"{name}: AP50 {s.get('AP50')} on {s.get('images')}"
+                           for name, s in (extra.get("slices") or {}).items() if name != "all")
         return (f"{extra.get('model')}: AP {self.AP}, AP50 {self.AP50} on "
-                f"{extra.get('eval_images')} val images; per class: {extra.get('per_class')}")
+                f"{extra.get('eval_images')} val images; per class: {extra.get('per_class')}"
+                + (f"; slices {slices}" if slices else ""))
 
 
-def _evaluate(ctx: StageContext, model: str, data: str, options: EvaluateConfig,
-              version: int | None = None) -> Evaluated:
+def _evaluate(ctx: StageContext, model: str, data: str, diff: str | None,
+              options: EvaluateConfig, version: int | None = None) -> Evaluated:
     from odapi_operators.core.evaluation.evaluate import evaluate as evaluate_model
 
     summary = evaluate_model(model, data, ctx.folder / METRICS, min_images=options.min_images,
-                             missing_classes=options.missing_classes)
+                             missing_classes=options.missing_classes, diff=diff)
     return Evaluated(**summary, version=version)
 
 
 def evaluate(ctx: StageContext, inputs: EvaluateInputs, options: EvaluateConfig) -> Evaluated:
-    """COCO metrics of a model on the val split: metrics.json, detections, ground truth."""
-    return _evaluate(ctx, inputs.model, inputs.data, options)
+    """COCO metrics of a model on the val split and its slices: metrics.json, detections,
+    ground truth, per-image matches."""
+    return _evaluate(ctx, inputs.model, inputs.data, inputs.diff, options)
 
 
-class DataInput(Inputs):
+class ProductionInputs(Inputs):
     data: str = Field(description="records folder (its val split is evaluated)")
+    diff: str | None = _diff()
 
 
-def evaluate_production(ctx: StageContext, inputs: DataInput,
+def evaluate_production(ctx: StageContext, inputs: ProductionInputs,
                         options: EvaluateConfig) -> Evaluated:
     """The SavedModel Serving answers with, on this run's val split: the gate's baseline,
     measured like the candidate. Version None when nothing serves yet."""
@@ -109,7 +123,7 @@ def evaluate_production(ctx: StageContext, inputs: DataInput,
     if version is None:
         return Evaluated(metrics=None)
     return _evaluate(ctx, f"{model_dir(serving.base, serving.model_name)}/{version}",
-                     inputs.data, options, version)
+                     inputs.data, inputs.diff, options, version)
 
 
 EVALUATE = StageSpec(name="evaluate", help="COCO metrics of a model on the val split",
@@ -117,7 +131,7 @@ EVALUATE = StageSpec(name="evaluate", help="COCO metrics of a model on the val s
                      section="evaluate", folder=Stage.EVALUATE_CANDIDATE, process="child")
 EVALUATE_PRODUCTION = StageSpec(
     name="evaluate_production", help="COCO metrics of the production model on the same split",
-    inputs=DataInput, result=Evaluated, run=evaluate_production, section="evaluate",
+    inputs=ProductionInputs, result=Evaluated, run=evaluate_production, section="evaluate",
     folder=Stage.EVALUATE_PRODUCTION, process="child")
 
 
