@@ -123,11 +123,14 @@ with DAG(
     with TaskGroup("model", tooltip="train, evaluate candidate and production on one split"):
         train = train_task("train", config=cfg, data=records.output["data"],
                            placement=PIPELINE.train.placement)
+        # Both on the same val images, sliced by the dataset version's diff: all, new, old.
         evaluate = EvaluateDetectorOperator(task_id="evaluate", config=cfg,
                                             model=train.output["model_dir"],
-                                            data=records.output["data"])
+                                            data=records.output["data"],
+                                            diff=ingest.output["diff"])
         production = EvaluateProductionOperator(task_id="evaluate_production", config=cfg,
-                                                data=records.output["data"])
+                                                data=records.output["data"],
+                                                diff=ingest.output["diff"])
 
     with TaskGroup("promote", tooltip="gate, report, export, push to TF Serving"):
         gate = PromotionGateOperator(task_id="gate", config=cfg,

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from odapi_operators.core import storage
+from odapi_operators.core.evaluation.names import METRICS
 
 # Metrics the bootstrap can resample: name -> IoU threshold (None: the mean over .50:.95).
-METRICS: dict[str, float | None] = {"AP": None, "AP50": 0.5, "AP75": 0.75}
 _CHUNK = 4_000_000  # resample rows x true-positive columns per matrix product (memory bound)
 
 

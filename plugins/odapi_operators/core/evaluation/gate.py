@@ -4,9 +4,10 @@ The policy (`GatePolicy`, the `gate:` section of the pipeline YAML) holds absolu
 metric, change thresholds against the production baseline, a per-class regression tolerance,
 a minimum number of eval images, and slice checks: a candidate-minus-production delta on the
 `all`, `new` or `old` val images (slices.py) with a paired bootstrap interval (bootstrap.py),
-whose lower bound a check can require to clear the threshold. The baseline is the version Serving actually answers with
-(`stable`, else the newest; see `serving_dir.production_version`), evaluated on the same split in the
-same run. Rules, from what went wrong with TFX's Evaluator:
+whose lower bound a check can require to clear the threshold. The baseline is the version
+Serving actually answers with (`stable`, else the newest; see
+`serving_dir.production_version`), evaluated on the same split in the same run. Rules, from
+what went wrong with TFX's Evaluator:
 
 - `decision.json` is always written: every check with its value, bound and verdict.
 - No thresholds configured: never promote. Promotion must be asked for.
@@ -26,21 +27,17 @@ import sys
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from odapi_operators.core import storage
-from odapi_operators.core.evaluation.bootstrap import (
-    METRICS,
-    Matches,
-    paired_intervals,
-    read_matches,
-)
-from odapi_operators.core.evaluation.slices import SLICES
+from odapi_operators.core.evaluation.names import METRICS, SLICES
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import DECISION, MATCHES
+
+if TYPE_CHECKING:  # NumPy stays out of parse time (the config imports GatePolicy)
+    from odapi_operators.core.evaluation.bootstrap import Matches
 
 # Float noise must not flip a verdict: 0.7 - 0.6 is 0.0999..., not below a min_delta of 0.1.
 _EPS = 1e-9
@@ -326,9 +323,11 @@ def compare_slices(metrics: dict, baseline_metrics: dict | None,
         note = None
         if base is not None and images and candidate_matches is not None \
                 and baseline_matches is not None and ids is not None:
-            key = tuple(np.asarray(ids).tolist())  # `new` is `all` in a first version
+            key = tuple(int(i) for i in ids)  # `new` is `all` in a first version
             try:
                 if key not in computed:
+                    from odapi_operators.core.evaluation.bootstrap import paired_intervals
+
                     computed[key] = paired_intervals(
                         candidate_matches, baseline_matches, key, tuple(METRICS),
                         resamples=bootstrap.resamples, confidence=bootstrap.confidence,
@@ -475,6 +474,8 @@ def _matches_beside(metrics_path: str | Path) -> Matches | None:
         metrics_path) else MATCHES
     if not storage.exists(path):
         return None
+    from odapi_operators.core.evaluation.bootstrap import read_matches
+
     try:
         return read_matches(path)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:

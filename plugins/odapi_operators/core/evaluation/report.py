@@ -431,7 +431,8 @@ def build_report(out_dir: str | Path, eval_dir: str | Path, data_dir: str | Path
             "Training loss": _loss_section(model_dir, tmp),
             "Validation images": _grid_section(eval_dir, examples, score_threshold, tmp),
         }
-        (tmp / REPORT_PAGE).write_text(_page(title or "odapi run report", sections), encoding="utf-8")
+        page = _page(title or "odapi run report", sections)
+        (tmp / REPORT_PAGE).write_text(page, encoding="utf-8")
         images = [str(out / p.name) for p in sorted(tmp.glob("*.png"))]
     return {"report": str(out / REPORT_PAGE), "images": images,
             "eval_images": metrics.get("eval_images"), "classes": len(per_class),

@@ -29,7 +29,6 @@ from odapi_operators.core.evaluation.bootstrap import Matches, matches_from
 from odapi_operators.core.evaluation.coco_metrics import COCO_KEYS, coco_eval, summary
 from odapi_operators.core.failures import Failure
 
-SLICES = ("all", "new", "old")
 SOURCE_IDS = "source_ids.json"
 
 
