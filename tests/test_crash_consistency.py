@@ -28,7 +28,7 @@ STAGES = {"ingest": "ingest", "fetch": "images", "verify": "verify", "label_map"
 POOLED = {"verify", "shard"}  # stages with a process pool: the kill lands while it runs
 JOURNALS = {"fetch-index.jsonl", "verify-index.jsonl"}  # append-only resume state
 ATTEMPT_KEYS = {"skipped", "fetched", "copied", "linked", "downloaded", "bytes", "seconds",
-                "images_per_s", "written", "cached"}  # what one attempt did, not its output
+                "images_per_s", "written", "cached", "reused"}  # what one attempt did
 
 Snapshot = dict[str, tuple[int, int]]  # relative path -> (size, mtime_ns)
 
@@ -194,9 +194,11 @@ def _kill_once(p: Pipeline, stage: str, clean: dict[str, bytes], delay: float) -
 
 
 def _reset(p: Pipeline, stage: str) -> None:
-    """Remove what the stage wrote (the records cache too: shard would link its shards)."""
+    """Remove what the stage wrote (the caches too: fetch, verify and shard would link what
+    the clean run left there instead of doing the work a kill should interrupt)."""
     folder = STAGES[stage]
-    for path in [p.run / folder, *p.run.glob(f".tmp-{folder}-*"), p.root / "var/records-cache"]:
+    for path in [p.run / folder, *p.run.glob(f".tmp-{folder}-*"), p.root / "var/records-cache",
+                 p.root / "var/image-cache"]:
         subprocess.run(["rm", "-rf", str(path)], check=True)
 
 

@@ -33,7 +33,8 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
     from odapi_operators.core.config import ImagesConfig, RecordsConfig
     from odapi_operators.core.data.prepare import prepare
 
-    images = ImagesConfig.model_validate(stage_cli.given(args, "images__"))
+    images = ImagesConfig.model_validate({**stage_cli.given(args, "images__"),
+                                          "cache": args.image_cache})
     records = RecordsConfig.model_validate(stage_cli.without_home_paths(
         "records", RecordsConfig.model_fields, stage_cli.given(args, "records__")))
     return prepare(args.manifest, args.out, ratios=records.split, shards=records.shards,
@@ -42,6 +43,7 @@ def cmd_prepare(args: argparse.Namespace) -> dict:
                    max_failed_share=images.max_failed_share,
                    max_quarantined_share=images.max_quarantined_share, policy=images.policy(),
                    previous_label_map=args.previous_label_map, cache_dir=records.cache,
+                   image_cache_dir=images.cache,
                    **({} if args.no_progress else stage_cli.progress_output()))
 
 
@@ -87,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--previous-label-map", help="existing label_map.pbtxt whose ids are kept")
     p.add_argument("--no-progress", action="store_true")
-    stage_cli.add_fields(p.add_argument_group("images"), ImagesConfig.model_fields, "images__")
+    p.add_argument("--image-cache", help="images fetched and verified by earlier runs, reused "
+                   "by source and content (a pipeline's images.cache)")
+    stage_cli.add_fields(p.add_argument_group("images"),  # --cache is the records cache
+                         {k: v for k, v in ImagesConfig.model_fields.items() if k != "cache"},
+                         "images__")
     stage_cli.add_fields(p.add_argument_group("records"),  # --workers serves both
                          {k: v for k, v in RecordsConfig.model_fields.items() if k != "workers"},
                          "records__")

@@ -141,6 +141,10 @@ class ImagesConfig(_Strict):
                             description="seconds for one whole response (slow-loris guard)")
     max_mb: int = Field(default=50, gt=0, json_schema_extra=only("fetch"),
                         description="largest image body in MiB")
+    cache: str | None = Field(default="var/image-cache",
+                              description="images fetched and verified by earlier runs, reused "
+                              "by source and content (null: every run fetches and decodes all "
+                              "of its images)")
 
     def policy(self):
         from odapi_operators.core.data.download import DownloadPolicy
@@ -330,10 +334,10 @@ class PipelineConfig(_Strict):
         return json.dumps(self.model_dump(by_alias=True), indent=2)
 
 
-PATH_KEYS = ("runs", "datasets", "exports.ledger", "records.cache", "serving.models_config",
-              "serving.registry", "exports.path", "exports.images_root", "train.model_config",
-              "train.init_checkpoint", "serving.base", "preannotate.pool",
-              "preannotate.out_dir", "exports.labelstudio_pulls")
+PATH_KEYS = ("runs", "datasets", "exports.ledger", "images.cache", "records.cache",
+             "serving.models_config", "serving.registry", "exports.path", "exports.images_root",
+             "train.model_config", "train.init_checkpoint", "serving.base", "preannotate.pool",
+             "preannotate.out_dir", "exports.labelstudio_pulls")
 
 
 def default_home(config_path: Path) -> Path:

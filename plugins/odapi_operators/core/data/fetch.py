@@ -10,7 +10,9 @@ The store is keyed by image key and content hash: `files/<key><ext>` (extension 
 bytes), one line per finished image in `fetch-index.jsonl` (`resume.ResumeIndex`). An image in
 the index whose file is intact is never fetched again, so a re-run makes no request and a
 killed run continues where it stopped. Identical bytes under two keys are stored once (a hard
-link). Failures are listed as (URL, key, reason) in `failures.jsonl`; above the failure budget
+link). With an image cache (`image_cache.py`, `images.cache`), an image an earlier run fetched
+from the same source is linked from there instead: a new run folder over a grown dataset
+fetches only the new images. Failures are listed as (URL, key, reason) in `failures.jsonl`; above the failure budget
 the stage fails, naming that list. A full disk stops the stage at once: it is not an image's
 fault.
 """
@@ -40,9 +42,11 @@ from odapi_operators.core.data.content import (
 )
 from odapi_operators.core.data.download import DownloadPolicy, FetchError, HttpDownloader
 from odapi_operators.core.data.file_names import fitting_name, name_limit
+from odapi_operators.core.data.image_cache import SOURCES, identity, open_cache, place
 from odapi_operators.core.data.manifest import (
     ImageRecord,
     ImageSource,
+    count_records,
     read_manifest,
     write_manifest,
 )
@@ -67,6 +71,8 @@ class _Stored:
     entry: dict
     attempts: int
     linked: bool
+    suffix: str
+    reused: bool = False  # linked from the image cache, not read from the source
 
 
 class _DiskError(Exception):
@@ -98,6 +104,15 @@ class _Store:
                 raise _DiskError(f"cannot write {target}: {exc.strerror}") from None
             raise
         return target, sha, False
+
+    def adopt(self, key: str, cached: Path, sha: str, suffix: str) -> Path | None:
+        """`files/<key><ext>` as a link of the cache's copy; None if that cannot be done."""
+        target = self.files / fitting_name(key, suffix, self.name_limit)
+        if not place(cached, target):
+            return None
+        with self.lock:
+            self.by_hash.setdefault(sha, str(target))
+        return target
 
     @staticmethod
     def _link(existing: Path, target: Path, size: int) -> bool:
@@ -156,6 +171,11 @@ def _source_stamp(record: ImageRecord) -> list | None:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _source_identity(record: ImageRecord, stamp: list | None) -> str:
+    """What makes two fetches the same: the source, the export's md5, a local file's stamp."""
+    return identity(record.source.kind, record.source.uri, record.md5, stamp)
+
+
 def _is_done(entry: dict | None, record: ImageRecord, stamp: list | None) -> bool:
     if not entry or entry.get("source") != record.source.uri or entry.get("md5") != record.md5:
         return False
@@ -172,17 +192,19 @@ def fetch_images(manifest: str | Path, out_dir: str | Path, *, threads: int | No
                  policy: DownloadPolicy | None = None, log: Log | None = None,
                  progress_every: float = 15.0, bar: bool = False,
                  files_dir: str | Path | None = None,
-                 on_stored: Callable[[ImageRecord], None] | None = None) -> dict:
+                 on_stored: Callable[[ImageRecord], None] | None = None,
+                 cache_dir: str | Path | None = None) -> dict:
     """Store each image of `manifest` under `files_dir` (default `out_dir/files`); write the
     updated manifest, failures.jsonl and summary.json to `out_dir`; return the summary.
 
     `on_stored` gets each record (pointing at its stored copy) as soon as it is in the store,
     resumed ones included: a consumer can start on images while others still download.
+    `cache_dir` is the image cache shared by runs (None: none).
     """
     return fetch_records(lambda: read_manifest(manifest), out_dir, threads=threads,
                          max_failed_share=max_failed_share, policy=policy, log=log,
                          progress_every=progress_every, bar=bar, files_dir=files_dir,
-                         on_stored=on_stored)
+                         on_stored=on_stored, cache_dir=cache_dir, total=count_records(manifest))
 
 
 def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | Path, *,
@@ -191,8 +213,10 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
                   policy: DownloadPolicy | None = None, log: Log | None = None,
                   progress_every: float = 15.0, bar: bool = False,
                   files_dir: str | Path | None = None,
-                  on_stored: Callable[[ImageRecord], None] | None = None) -> dict:
-    """`fetch_images` over any re-iterable source of records (a manifest, an image index)."""
+                  on_stored: Callable[[ImageRecord], None] | None = None,
+                  cache_dir: str | Path | None = None, total: int | None = None) -> dict:
+    """`fetch_images` over any re-iterable source of records (a manifest, an image index);
+    `total` is how many it yields, if known (else it is counted)."""
     out = Path(out_dir)
     files = Path(files_dir) if files_dir else out / "files"
     files.mkdir(parents=True, exist_ok=True)
@@ -201,17 +225,32 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
     index = ResumeIndex(out / INDEX_NAME)
     store = _Store(files, {e["sha256"]: e["path"] for e in index.entries.values()
                            if "sha256" in e})
+    cache = open_cache(cache_dir)
     failures = RejectionLog()
-    counts = {"downloaded": 0, "copied": 0, "duplicates": 0, "requests": 0, "bytes": 0}
-    total = sum(1 for _ in records())
+    counts = {"downloaded": 0, "copied": 0, "reused": 0, "duplicates": 0, "requests": 0,
+              "bytes": 0}
+    total = sum(1 for _ in records()) if total is None else total
+    keys: list[str] = []
     started = time.monotonic()
+
+    def reuse(record: ImageRecord, stamp: list | None) -> _Stored | None:
+        """The image linked from the cache (a link is cheaper than a thread hand-off)."""
+        hit = cache.get(SOURCES, _source_identity(record, stamp)) if cache else None
+        path = hit and store.adopt(record.key, cache.object_path(hit["sha256"]),
+                                   hit["sha256"], hit["suffix"])
+        if not path:
+            return None  # not cached, or the cache lost its copy
+        entry = {"key": record.key, "source": record.source.uri, "md5": record.md5,
+                 "stamp": stamp, "path": str(path), "size": hit["size"],
+                 "sha256": hit["sha256"]}
+        return _Stored(record.key, entry, 0, False, hit["suffix"], reused=True)
 
     def work(record: ImageRecord, stamp: list | None) -> _Stored:
         data, suffix, attempts = _read(record, http)
         path, sha, linked = store.put(record.key, data, suffix)
         entry = {"key": record.key, "source": record.source.uri, "md5": record.md5,
                  "stamp": stamp, "path": str(path), "size": len(data), "sha256": sha}
-        return _Stored(record.key, entry, attempts, linked)
+        return _Stored(record.key, entry, attempts, linked, suffix)
 
     def finish(future: Future, record: ImageRecord, progress: Progress) -> None:
         try:
@@ -222,10 +261,22 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
             return
         except _DiskError as exc:
             raise StageError(f"fetch: disk error, stopping: {exc}", Failure.TRANSIENT) from None
+        settle(stored, record, progress)
+
+    def settle(stored: _Stored, record: ImageRecord, progress: Progress) -> None:
         index.put(stored.entry)
         if on_stored:
             on_stored(_stored_record(record, stored.entry))
-        counts["downloaded" if record.source.kind != "local" else "copied"] += 1
+        if stored.reused:
+            counts["reused"] += 1
+        else:
+            counts["downloaded" if record.source.kind != "local" else "copied"] += 1
+            if cache:
+                entry = stored.entry
+                cache.add(entry["path"], entry["sha256"])
+                cache.put(SOURCES, _source_identity(record, entry["stamp"]),
+                          {"sha256": entry["sha256"], "size": entry["size"],
+                           "suffix": stored.suffix})
         counts["duplicates"] += stored.linked
         counts["requests"] += stored.attempts
         counts["bytes"] += stored.entry["size"]
@@ -237,11 +288,15 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
             pending: dict[Future, ImageRecord] = {}
             try:
                 for record in records():
+                    keys.append(record.key)
                     stamp = _source_stamp(record)
                     if _is_done(index.get(record.key), record, stamp):
                         progress.update(skipped=True)
                         if on_stored:
                             on_stored(_stored_record(record, index.get(record.key)))
+                        continue
+                    if reused := reuse(record, stamp):
+                        settle(reused, record, progress)
                         continue
                     pending[pool.submit(work, record, stamp)] = record
                     while len(pending) >= 2 * threads:
@@ -257,14 +312,17 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
                 raise
         manifest_path = out / "manifest.jsonl"
         ok = write_manifest(manifest_path, _fetched(records(), index))
-        index.compact(r.key for r in records())
+        index.compact(keys)
     finally:
         index.close()
+        if cache:
+            cache.close()
     failures_path = out / "failures.jsonl"
     failures.write(failures_path)
     fetched = counts["downloaded"] + counts["copied"]
     seconds = time.monotonic() - started
-    summary = {"ok": ok, "failed": len(failures), "skipped": ok - fetched, "fetched": fetched,
+    summary = {"ok": ok, "failed": len(failures), "skipped": ok - fetched - counts["reused"],
+               "fetched": fetched,
                **counts, "total": total, "seconds": round(seconds, 3),
                "images_per_s": round(fetched / seconds, 1) if seconds else None,
                "failed_share": round(len(failures) / total, 4) if total else 0.0,

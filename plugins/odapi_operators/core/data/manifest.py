@@ -150,3 +150,9 @@ def read_manifest(path: str | Path) -> Iterator[ImageRecord]:
         for line in fh:
             if line.strip():
                 yield ImageRecord.from_dict(json.loads(line))
+
+
+def count_records(path: str | Path) -> int:
+    """How many records a manifest holds, without parsing them (a progress total)."""
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())

@@ -19,7 +19,7 @@ from odapi_operators.core.budget import DEFAULT_MAX_FAILED_SHARE
 from odapi_operators.core.data.download import DownloadPolicy
 from odapi_operators.core.data.fetch import fetch_images
 from odapi_operators.core.data.label_map import build_label_map
-from odapi_operators.core.data.manifest import read_manifest
+from odapi_operators.core.data.manifest import count_records
 from odapi_operators.core.data.shard import DEFAULT_TARGET_SHARD_BYTES, write_shards
 from odapi_operators.core.data.verify import verify_images
 from odapi_operators.core.layout import SUMMARY
@@ -33,8 +33,10 @@ def fetch_and_verify(manifest: str | Path, out_dir: str | Path, *, max_side: int
                      max_failed_share: float = DEFAULT_MAX_FAILED_SHARE,
                      max_quarantined_share: float = DEFAULT_MAX_FAILED_SHARE,
                      policy: DownloadPolicy | None = None, log: Log | None = None,
-                     bar: bool = False) -> tuple[dict, dict]:
-    """Fetch into `out_dir/images` and verify into `out_dir/verify`, concurrently."""
+                     bar: bool = False, image_cache_dir: str | None = None
+                     ) -> tuple[dict, dict]:
+    """Fetch into `out_dir/images` and verify into `out_dir/verify`, concurrently, reusing
+    what earlier runs left in `image_cache_dir` (if given)."""
     out = Path(out_dir)
     arrived: queue.Queue = queue.Queue(maxsize=4096)
     outcome: dict = {}
@@ -43,7 +45,8 @@ def fetch_and_verify(manifest: str | Path, out_dir: str | Path, *, max_side: int
         try:
             outcome["fetched"] = fetch_images(manifest, out / "images", threads=threads,
                                               max_failed_share=max_failed_share, policy=policy,
-                                              log=log, bar=bar, on_stored=arrived.put)
+                                              log=log, bar=bar, on_stored=arrived.put,
+                                              cache_dir=image_cache_dir)
         except BaseException as exc:  # re-raised below, in the caller's thread
             outcome["error"] = exc
         finally:
@@ -56,7 +59,8 @@ def fetch_and_verify(manifest: str | Path, out_dir: str | Path, *, max_side: int
                                  max_side=max_side, workers=workers,
                                  max_quarantined_share=max_quarantined_share, log=log,
                                  incoming=_until_done(arrived, outcome),
-                                 incoming_total=sum(1 for _ in read_manifest(manifest)))
+                                 incoming_total=count_records(manifest),
+                                 cache_dir=image_cache_dir)
     finally:
         fetcher.join()
     return outcome["fetched"], verified
@@ -76,12 +80,14 @@ def prepare(manifest: str | Path, out_dir: str | Path, *, ratios: dict[str, floa
             max_failed_share: float = DEFAULT_MAX_FAILED_SHARE,
             max_quarantined_share: float = DEFAULT_MAX_FAILED_SHARE,
             policy: DownloadPolicy | None = None, previous_label_map: str | None = None,
-            cache_dir: str | None = None, log: Log | None = None, bar: bool = False) -> dict:
+            cache_dir: str | None = None, image_cache_dir: str | None = None,
+            log: Log | None = None, bar: bool = False) -> dict:
     out = Path(out_dir)
     fetched, verified = fetch_and_verify(manifest, out, max_side=max_side, threads=threads,
                                          workers=workers, max_failed_share=max_failed_share,
                                          max_quarantined_share=max_quarantined_share,
-                                         policy=policy, log=log, bar=bar)
+                                         policy=policy, log=log, bar=bar,
+                                         image_cache_dir=image_cache_dir)
     label_map = build_label_map(verified["manifest"], out / "label_map",
                                 previous=previous_label_map)
     records = write_shards(verified["manifest"], label_map["label_map"], out / "records",
@@ -89,7 +95,8 @@ def prepare(manifest: str | Path, out_dir: str | Path, *, ratios: dict[str, floa
                            workers=workers, cache_dir=cache_dir, log=log)
     summary = {
         "ok": verified["ok"], "failed": fetched["failed"] + verified["failed"],
-        "skipped": fetched["skipped"], "fetch_failed": fetched["failed"],
+        "skipped": fetched["skipped"], "reused": fetched["reused"],
+        "verify_reused": verified["reused"], "fetch_failed": fetched["failed"],
         "quarantined": verified["failed"], "requests": fetched["requests"],
         "splits": {k: v["images"] for k, v in records["splits"].items()},
         "records_cached": records["cached"], "data": str(out / "records"),

@@ -152,13 +152,15 @@ class FetchInputs(Inputs):
 
 
 class Fetched(Result):
-    log_format = "{ok} images stored, {failed} failed, {skipped} already there"
+    log_format = ("{ok} images stored, {failed} failed, {skipped} already there, "
+                  "{reused} reused from earlier runs")
 
     manifest: str | None = None
     failures: str
     ok: int
     failed: int
     skipped: int
+    reused: int = 0
 
 
 def fetch(ctx: StageContext, inputs: FetchInputs, options: ImagesConfig) -> Fetched:
@@ -169,6 +171,7 @@ def fetch(ctx: StageContext, inputs: FetchInputs, options: ImagesConfig) -> Fetc
                          "(an image index), one of them")
     common: dict[str, Any] = dict(threads=options.threads, policy=options.policy(),
                                   max_failed_share=options.max_failed_share,
+                                  cache_dir=options.cache,
                                   **(ctx.progress or {"log": ctx.log}))
     if inputs.manifest:
         return Fetched(**fetch_images(inputs.manifest, ctx.folder, **common))
@@ -207,11 +210,13 @@ class Verified(Result):
     failed: int
     boxes_quarantined: int = 0
     skipped: int = 0
+    reused: int = 0
 
     def log_line(self) -> str:
         note = f"; see {self.quarantine}" if self.failed else ""
+        reused = f", {self.reused} reused from earlier runs" if self.reused else ""
         return (f"{self.ok} images verified, {self.failed} quarantined "
-                f"({self.boxes_quarantined} boxes){note}")
+                f"({self.boxes_quarantined} boxes){reused}{note}")
 
 
 def verify(ctx: StageContext, inputs: ManifestInput, options: ImagesConfig) -> Verified:
@@ -220,6 +225,7 @@ def verify(ctx: StageContext, inputs: ManifestInput, options: ImagesConfig) -> V
     return Verified(**verify_images(inputs.manifest, ctx.folder, max_side=options.max_side,
                                     workers=options.workers,
                                     max_quarantined_share=options.max_quarantined_share,
+                                    cache_dir=options.cache,
                                     **(ctx.progress or {"log": ctx.log})))
 
 

@@ -10,6 +10,7 @@ than the parse.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import BinaryIO, Iterator, Sequence
 
@@ -18,7 +19,12 @@ import google_crc32c
 Feature = Sequence[bytes] | Sequence[float] | Sequence[int]
 
 
+_SMALL = tuple(bytes([n]) for n in range(128))  # one-byte varints: most lengths and tags
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 128:
+        return _SMALL[value]
     value &= (1 << 64) - 1  # negative int64 -> two's complement, as protobuf does
     out = bytearray()
     while True:
@@ -37,7 +43,7 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 def bytes_feature(values: Sequence[bytes]) -> bytes:
-    return _field(1, b"".join(_field(1, v) for v in values))
+    return _field(1, b"".join([_field(1, v) for v in values]))
 
 
 def float_feature(values: Sequence[float]) -> bytes:
@@ -46,14 +52,19 @@ def float_feature(values: Sequence[float]) -> bytes:
 
 
 def int64_feature(values: Sequence[int]) -> bytes:
-    packed = b"".join(_varint(int(v)) for v in values)
+    packed = b"".join([_varint(int(v)) for v in values])
     return _field(3, _field(1, packed) if values else b"")
+
+
+@functools.lru_cache(maxsize=256)
+def _key_field(key: str) -> bytes:
+    return _field(1, key.encode())
 
 
 def encode_example(features: dict[str, bytes]) -> bytes:
     """Serialize an Example from {key: encoded Feature} (use the *_feature helpers)."""
-    entries = b"".join(_field(1, _field(1, key.encode()) + _field(2, value))
-                       for key, value in sorted(features.items()))
+    entries = b"".join([_field(1, _key_field(key) + _field(2, value))
+                        for key, value in sorted(features.items())])
     return _field(1, entries)
 
 

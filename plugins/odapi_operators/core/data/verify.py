@@ -5,6 +5,9 @@ of images in manifest order; `normalize.normalize` does the work on each. Boxes 
 pixels (`orientation.transform_boxes`). Identical bytes give one output file. A rejected image
 goes to `quarantine.jsonl` with its reason and the boxes it carried, never silently dropped.
 Finished images are remembered in `verify-index.jsonl`, so a repeated run decodes nothing.
+With an image cache (`image_cache.py`, `images.cache`), bytes an earlier run verified with
+the same options, rotation and annotated size are not decoded again in a new run folder
+either: their result (and re-encoded output) comes from the cache.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from PIL import Image
 from odapi_operators.core import storage
 from odapi_operators.core.budget import DEFAULT_MAX_FAILED_SHARE, check_budget
 from odapi_operators.core.data.file_names import fitting_name, name_limit
+from odapi_operators.core.data.image_cache import VERIFIED, ImageCache, identity, open_cache, place
 from odapi_operators.core.data.manifest import (
     ImageRecord,
     ImageSource,
+    count_records,
     read_manifest,
     write_manifest,
 )
@@ -40,6 +45,7 @@ from odapi_operators.core.stages.child import process_pool
 
 INDEX_NAME = "verify-index.jsonl"
 INLINE_BELOW = 16  # fewer images than this: a process pool costs more than it saves
+WINDOW = 4096  # results held for manifest order behind one still decoding
 
 
 def check_image(path: str | Path) -> tuple[str, int, int, str]:
@@ -59,7 +65,8 @@ def check_image(path: str | Path) -> tuple[str, int, int, str]:
 
 
 def _verify_file(path: str, rotation: int, expected: tuple[int, int] | None,
-                 options: NormalizeOptions, out_path: str) -> dict:
+                 options: NormalizeOptions, out_path: str, source_sha256: str | None = None
+                 ) -> dict:
     """Worker: one image -> result dict, or {"error": reason}. Never raises for bad images."""
     try:
         data = Path(path).read_bytes()
@@ -74,7 +81,7 @@ def _verify_file(path: str, rotation: int, expected: tuple[int, int] | None,
     return {"path": written, "width": result.width, "height": result.height,
             "ops": list(result.ops), "sha256": result.sha256, "resized": result.resized,
             "converted": result.data is not None,
-            "source_sha256": hashlib.sha256(data).hexdigest()}
+            "source_sha256": source_sha256 or hashlib.sha256(data).hexdigest()}
 
 
 def _options_digest(options: NormalizeOptions) -> str:
@@ -105,19 +112,40 @@ def _expected(record: ImageRecord) -> list | None:
     return [record.width, record.height] if record.width and record.height else None
 
 
+def _content_sha256(record: ImageRecord) -> str | None:
+    """The sha256 of the record's bytes: fetch's, for a file in its store (written once, by
+    content), else hashed here; None if unreadable (the worker reports it)."""
+    if "fetched_from" in record.provenance and record.provenance.get("sha256"):
+        return record.provenance["sha256"]
+    try:
+        with open(record.source.uri, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+# what a verify result holds besides where its output is: the same for the same inputs
+_CACHED_FIELDS = ("width", "height", "ops", "sha256", "resized", "converted")
+
+
 class _Decoder:
-    """Feeds records to the worker pool (bounded window, manifest order) and fills the index."""
+    """Feeds records to the worker pool (bounded window, manifest order) and fills the index;
+    results the image cache holds are taken from it instead of decoding."""
 
     def __init__(self, out: Path, options: NormalizeOptions, workers: int, index: ResumeIndex,
-                 pool: Executor | None):
-        self.out, self.options, self.workers, self.index, self.pool = \
-            out, options, workers, index, pool
+                 pool: Executor | None, cache: ImageCache | None = None):
+        self.out, self.options, self.workers, self.index, self.pool, self.cache = \
+            out, options, workers, index, pool, cache
         self.digest = _options_digest(options)
         self.name_limit = name_limit(out)
-        self.fresh = 0
+        self.fresh = self.reused = 0
 
     def run(self, records: Iterable[ImageRecord], progress: Progress | None) -> None:
-        window: deque[tuple[ImageRecord, list | None, Future | dict]] = deque()
+        """Results are settled in manifest order; only decodes in flight are bounded (4 per
+        worker), so cached results flow on while a few images decode."""
+        window: deque[tuple[ImageRecord, list | None, Future | dict, str | None, bool]] = \
+            deque()
+        in_flight = 0
         for record in records:
             stamp = _stamp(record.source.uri)
             entry = self.index.get(record.key)
@@ -126,23 +154,56 @@ class _Decoder:
                     progress.update(ok="error" not in entry, skipped=True)
                 continue
             expected = _expected(record)
-            args = (record.source.uri, record.rotation, tuple(expected) if expected else None,
-                    self.options,
-                    str(self.out / "files" / fitting_name(record.key, ".jpg", self.name_limit)))
-            outcome = self.pool.submit(_verify_file, *args) if self.pool else _verify_file(*args)
-            window.append((record, stamp, outcome))
-            while window and (len(window) > 4 * self.workers or not self.pool):
+            out_path = str(self.out / "files" / fitting_name(record.key, ".jpg",
+                                                              self.name_limit))
+            source_sha = _content_sha256(record) if self.cache else None
+            key = identity(source_sha, record.rotation, expected, self.digest) \
+                if source_sha else None
+            outcome = self._from_cache(key, record.source.uri, out_path) if key else None
+            reused = outcome is not None
+            if outcome is None:
+                args = (record.source.uri, record.rotation,
+                        tuple(expected) if expected else None, self.options, out_path,
+                        source_sha)
+                outcome = self.pool.submit(_verify_file, *args) if self.pool \
+                    else _verify_file(*args)
+            else:
+                outcome["source_sha256"] = source_sha
+            window.append((record, stamp, outcome, key, reused))
+            in_flight += isinstance(outcome, Future)
+            while window and (not isinstance(head := window[0][2], Future) or head.done()
+                              or in_flight > 4 * self.workers or len(window) > WINDOW):
+                in_flight -= isinstance(head, Future)
                 self._settle(*window.popleft(), progress)
         while window:
             self._settle(*window.popleft(), progress)
 
-    def _settle(self, record: ImageRecord, stamp, outcome: Future | dict,
-                progress: Progress | None) -> None:
+    def _from_cache(self, key: str, source: str, out_path: str) -> dict | None:
+        """An earlier run's result for the same bytes and settings, its output in place."""
+        hit = self.cache.get(VERIFIED, key)
+        if hit is None:
+            return None
+        result = {field: hit[field] for field in _CACHED_FIELDS}
+        if not hit["converted"]:
+            return {**result, "path": source}  # the input bytes are the output
+        if not place(self.cache.object_path(hit["sha256"]), out_path):
+            return None  # the cache lost it: decode again
+        return {**result, "path": out_path}
+
+    def _settle(self, record: ImageRecord, stamp, outcome: Future | dict, key: str | None,
+                reused: bool, progress: Progress | None) -> None:
         result = outcome.result() if isinstance(outcome, Future) else outcome
+        if reused:
+            self.reused += 1
+        else:
+            self.fresh += 1
+            if key and "error" not in result:  # an error may be passing (a read failing)
+                if result["converted"]:
+                    self.cache.add(result["path"], result["sha256"])
+                self.cache.put(VERIFIED, key, {f: result[f] for f in _CACHED_FIELDS})
         self.index.put({"key": record.key, "source": record.source.uri, "stamp": stamp,
                         "options": self.digest, "rotation": record.rotation,
                         "expected": _expected(record), **result})
-        self.fresh += 1
         if progress:
             progress.update(ok="error" not in result)
 
@@ -152,7 +213,8 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
                   max_quarantined_share: float = DEFAULT_MAX_FAILED_SHARE,
                   log: Log | None = None,
                   progress_every: float = 15.0, bar: bool = False,
-                  incoming: Iterable[ImageRecord] | None = None, incoming_total: int = 0) -> dict:
+                  incoming: Iterable[ImageRecord] | None = None, incoming_total: int = 0,
+                  cache_dir: str | Path | None = None) -> dict:
     """Verify and normalize every image of `manifest` into `out_dir`; return the summary.
 
     Writes `manifest.jsonl` (verified records, manifest order, boxes transformed with their
@@ -161,16 +223,17 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
     left out; many mean a broken export, and training on the rest would skew the data).
     `incoming` (with `incoming_total`) are records still being fetched: they are decoded as
     they arrive, and `manifest` is read only once `incoming` is exhausted (see
-    `prepare.fetch_and_verify`).
+    `prepare.fetch_and_verify`). `cache_dir` is the image cache shared by runs (None: none).
     """
     out = Path(out_dir)
     options = (options or NormalizeOptions(max_side=max_side)).resolved()
     workers = workers or os.cpu_count() or 1
-    total = incoming_total if incoming is not None else sum(1 for _ in read_manifest(manifest))
+    total = incoming_total if incoming is not None else count_records(manifest)
     index = ResumeIndex(out / INDEX_NAME)
     started = time.monotonic()
     pool = process_pool(workers) if workers > 1 and total >= INLINE_BELOW else None
-    decoder = _Decoder(out, options, workers, index, pool)
+    cache = open_cache(cache_dir)
+    decoder = _Decoder(out, options, workers, index, pool, cache)
     try:
         with Progress("verify", total, log=log, every=progress_every, bar=bar) as progress:
             # `incoming` carries every record the fetch stage's manifest will hold
@@ -178,12 +241,16 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-    summary = _write_outputs(manifest, out, index)
-    index.compact(r.key for r in read_manifest(manifest))
+        if cache:
+            cache.close()
+    keys: list[str] = []
+    summary = _write_outputs(manifest, out, index, keys)
+    index.compact(keys)
     index.close()
     seconds = time.monotonic() - started
     total = summary["ok"] + summary["failed"]
-    summary.update({"skipped": total - decoder.fresh, "total": total,
+    summary.update({"skipped": total - decoder.fresh - decoder.reused,
+                    "reused": decoder.reused, "total": total,
                     "seconds": round(seconds, 3),
                     "images_per_s": round(decoder.fresh / seconds, 1) if seconds else None,
                     "max_side": options.max_side,
@@ -198,9 +265,10 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
     return summary
 
 
-def _write_outputs(manifest: str | Path, out: Path, index: ResumeIndex) -> dict:
+def _write_outputs(manifest: str | Path, out: Path, index: ResumeIndex, keys: list[str]) -> dict:
     """Verified manifest and quarantine list from the index, in manifest order; duplicates of
-    an earlier image's bytes are pointed at its output and their own copy removed."""
+    an earlier image's bytes are pointed at its output and their own copy removed. `keys`
+    gets the manifest's keys."""
     counts = {"ok": 0, "failed": 0, "boxes_quarantined": 0, "converted": 0, "resized": 0,
               "rotated": 0, "duplicates": 0}
     quarantine_path = out / "quarantine.jsonl"
@@ -209,6 +277,7 @@ def _write_outputs(manifest: str | Path, out: Path, index: ResumeIndex) -> dict:
     def verified() -> Iterator[ImageRecord]:
         with storage.atomic_write(quarantine_path, "w") as quarantine:
             for record in read_manifest(manifest):
+                keys.append(record.key)
                 entry = index.get(record.key)
                 if entry is None or "error" in entry:
                     reason = entry["error"] if entry else "not verified"
