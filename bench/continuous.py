@@ -77,13 +77,17 @@ def pipeline_yaml(work: Path, steps: int, warm_steps: int) -> Path:
               "train": {"model_config": str(SAMPLE_MODEL), "steps": steps, "batch_size": 8,
                         "warm_start": True, "warm_start_steps": warm_steps},
               "evaluate": {"missing_classes": "warn"},
+              # forgetting is refused on what production knew; learning is asked on the new
+              "gate": {"min_ap50": 0.0,
+                       "slices": [{"slice": "old", "metric": "AP50", "min_delta": -0.02},
+                                  {"slice": "new", "metric": "AP50", "min_delta": 0.0}]},
               "serving": {"base": "serving", "model_name": "shapes"}}
     path = work / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def prepare_run(pipeline: Path, run_id: str) -> tuple[str, str | None]:
+def prepare_run(pipeline: Path, run_id: str) -> tuple[str, str]:
     """The pipeline's data stages for one run: (records folder, dataset diff or None)."""
     from odapi_operators.core.stages.runner import run_stage
 
@@ -102,7 +106,7 @@ def prepare_run(pipeline: Path, run_id: str) -> tuple[str, str | None]:
     records = run_stage("shard", pipeline=config, run_id=run_id,
                         inputs={"manifest": verified.manifest,
                                 "label_map": label_map.label_map}, log=lambda _: None)
-    return records.data, getattr(ingested, "diff", None)
+    return records.data, ingested.diff
 
 
 def latest_only(export: Path, label_map: str, work: Path) -> str:
@@ -128,10 +132,9 @@ def train(name: str, data: str, out: Path, steps: int, start: Path | None) -> fl
     return time.monotonic() - began
 
 
-def evaluate(model: Path, data: str, out: Path, diff: str | None) -> Path:
-    args = ["evaluate", "--model", str(model), "--data", data, "--out", str(out),
-            "--missing-classes", "warn"]
-    child(args + (["--diff", diff] if diff else []))
+def evaluate(model: Path, data: str, out: Path, diff: str) -> Path:
+    child(["evaluate", "--model", str(model), "--data", data, "--out", str(out),
+           "--missing-classes", "warn", "--diff", diff])
     return out
 
 
@@ -155,21 +158,20 @@ def ap50_by_export(eval_dir: Path, data: str) -> dict[str, float | None]:
     return scores
 
 
-def gate(candidate: Path, production: Path, pipeline: Path, out: Path,
-         diff: str | None) -> dict:
-    args = ["gate", "--pipeline", str(pipeline), "--metrics", str(candidate / "metrics.json"),
-            "--baseline-version", "1", "--baseline-metrics",
-            str(production / "metrics.json"), "--out", str(out)]
-    child(args + (["--dataset-version", diff] if False else []))
+def gate(candidate: Path, production: Path, pipeline: Path, out: Path) -> dict:
+    """The pipeline's gate, production = the previous (a) model on the same slices."""
+    child(["gate", "--pipeline", str(pipeline), "--metrics", str(candidate / "metrics.json"),
+           "--baseline-version", "1", "--baseline-metrics", str(production / "metrics.json"),
+           "--out", str(out)])
     return json.loads((out / "decision.json").read_text())
 
 
 def slice_verdicts(decision: dict) -> str:
-    checks = [c for c in decision.get("checks", []) if c.get("slice")]
-    parts = [f"{c['slice']} {c['metric']} {c.get('delta', float('nan')):+.3f} "
+    checks = [c for c in decision.get("checks", []) if c.get("kind") == "slice"]
+    parts = [f"{c['slice']} {c['metric']} {c['delta']:+.3f} "
              f"[{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] "
-             f"{'ok' if c.get('passed', c.get('verdict') == 'pass') else 'REFUSED'}"
-             for c in checks if c.get("interval")]
+             f"{'ok' if c['passed'] else 'REFUSED'}"
+             for c in checks if c.get("interval") and c.get("delta") is not None]
     return ("promoted" if decision["promoted"] else "refused") + (
         ": " + "; ".join(parts) if parts else "")
 
@@ -202,10 +204,8 @@ def main() -> None:
         if previous is not None:
             models["b"] = work / "b" / run_id
             train("(b) scratch on the union", data, models["b"], total, None)
-            label_map = str(Path(data) / "label_map.pbtxt")
-            alone = latest_only(export, json.loads(
-                (Path(data) / "summary.json").read_text())["label_map"], work / "c-data" / run_id)
-            del label_map
+            label_map = json.loads((Path(data) / "summary.json").read_text())["label_map"]
+            alone = latest_only(export, label_map, work / "c-data" / run_id)
             models["c"] = work / "c" / run_id
             train("(c) latest export alone", alone, models["c"], args.warm_steps, previous)
         evals = {m: evaluate(path, data, work / "eval" / run_id / m, diff)
@@ -216,7 +216,7 @@ def main() -> None:
             verdict = ""
             if previous is not None and m in ("a", "c"):
                 verdict = slice_verdicts(gate(eval_dir, evals["production"], pipeline,
-                                              work / "gate" / run_id / m, diff))
+                                              work / "gate" / run_id / m))
             rows.append((run_id, m, ap50_by_export(eval_dir, data), verdict))
         previous = models["a"]
     print()

@@ -1,12 +1,16 @@
-"""End to end on the embedded default: `dag.test()` of odapi_retrain (SQLite) on a tiny
-generated export with real TensorFlow.
+"""End to end on the embedded default: `dag.test()` of odapi_retrain (SQLite) on tiny
+generated exports with real TensorFlow; continuous training over two exports that land at
+different times (incremental mode).
 
-The export also holds bad records (an XML that is not VOC, a file that is not an image): the
-run must report them, train and evaluate on the good ones, and have the gate decide. The gate
-holds this candidate to an AP50 of 1.0, so it is rejected: export and push are skipped, the
-not-promoted notice and the registry record still happen. (Promotion, export and push, and a
-run gated against what Serving answers with, are proven on the production cluster by
-test_backfill.py: one export fewer here, a minute on 2 cores.)
+The first export also holds bad records (an XML that is not VOC, a file that is not an
+image): the run must report them, train and evaluate on the good ones, and have the gate
+decide. The gate holds candidates to an AP50 of 1.0, so they are rejected: export and push
+are skipped, the not-promoted notice and the registry record still happen. Then a model goes
+into production (the session's exported model) and a second export lands: run 2's dataset
+version is the union, its records hold both exports' images, it starts from the production
+model, and candidate and production are compared on the `all`, `new` and `old` slices with
+bootstrap intervals. (Promotion, export and push are proven on the production cluster by
+test_backfill.py.)
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import yaml
 
 from odapi_operators.core.data.sample_data import generate, voc_xml
 
-from conftest import ROOT
+from conftest import ROOT, odapi
 from support.fakes import asset_events as _asset_events
 
 pytestmark = pytest.mark.slow
@@ -60,7 +64,7 @@ def _task_states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
 
 
-def test_retrain_reports_bad_records_trains_and_gates(pipeline, airflow_db):
+def test_retrain_reports_bad_records_trains_and_gates(pipeline, airflow_db, exported_model):
     dag_run = _load_dag().test()
     states = _task_states(dag_run)
     assert str(dag_run.state) == "success", states
@@ -100,6 +104,38 @@ def test_retrain_reports_bad_records_trains_and_gates(pipeline, airflow_db):
     assert "promote.push" not in events
     datasets = pipeline / "var" / "datasets"
     assert (datasets / ingest_summary["fingerprint"] / "manifest.jsonl").is_file()
+
+    # A model serves; a second export of other images lands: run 2 learns from both.
+    odapi("push", "--saved-model", str(exported_model), "--base", str(pipeline / "serving"),
+          "--model-name", "shapes")
+    generate(pipeline / "exports" / "batch-2", count=12, seed=4, max_side=128, prefix="second")
+    second = _load_dag().test()
+    second_states = _task_states(second)
+    assert str(second.state) == "success", second_states
+    run2 = next(d for d in (pipeline / "var" / "runs").iterdir() if d != run_dir)
+    version = json.loads((run2 / "ingest" / "summary.json").read_text())
+    diff = json.loads((run2 / "ingest" / "diff.json").read_text())
+    assert diff["parent"] == ingest_summary["fingerprint"]
+    assert len(diff["added"]) == 12 and all(k.startswith("second_") for k in diff["added"])
+    assert diff["changed"] == [] and diff["removed"] == []
+    assert version["images"] == 25 + 12
+    keys = {e["key"] for e in json.loads(
+        (run2 / "records" / "source_ids.json").read_text()).values()}
+    assert any(k.startswith("shapes_") for k in keys) and any(k.startswith("second_")
+                                                              for k in keys)
+    train_summary = json.loads((run2 / "train" / "summary.json").read_text())
+    assert train_summary["start"]["reason"] == "warm start from version 1"
+    decision = json.loads((run2 / "gate" / "decision.json").read_text())
+    assert set(decision["slices"]) == {"all", "new", "old"}
+    for name, compared in decision["slices"].items():
+        assert compared["images"] > 0, name
+        lo, hi = compared["AP50"]["interval"]
+        assert lo <= compared["AP50"]["delta"] <= hi, (name, compared)
+    [old_guard] = [c for c in decision["checks"] if c.get("check") == "slice:old:AP50"]
+    assert old_guard["verdict"] in ("pass", "fail") and old_guard["interval"]
+    candidate = json.loads((run2 / "evaluate" / "candidate" / "metrics.json").read_text())
+    assert candidate["slices"]["new"]["images"] + candidate["slices"]["old"]["images"] \
+        == candidate["slices"]["all"]["images"]
 
     again = _load_dag().test()  # nothing new landed: the run skips instead of retraining
     again_states = _task_states(again)
