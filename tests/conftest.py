@@ -49,7 +49,8 @@ def dag_bundle(tmp_path_factory):
         yield folder
 
 
-def prepare_records(root: Path, count: int = 16, seed: int = 7) -> Path:
+def prepare_records(root: Path, count: int = 16, seed: int = 7, classes: tuple[str, ...] = (
+        "circle", "square", "triangle")) -> Path:
     """Sample export -> ingest -> images -> verify -> label map -> TFRecords; the records dir."""
     from odapi_operators.core.data.fetch import fetch_images
     from odapi_operators.core.data.ingest import ingest
@@ -58,7 +59,9 @@ def prepare_records(root: Path, count: int = 16, seed: int = 7) -> Path:
     from odapi_operators.core.data.shard import write_shards
     from odapi_operators.core.data.verify import verify_images
 
-    generate(root / "export", count=count, seed=seed, max_side=128)
+    from odapi_operators.core.data.sample_data import Look
+
+    generate(root / "export", count=count, seed=seed, max_side=128, look=Look(classes=classes))
     ingest([str(root / "export")], root / "ingest")
     fetch_images(root / "ingest" / "manifest.jsonl", root / "images")
     verify_images(root / "images" / "manifest.jsonl", root / "verify")

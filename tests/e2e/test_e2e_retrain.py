@@ -107,7 +107,7 @@ def test_retrain_reports_bad_records_trains_and_gates(pipeline, airflow_db, expo
 
     # A model serves; a second export of other images lands: run 2 learns from both.
     odapi("push", "--saved-model", str(exported_model), "--base", str(pipeline / "serving"),
-          "--model-name", "shapes")
+          "--model-name", "shapes", "--out", str(pipeline / "push-1"))
     generate(pipeline / "exports" / "batch-2", count=12, seed=4, max_side=128, prefix="second")
     second = _load_dag().test()
     second_states = _task_states(second)

@@ -9,7 +9,7 @@ import pytest
 from odapi_operators.core.model import warm_start
 from odapi_operators.core.model.warm_start import StartPointError
 
-from conftest import TRAINED_LOOP, TRAINED_STEPS, odapi
+from conftest import TRAINED_LOOP, TRAINED_STEPS, odapi, prepare_records
 
 
 def test_both_start_points_at_once_are_refused():
@@ -57,3 +57,23 @@ def test_warm_start_begins_at_a_lower_loss_than_scratch(trained_model, tmp_path)
     assert abs(warm_loss - trained_loss) < abs(warm_loss - scratch_loss)
     # (A retry of a warm-started run resumes from its own checkpoint, not the start point:
     # test_train_resume.py.)
+
+
+@pytest.mark.slow
+def test_a_new_class_keeps_backbone_and_decoder_and_trains_a_new_head(trained_model, tmp_path):
+    """Continuous training after an export adds a class: the production head (3 classes) must
+    not be restored into a 4-class model. TF would create the unbuilt head from the checkpoint
+    in the old shape and training would fail at its first step (a reshape of the class
+    outputs); before, only a head whose shape mismatched at restore time was caught."""
+    assert warm_start.source_classes(
+        warm_start.checkpoint_prefix(str(trained_model["model_dir"]))) == 4  # 3 + background
+    records = prepare_records(tmp_path, count=12, seed=8,
+                              classes=("circle", "square", "triangle", "diamond"))
+    warm = json.loads(odapi(
+        "train", "--model-config", str(trained_model["config"]), "--data", str(records),
+        "--out", str(tmp_path / "warm"), "--steps", "2", "--batch-size", "2",
+        "--init-checkpoint", str(trained_model["model_dir"]),
+    ).stdout.splitlines()[-1])
+    assert warm["start"]["modules"] == "backbone"  # this model has no decoder
+    assert warm["steps"] == 2
+    assert "num_classes: 5" in (tmp_path / "warm" / "params.yaml").read_text()

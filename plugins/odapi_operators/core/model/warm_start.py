@@ -4,9 +4,10 @@ A start point is restored only when the model dir has no checkpoint yet (TF-Visi
 `task.initialize` only then), so a retried training run still resumes from its own newest
 checkpoint. Three kinds of source are understood:
 
-- our own checkpoints (a train model dir, an export's `checkpoint/`, or a SavedModel's
-  `variables/`; TF-Vision writes all of them as `model/...`): the whole model is restored,
-  or only backbone and decoder when the class count changed (the head's shape differs);
+- our own checkpoints (a train model dir or an export's `checkpoint/`, which TF-Vision's
+  trainer writes as `backbone/...`, `head/...`; or a SavedModel's `variables/`, written as
+  `model/...`), known by the `params.yaml` beside them: the whole model is restored, or only
+  backbone and decoder when the class count changed (the head's shape differs);
 - anything else (e.g. a TF-Vision backbone or zoo checkpoint): TF-Vision's own
   `task.initialize` with `init_checkpoint_modules` from the model config.
 """
@@ -64,27 +65,70 @@ def checkpoint_prefix(path: str) -> str:
     return path
 
 
-def _is_ours(prefix: str) -> bool:
+def _layout(prefix: str) -> str | None:
+    """How one of our checkpoints nests the model: "model" (a SavedModel's variables: the
+    model under `model/`) or "trainer" (the trainer's: its modules at the root); None for a
+    checkpoint that is not ours (no params.yaml of ours beside it: a TF-Vision zoo one)."""
     import tensorflow as tf
 
-    return any(name.startswith("model/") for name, _ in tf.train.list_variables(prefix))
+    if source_classes(prefix) is None:
+        return None
+    roots = {name.split("/", 1)[0] for name, _ in tf.train.list_variables(prefix)}
+    if "model" in roots:
+        return "model"
+    return "trainer" if {"backbone", "head"} <= roots else None
 
 
-def _restore(model, prefix: str) -> str:
-    """Restore `model` from one of our checkpoints; return which modules were restored."""
+def _checkpoint(layout: str, **modules):
     import tensorflow as tf
 
+    return (tf.train.Checkpoint(model=tf.train.Checkpoint(**modules)) if layout == "model"
+            else tf.train.Checkpoint(**modules))
+
+
+def source_classes(prefix: str) -> int | None:
+    """The class count (background included) of the model one of our checkpoints holds: its
+    params.yaml lies beside it (a model dir) or in the SavedModel's assets.extra/."""
+    import yaml
+
+    folder = os.path.dirname(prefix)
+    for params in (f"{folder}/params.yaml", f"{os.path.dirname(folder)}/assets.extra/params.yaml"):
+        if storage.exists(params):
+            found = (yaml.safe_load(storage.read_text(params)) or {}).get("task", {})
+            return (found.get("model") or {}).get("num_classes")
+    return None
+
+
+def _restore(model, prefix: str, layout: str, num_classes: int | None = None) -> str:
+    """Restore `model` from one of our checkpoints; return which modules were restored.
+
+    A head of another class count must not be restored at all: TF restores variables the
+    model has not built yet when they are created, in the checkpoint's shape, so a whole-model
+    restore would "succeed" and train a head with the old class count."""
+    import tensorflow as tf
+
+    source = source_classes(prefix)
+    if num_classes is not None and source is not None and source != num_classes:
+        _log(f"the checkpoint has {source - 1} classes, this run {num_classes - 1}: "
+             "restoring backbone and decoder only")
+        return _restore_trunk(model, prefix, layout)
     try:
-        tf.train.Checkpoint(model=model).read(prefix).expect_partial() \
-            .assert_existing_objects_matched()
+        whole = (tf.train.Checkpoint(model=model) if layout == "model"
+                 else tf.train.Checkpoint(**model.checkpoint_items))
+        whole.read(prefix).expect_partial().assert_existing_objects_matched()
         return "all"
     except (ValueError, AssertionError, tf.errors.InvalidArgumentError) as exc:
         _log(f"whole model does not fit ({str(exc).splitlines()[0][:160]}); "
              "restoring backbone and decoder only (the class count changed?)")
-    parts = tf.train.Checkpoint(backbone=model.backbone, decoder=model.decoder)
-    tf.train.Checkpoint(model=parts).read(prefix).expect_partial() \
+    return _restore_trunk(model, prefix, layout)
+
+
+def _restore_trunk(model, prefix: str, layout: str) -> str:
+    trunk = {name: module for name in ("backbone", "decoder")
+             if (module := getattr(model, name, None)) is not None}  # some have no decoder
+    _checkpoint(layout, **trunk).read(prefix).expect_partial() \
         .assert_existing_objects_matched()
-    return "backbone,decoder"
+    return ",".join(trunk)
 
 
 def install(task, init_checkpoint: str | None) -> dict:
@@ -92,14 +136,15 @@ def install(task, init_checkpoint: str | None) -> dict:
     if not init_checkpoint:
         return {"from": "scratch"}
     prefix = checkpoint_prefix(init_checkpoint)
-    if not _is_ours(prefix):
+    layout = _layout(prefix)
+    if layout is None:
         task.task_config.init_checkpoint = prefix  # TF-Vision's initialize reads it
         _log(f"{prefix} via TF-Vision ({task.task_config.init_checkpoint_modules})")
         return {"from": prefix, "modules": str(task.task_config.init_checkpoint_modules)}
     info = {"from": prefix}
 
     def initialize(model) -> None:
-        info["modules"] = _restore(model, prefix)
+        info["modules"] = _restore(model, prefix, layout, task.task_config.model.num_classes)
         _log(f"restored {info['modules']} from {prefix}")
 
     task.initialize = initialize
