@@ -26,8 +26,8 @@ from odapi_operators.core.data.sample_data import generate
 from odapi_operators.core.data.split import split_of
 from odapi_operators.core.data.tfrecord import read_records
 from odapi_operators.core.rejections import StageError
-from odapi_operators.core.stages.runner import run_stage
 
+from support.partitions import run_partitioned, shards, stage
 from support.processes import gone, in_session, kill_session
 
 IMAGES, SEED = 32, 5
@@ -51,32 +51,6 @@ def export(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("export")
     generate(folder, count=IMAGES, seed=SEED, max_side=96)
     return folder
-
-
-def _stage(pipeline: Path, name: str, **inputs):
-    return run_stage(name, pipeline=pipeline, run_id="r1", inputs=inputs, log=lambda _: None)
-
-
-def run_partitioned(pipeline: Path, export: Path, reverse: bool = False) -> Path:
-    """Every stage from ingest to records, partition tasks one after the other (in reverse
-    order, if asked); the run folder."""
-    manifest = _stage(pipeline, "ingest", exports=[str(export)]).manifest
-    parts = [p.model_dump() for p in _stage(pipeline, "plan_partitions",
-                                            manifest=manifest).partitions]
-    order = parts[::-1] if reverse else parts
-    for part in order:
-        _stage(pipeline, "prepare_partition", partition=part)
-    joined = _stage(pipeline, "join_partitions", partitions=parts).manifest
-    label_map = _stage(pipeline, "label_map", manifest=joined).label_map
-    for part in order:
-        _stage(pipeline, "shard_partition", partition=part, label_map=label_map)
-    _stage(pipeline, "finish_partitions", partitions=parts, manifest=joined,
-           label_map=label_map)
-    return pipeline.parent / "var" / "runs" / "r1"
-
-
-def _shards(records: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(records.glob("*.tfrecord"))}
 
 
 def _examples(records: Path) -> Counter:
@@ -106,7 +80,7 @@ def test_a_partition_is_a_hash_of_the_key_apart_from_the_split():
 
 def test_the_plan_is_kept_for_the_same_manifest_and_count(tmp_path, export):
     pipeline = _pipeline(tmp_path, export)
-    manifest = _stage(pipeline, "ingest", exports=[str(export)]).manifest
+    manifest = stage(pipeline, "ingest", exports=[str(export)]).manifest
     plan = plan_partitions(manifest, tmp_path / "parts", partitions=4)
     assert sum(p["images"] for p in plan["partitions"]) == IMAGES
     first = tmp_path / "parts" / "part-00000-of-00004" / "manifest.jsonl"
@@ -126,9 +100,9 @@ def test_records_do_not_depend_on_the_order_and_hold_what_one_task_writes(tmp_pa
     backward = run_partitioned(_pipeline(tmp_path / "b", export, partitions=4), export,
                                reverse=True)
     records = forward / "records"
-    assert sorted(_shards(records)) == [f"{s}-0000{i}-of-00004.tfrecord"
+    assert sorted(shards(records)) == [f"{s}-0000{i}-of-00004.tfrecord"
                                         for s in ("train", "val") for i in range(4)]
-    assert _shards(records) == _shards(backward / "records")
+    assert shards(records) == shards(backward / "records")
     assert (records / "source_ids.json").read_bytes() == (
         backward / "records" / "source_ids.json").read_bytes()
     for split in ("train", "val"):  # the same but for the folder they are in
@@ -143,11 +117,11 @@ def test_records_do_not_depend_on_the_order_and_hold_what_one_task_writes(tmp_pa
     # the single-task path over the same export: other files, the same Examples (records
     # carry their manifest position as source id, whichever partition writes them)
     single = _pipeline(tmp_path / "c", export)
-    manifest = _stage(single, "ingest", exports=[str(export)]).manifest
-    fetched = _stage(single, "fetch", manifest=manifest).manifest
-    verified = _stage(single, "verify", manifest=fetched).manifest
-    label_map = _stage(single, "label_map", manifest=verified).label_map
-    one = Path(_stage(single, "shard", manifest=verified, label_map=label_map).data)
+    manifest = stage(single, "ingest", exports=[str(export)]).manifest
+    fetched = stage(single, "fetch", manifest=manifest).manifest
+    verified = stage(single, "verify", manifest=fetched).manifest
+    label_map = stage(single, "label_map", manifest=verified).label_map
+    one = Path(stage(single, "shard", manifest=verified, label_map=label_map).data)
     assert Path(label_map).read_bytes() == (forward / "label_map" / "label_map.pbtxt").read_bytes()
     assert _examples(records) == _examples(one) and sum(_examples(one).values()) == IMAGES
     assert json.loads((records / "source_ids.json").read_text()) == json.loads(
@@ -157,7 +131,7 @@ def test_records_do_not_depend_on_the_order_and_hold_what_one_task_writes(tmp_pa
     part = json.loads((forward / "partitions" / "plan.json").read_text())["partitions"][0]
     shard = records / "train-00000-of-00004.tfrecord"
     before = shard.stat().st_mtime_ns
-    _stage(forward.parents[2] / "pipeline.yaml", "shard_partition", partition=part,
+    stage(forward.parents[2] / "pipeline.yaml", "shard_partition", partition=part,
            label_map=str(forward / "label_map" / "label_map.pbtxt"))
     assert shard.stat().st_mtime_ns == before
 
@@ -168,20 +142,20 @@ def test_budgets_are_the_runs_not_a_partitions(tmp_path, export):
     local = tmp_path / "export"
     generate(local, count=IMAGES, seed=SEED, max_side=96)
     pipeline = _pipeline(tmp_path, local, partitions=3, cache=None)
-    manifest = _stage(pipeline, "ingest", exports=[str(local)]).manifest
-    parts = [p.model_dump() for p in _stage(pipeline, "plan_partitions",
-                                            manifest=manifest).partitions]
+    manifest = stage(pipeline, "ingest", exports=[str(local)]).manifest
+    parts = [p.model_dump() for p in stage(pipeline, "plan_partitions",
+                                           manifest=manifest).partitions]
     images = sorted(local.glob("*.jpg"))
     images[3].unlink()
     data = images[7].read_bytes()
     images[7].write_bytes(data[: len(data) // 2])
     for part in parts:
-        _stage(pipeline, "prepare_partition", partition=part)
+        stage(pipeline, "prepare_partition", partition=part)
     partition_sizes = {p["index"]: p["images"] for p in parts}
     for image in (images[3], images[7]):
         key = image.stem
         assert 1 / partition_sizes[partition_of(key, 3)] > 0.05, key
-    joined = _stage(pipeline, "join_partitions", partitions=parts)
+    joined = stage(pipeline, "join_partitions", partitions=parts)
     assert (joined.ok, joined.failed, joined.fetch_failed) == (IMAGES - 2, 1, 1)
     failures = [json.loads(line) for line in Path(joined.failures).read_text().splitlines()]
     assert [(f["record"], f["reason"].split(":")[0]) for f in failures] == [
@@ -231,7 +205,7 @@ def test_a_partition_killed_mid_way_reruns_alone_and_leaves_nothing_partial(tmp_
     parts = json.loads((run / "partitions" / "plan.json").read_text())["partitions"]
     target = max(parts, key=lambda p: p["images"])
     folder, records = Path(target["folder"]), run / "records"
-    clean, clean_records = _files(folder), _shards(records)
+    clean, clean_records = _files(folder), shards(records)
     # as if the partition had never been prepared: its images, verify output and shards go
     for name in ("images", "verify"):
         subprocess.run(["rm", "-r", str(folder / name)], check=True)
@@ -277,8 +251,8 @@ def test_a_partition_killed_mid_way_reruns_alone_and_leaves_nothing_partial(tmp_
     assert not [name for name in after if ".tmp-" in name]
     assert [n for n, data in after.items() if not _same(n, data, clean.get(n))] == []
     assert set(after) == set(clean)
-    _stage(pipeline, "shard_partition", partition=target,
+    stage(pipeline, "shard_partition", partition=target,
            label_map=str(run / "label_map" / "label_map.pbtxt"))
-    assert _shards(records) == clean_records
+    assert shards(records) == clean_records
     assert {k: v for k, v in (_stamps(others) | _stamps([records])).items()
             if k in untouched} == untouched
