@@ -4,16 +4,17 @@ Streaming: the manifest is read line by line and each Example is written as soon
 encoded, so memory does not grow with the dataset. Shard counts come from a target shard size
 (`plan_shards`) unless given. Shards are spread over worker processes (`write_shards`) or over
 Airflow mapped tasks (`write_shard`, then `finish_shards`); each worker streams the manifest
-once for all of its shards. Each shard is written to a temporary name and renamed when
+once for all of its shards. With images as partitions (`partitions.py`), each partition's task
+writes that partition as one shard of each split (`write_partition`, then `finish_partitions`). Each shard is written to a temporary name and renamed when
 complete, then its stats file is written: a killed task leaves no partial shard, and the re-run
 writes only the shards without stats. The finished folder is reused, not rewritten, for the
 same inputs; with `cache_dir`, any later run with the same content fingerprint links the
 cached shards instead of writing them.
 
 `image/source_id` must be a small decimal integer (TF-Vision's eval parser converts it with
-`tf.strings.to_number` to int64 via float32): ids are the records' 1-based manifest positions
-(manifests are in image-key order) and the mapping back to image keys is kept in
-`source_ids.json`.
+`tf.strings.to_number` to int64 via float32): ids are the records' 1-based positions in the
+dataset version's manifest (image-key order; a partition's records carry theirs) and the
+mapping back to image keys is kept in `source_ids.json`.
 """
 
 from __future__ import annotations
