@@ -5,9 +5,10 @@ encoded, so memory does not grow with the dataset. Shard counts come from a targ
 (`plan_shards`) unless given. Shards are spread over worker processes (`write_shards`) or over
 Airflow mapped tasks (`write_shard`, then `finish_shards`); each worker streams the manifest
 once for all of its shards. With images as partitions (`partitions.py`), each partition's task
-writes that partition as one shard of each split (`write_partition`, then `finish_partitions`). Each shard is written to a temporary name and renamed when
-complete, then its stats file is written: a killed task leaves no partial shard, and the re-run
-writes only the shards without stats. The finished folder is reused, not rewritten, for the
+writes that partition as one shard of each split (`write_partition`, then
+`finish_partitions`). Each shard is written to a temporary name and renamed when complete,
+then its stats file is written: a killed task leaves no partial shard, and the re-run writes
+only the shards without stats. The finished folder is reused, not rewritten, for the
 same inputs; with `cache_dir`, any later run with the same content fingerprint links the
 cached shards instead of writing them.
 
