@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from odapi_operators.core.data.tfrecord import read_records
 from odapi_operators.core.rejections import StageError
 
 from support.partitions import run_partitioned, shards, stage
-from support.processes import gone, in_session, kill_session
+from support.processes import gone, in_session, kill_session, wait_until_signalled
 
 IMAGES, SEED = 32, 5
 ATTEMPT_KEYS = {"skipped", "fetched", "copied", "downloaded", "bytes", "seconds",
@@ -227,11 +226,7 @@ def test_a_partition_killed_mid_way_reruns_alone_and_leaves_nothing_partial(tmp_
     proc = subprocess.Popen(command, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while not signal_file.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "never reached the partition's verify"
-            time.sleep(0.02)
+        wait_until_signalled(proc, signal_file, "the partition's verify")
         os.killpg(proc.pid, signal.SIGKILL)  # the worker is lost: all of its processes
         proc.wait()
         assert gone(in_session(proc.pid)) == []

@@ -17,7 +17,6 @@ import secrets
 import textwrap
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -31,10 +30,7 @@ from support.production import (
     airflow,
     airflow_env,
     celery_settings,
-    postgres_database,
     query,
-    redis_database,
-    require,
     start_cluster,
     start_worker,
     task_logs,
@@ -73,19 +69,6 @@ def _pipeline(home: Path, export: Path) -> Path:
         "train": {"model_config": "m.yaml", "steps": 1},
         "serving": {"base": "serving", "model_name": "shapes"}}))
     return path
-
-
-@pytest.fixture()
-def database() -> Iterator[str]:
-    require("PostgreSQL", "Redis")
-    with postgres_database() as name:
-        yield name
-
-
-@pytest.fixture()
-def broker() -> Iterator[int]:
-    with redis_database() as number:
-        yield number
 
 
 def _stamps(folders: list[Path]) -> dict[str, tuple[int, int]]:

@@ -79,7 +79,7 @@ def _manifest_digest(path: str | Path) -> str:
 
 def plan_partitions(manifest: str | Path, out_dir: str | Path, *,
                     partitions: int | None = None, partition_images: int | None = None,
-                    max_images: int | None = None, log: Log | None = None) -> dict:
+                    max_images: int | None = None) -> dict:
     """Write one manifest per partition under `out_dir` and `plan.json`; return the plan.
 
     The same manifest and count give the same plan, which is then kept as it is (a re-run
@@ -114,8 +114,6 @@ def plan_partitions(manifest: str | Path, out_dir: str | Path, *,
                             "folder": str(folder), "images": sizes[index]}
                            for index, folder in enumerate(folders)]}
     storage.write_text(out / PLAN, json.dumps(plan, indent=2))
-    if log:
-        log(f"{images} images in {count} partitions of {min(sizes)}-{max(sizes)} images")
     return plan
 
 
