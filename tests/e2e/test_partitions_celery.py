@@ -118,11 +118,19 @@ def test_partitions_spread_over_two_workers_and_a_lost_one_reruns_alone(
                                     {"prepare_partition", "shard_partition", "join_partitions"}),
                           processes.logs()])
 
+    def ready(name: str) -> bool:
+        return f"{name}@odapi-test ready." in (processes.log_dir / f"{name}.log").read_text(
+            errors="replace")
+
     try:
-        start_cluster(processes, env, api_port, workers={})
+        # both workers consume before the scheduler queues anything: each takes a partition
         start_worker(processes, env, "worker-a", "default", ODAPI_PAUSE_AT=PAUSE,
                      ODAPI_PAUSE_SIGNAL=str(paused))
         start_worker(processes, env, "worker-b", "default")
+        wait_until(lambda: processes.check_alive() or (ready("worker-a") and ready("worker-b")),
+                   timeout=120, what="both workers ready", diagnose=processes.logs,
+                   interval=0.5)
+        start_cluster(processes, env, api_port, workers={})
 
         # worker-a stops inside its first partition; worker-b prepares all the others
         wait_until(lambda: processes.check_alive() or paused.exists(), timeout=180,
