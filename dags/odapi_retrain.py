@@ -38,6 +38,7 @@ from odapi_operators.operators import (
     is_promoted,
     is_rejected,
 )
+from odapi_operators.partitioned import partitioned_records
 from odapi_operators.placement import train_task
 from odapi_operators.sensors import AnnotationExportSensor
 
@@ -110,15 +111,18 @@ with DAG(
     with TaskGroup("prepare", tooltip="annotations -> verified images -> TFRecords"):
         ingest = IngestAnnotationsOperator(task_id="ingest", config=cfg, exports=select.output,
                                            outlets=[DATASET_VERSION])
-        fetch = FetchImagesOperator(task_id="fetch_images", config=cfg,
-                                    manifest=ingest.output["manifest"])
-        verify = VerifyImagesOperator(task_id="verify_images", config=cfg,
-                                      manifest=fetch.output["manifest"])
-        label_map = BuildLabelMapOperator(task_id="label_map", config=cfg,
-                                          manifest=verify.output["manifest"])
-        records = WriteTFRecordsOperator(task_id="write_tfrecords", config=cfg,
-                                         manifest=verify.output["manifest"],
-                                         label_map=label_map.output["label_map"])
+        if PIPELINE.images.partitioned:  # mapped tasks per partition of the images
+            label_map, records = partitioned_records(cfg, ingest.output["manifest"])
+        else:
+            fetch = FetchImagesOperator(task_id="fetch_images", config=cfg,
+                                        manifest=ingest.output["manifest"])
+            verify = VerifyImagesOperator(task_id="verify_images", config=cfg,
+                                          manifest=fetch.output["manifest"])
+            label_map = BuildLabelMapOperator(task_id="label_map", config=cfg,
+                                              manifest=verify.output["manifest"])
+            records = WriteTFRecordsOperator(task_id="write_tfrecords", config=cfg,
+                                             manifest=verify.output["manifest"],
+                                             label_map=label_map.output["label_map"])
 
     with TaskGroup("model", tooltip="train, evaluate candidate and production on one split"):
         train = train_task("train", config=cfg, data=records.output["data"],

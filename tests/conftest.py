@@ -11,6 +11,7 @@ import tempfile
 import threading
 from http import HTTPStatus
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -230,3 +231,25 @@ def load_dag():
         return module.dag
 
     return load
+
+
+@pytest.fixture()
+def database() -> Iterator[str]:
+    """A fresh PostgreSQL database for an Airflow metadata DB of the production paths (SQLite
+    locks up, "database is locked", when a CLI and a scheduler write at once); dropped
+    afterwards. PostgreSQL and Redis are probed first, so the message names all that is
+    missing (support/production.py `require`)."""
+    from support.production import postgres_database, require
+
+    require("PostgreSQL", "Redis")
+    with postgres_database() as name:
+        yield name
+
+
+@pytest.fixture()
+def broker() -> Iterator[int]:
+    """An empty Redis db number for a Celery cluster (flushed afterwards)."""
+    from support.production import redis_database
+
+    with redis_database() as number:
+        yield number

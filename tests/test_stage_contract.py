@@ -96,10 +96,11 @@ def test_a_renamed_input_fails_at_parse_time_not_in_the_child():
         stage_command("verfy", pipeline="p", run_id="r")
 
 
-def _dag(name: str, monkeypatch, tmp_path: Path):
+def _dag(name: str, monkeypatch, tmp_path: Path, pipeline: Path | None = None):
     import importlib.util
 
-    monkeypatch.setenv("ODAPI_PIPELINE_CONFIG", str(ROOT / "include/configs/pipeline.yaml"))
+    monkeypatch.setenv("ODAPI_PIPELINE_CONFIG",
+                       str(pipeline or ROOT / "include/configs/pipeline.yaml"))
     module_spec = importlib.util.spec_from_file_location(f"{name}_contract", ROOT / "dags" /
                                                          f"{name}.py")
     module = importlib.util.module_from_spec(module_spec)
@@ -107,20 +108,56 @@ def _dag(name: str, monkeypatch, tmp_path: Path):
     return module.dag
 
 
-@pytest.mark.parametrize("dag_id", ["odapi_retrain", "odapi_rollback", "odapi_preannotate"])
-def test_every_stage_task_of_the_dags_gets_exactly_its_declared_inputs(dag_id, monkeypatch,
-                                                                       tmp_path):
+def _partitioned_pipeline(tmp_path: Path) -> Path:
+    """The shipped pipeline YAML with images as partitions (mapped tasks in odapi_retrain)."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "include/configs/pipeline.yaml").read_text())
+    config["home"] = str(ROOT)  # relative paths as in the shipped one
+    config.setdefault("images", {})["partitions"] = 4
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _stage_tasks(dag) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(task id, its stage's declaration, the inputs it is given) of every stage task, mapped
+    ones (`.partial(...).expand(...)`) included."""
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
     from odapi_operators.operators import StageOperator
 
-    dag = _dag(dag_id, monkeypatch, tmp_path)
-    stage_tasks = [task for task in dag.tasks if isinstance(task, StageOperator)]
+    found = []
+    for task in dag.tasks:
+        if isinstance(task, StageOperator):
+            spec = task.spec()
+            assert set(task.template_fields) == {"config", *spec.inputs.model_fields}
+            found.append((task.task_id, spec,
+                          {f: getattr(task, f) for f in spec.inputs.model_fields}))
+        elif isinstance(task, MappedOperator) and issubclass(task.operator_class, StageOperator):
+            spec = task.operator_class.spec()
+            given = {**task.partial_kwargs, **task.expand_input.value}
+            assert given.get("config") is not None, task.task_id
+            found.append((task.task_id, spec, given))
+    return found
+
+
+@pytest.mark.parametrize("dag_id", ["odapi_retrain", "odapi_rollback", "odapi_preannotate",
+                                    "odapi_retrain:partitioned"])
+def test_every_stage_task_of_the_dags_gets_exactly_its_declared_inputs(dag_id, monkeypatch,
+                                                                       tmp_path):
+    name, _, variant = dag_id.partition(":")
+    pipeline = _partitioned_pipeline(tmp_path) if variant else None
+    stage_tasks = _stage_tasks(_dag(name, monkeypatch, tmp_path, pipeline))
     assert stage_tasks
-    for task in stage_tasks:
-        spec = task.spec()
-        assert set(task.template_fields) == {"config", *spec.inputs.model_fields}
+    for task_id, spec, given in stage_tasks:
         for field, info in spec.inputs.model_fields.items():
             if info.is_required():
-                assert getattr(task, field) is not None, f"{task.task_id}: {field} not wired"
+                assert given.get(field) is not None, f"{task_id}: {field} not wired"
+    if variant:  # the images are prepared by partition, and nothing else does it
+        stages = {spec.name for _, spec, _ in stage_tasks}
+        assert {"prepare_partition", "shard_partition", "finish_partitions"} <= stages
+        assert not {"fetch", "verify", "shard"} & stages
 
 
 def test_params_land_in_the_frozen_run_section(tmp_path):

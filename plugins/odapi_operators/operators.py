@@ -215,6 +215,37 @@ class FinishShardsOperator(StageOperator):
     stage = "finish_shards"
 
 
+class PlanPartitionsOperator(StageOperator):
+    """The manifest cut into partitions, a list to map `PreparePartitionOperator` and
+    `ShardPartitionOperator` over (`partition=plan.output`)."""
+
+    stage = "plan_partitions"
+
+
+class PreparePartitionOperator(StageOperator):
+    """Fetch and verify one partition (a mapped task instance; child process)."""
+
+    stage = "prepare_partition"
+
+
+class JoinPartitionsOperator(StageOperator):
+    """The run's verified manifest from every prepared partition; the failure budgets."""
+
+    stage = "join_partitions"
+
+
+class ShardPartitionOperator(StageOperator):
+    """Write one partition's shard of each split (a mapped task instance)."""
+
+    stage = "shard_partition"
+
+
+class FinishPartitionsOperator(StageOperator):
+    """Per-split stats and the records summary after every partition's shards."""
+
+    stage = "finish_partitions"
+
+
 class TrainDetectorOperator(StageOperator):
     """Train in a child process; a retry resumes from the newest checkpoint."""
 

@@ -20,7 +20,7 @@ import secrets
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -34,10 +34,7 @@ from support.production import (
     airflow,
     airflow_env,
     celery_settings,
-    postgres_database,
     query,
-    redis_database,
-    require,
     start_cluster,
     task_logs,
     wait_until,
@@ -95,22 +92,6 @@ def _utc(value: datetime) -> datetime:
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-@pytest.fixture()
-def database() -> Iterator[str]:
-    """A fresh PostgreSQL metadata DB: SQLite locks up ("database is locked") when the
-    backfill CLI writes its runs while the scheduler already works on the first one."""
-    require("PostgreSQL", "Redis")  # probe both first: the message names all that is missing
-    with postgres_database() as name:
-        yield name
-
-
-@pytest.fixture()
-def broker() -> Iterator[int]:
-    """An empty Redis db number for the Celery cluster (flushed afterwards)."""
-    with redis_database() as number:
-        yield number
 
 
 def _run_backfill(home: Path, database: str, broker: int, pipeline: Path,

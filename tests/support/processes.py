@@ -72,9 +72,9 @@ def kill_session(session: int) -> None:
             pass
 
 
-def kill_when_signalled(proc, signal_file: Path, what: str, timeout: float = 60) -> None:
-    """SIGKILL `proc` (a Popen) once it has created `signal_file` (a testpoint reached), and
-    reap it; fail if it exits first or never gets there."""
+def wait_until_signalled(proc, signal_file: Path, what: str, timeout: float = 60) -> None:
+    """Return once `proc` (a Popen) has created `signal_file` (a testpoint reached); fail if
+    it exits first or never gets there."""
     import pytest
 
     deadline = time.monotonic() + timeout
@@ -83,5 +83,11 @@ def kill_when_signalled(proc, signal_file: Path, what: str, timeout: float = 60)
             pytest.fail(f"exited {proc.returncode} before {what}: {proc.communicate()}")
         assert time.monotonic() < deadline, f"never reached {what}"
         time.sleep(0.02)
+
+
+def kill_when_signalled(proc, signal_file: Path, what: str, timeout: float = 60) -> None:
+    """SIGKILL `proc` (a Popen) once it has created `signal_file` (a testpoint reached), and
+    reap it; fail if it exits first or never gets there."""
+    wait_until_signalled(proc, signal_file, what, timeout)
     proc.kill()
     proc.wait()

@@ -160,7 +160,8 @@ class Processes:
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, env: dict[str, str], *args: str) -> subprocess.Popen:
-        with open(self.log_dir / f"{name}.log", "wb") as log:
+        """Start `airflow ARGS` as `name` (again, after it was killed: its log goes on)."""
+        with open(self.log_dir / f"{name}.log", "ab") as log:
             process = subprocess.Popen([sys.executable, "-m", "airflow", *args], env=env,
                                        stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
@@ -205,21 +206,30 @@ def celery_settings(database: str, broker: int, api_port: int) -> dict[str, str]
     }
 
 
-def start_cluster(processes: Processes, env: dict[str, str], api_port: int) -> None:
-    """api-server (Execution API only), scheduler, dag-processor, and one Celery worker per
-    queue (`default`, `gpu`), each reporting its own name as task_instance.hostname."""
+def start_cluster(processes: Processes, env: dict[str, str], api_port: int,
+                  workers: dict[str, str] | None = None) -> None:
+    """api-server (Execution API only), scheduler, dag-processor, and a Celery worker per
+    entry of `workers` (name -> queue; default: one on `default`, one on `gpu`)."""
     processes.start("api-server", env, "api-server", "--apps", "execution", "--host",
                     "127.0.0.1", "--port", str(api_port), "--workers", "1")
     processes.start("scheduler", env, "scheduler")
     processes.start("dag-processor", env, "dag-processor")
-    for queue in ("default", "gpu"):
-        name = f"{queue}-worker"
-        worker_env = {**env, WORKER_NAME_VAR: name,
-                      "AIRFLOW__CORE__HOSTNAME_CALLABLE": "support.production.worker_hostname",
-                      "PYTHONPATH": f"{TESTS}:{env.get('PYTHONPATH', '')}".rstrip(":")}
-        # --skip-serve-logs: two workers on one machine would both bind port 8793
-        processes.start(name, worker_env, "celery", "worker", "-q", queue, "--concurrency",
-                        "1", "--celery-hostname", f"{queue}@odapi-test", "--skip-serve-logs")
+    if workers is None:
+        workers = {"default-worker": "default", "gpu-worker": "gpu"}
+    for name, queue in workers.items():
+        start_worker(processes, env, name, queue)
+
+
+def start_worker(processes: Processes, env: dict[str, str], name: str, queue: str,
+                 **extra: str) -> None:
+    """A Celery worker (one task at a time) on `queue`, reporting `name` as
+    task_instance.hostname; `extra`: more environment for it alone."""
+    worker_env = {**env, **extra, WORKER_NAME_VAR: name,
+                  "AIRFLOW__CORE__HOSTNAME_CALLABLE": "support.production.worker_hostname",
+                  "PYTHONPATH": f"{TESTS}:{env.get('PYTHONPATH', '')}".rstrip(":")}
+    # --skip-serve-logs: two workers on one machine would both bind port 8793
+    processes.start(name, worker_env, "celery", "worker", "-q", queue, "--concurrency", "1",
+                    "--celery-hostname", f"{name}@odapi-test", "--skip-serve-logs")
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

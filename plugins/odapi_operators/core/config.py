@@ -118,33 +118,54 @@ class ExportsConfig(_Strict):
                                   ("group_boxes", self.group_boxes)) if v is not None}
 
 
+# images options a partition's task (data/partitions.py) reads too, as fetch or verify does
+_FETCHING, _DECODING = only("fetch", "prepare_partition"), only("verify", "prepare_partition")
+
+
 class ImagesConfig(_Strict):
     """Download and verify settings (see core/data/download.py, core/data/verify.py)."""
 
-    max_side: int | None = Field(default=None, gt=0, json_schema_extra=only("verify"),
+    max_side: int | None = Field(default=None, gt=0, json_schema_extra=_DECODING,
                                  description="shrink larger images to this longest side")
-    max_failed_share: float = Field(default=0.05, ge=0, le=1, json_schema_extra=only("fetch"),
+    max_failed_share: float = Field(default=0.05, ge=0, le=1,
+                                    json_schema_extra=only("fetch", "join_partitions"),
                                     description="fail above this share of failed downloads")
     max_quarantined_share: float = Field(default=0.05, ge=0, le=1,
-                                         json_schema_extra=only("verify"),
+                                         json_schema_extra=only("verify", "join_partitions"),
                                          description="fail above this share of quarantined "
                                                      "images (undecodable, refused format or "
                                                      "wrong size)")
-    threads: int | None = Field(default=None, gt=0, json_schema_extra=only("fetch"),
+    threads: int | None = Field(default=None, gt=0, json_schema_extra=_FETCHING,
                                 description="requests in flight (default: 64 per core)")
-    workers: int | None = Field(default=None, gt=0, json_schema_extra=only("verify"),
+    workers: int | None = Field(default=None, gt=0, json_schema_extra=_DECODING,
                                 description="decoding processes (default: one per core)")
-    retries: int = Field(default=3, ge=0, json_schema_extra=only("fetch"))
-    connect_timeout: float = Field(default=10.0, gt=0, json_schema_extra=only("fetch"))
-    read_timeout: float = Field(default=20.0, gt=0, json_schema_extra=only("fetch"))
-    deadline: float = Field(default=90.0, gt=0, json_schema_extra=only("fetch"),
+    retries: int = Field(default=3, ge=0, json_schema_extra=_FETCHING)
+    connect_timeout: float = Field(default=10.0, gt=0, json_schema_extra=_FETCHING)
+    read_timeout: float = Field(default=20.0, gt=0, json_schema_extra=_FETCHING)
+    deadline: float = Field(default=90.0, gt=0, json_schema_extra=_FETCHING,
                             description="seconds for one whole response (slow-loris guard)")
-    max_mb: int = Field(default=50, gt=0, json_schema_extra=only("fetch"),
+    max_mb: int = Field(default=50, gt=0, json_schema_extra=_FETCHING,
                         description="largest image body in MiB")
     cache: str | None = Field(default="var/image-cache",
+                              json_schema_extra=only("fetch", "verify", "prepare_partition"),
                               description="images fetched and verified by earlier runs, reused "
                               "by source and content (null: every run fetches and decodes all "
                               "of its images)")
+    partitions: int | None = Field(
+        default=None, ge=1, le=1024, json_schema_extra=only("plan_partitions"),
+        description="cut the dataset into this many partitions by image key: each is fetched, "
+                    "verified and written to records by Airflow mapped tasks of its own, so a "
+                    "run spreads over every worker and a lost worker costs one partition "
+                    "(at most [core] max_map_length, 1024)")
+    partition_images: int | None = Field(
+        default=None, gt=0, json_schema_extra=only("plan_partitions"),
+        description="with partitions unset: one partition per this many images (both unset: "
+                    "one task each for fetch, verify and records, for small datasets)")
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether runs prepare images as partitions (mapped tasks) or in one task each."""
+        return bool(self.partitions or self.partition_images)
 
     def policy(self):
         from odapi_operators.core.data.download import DownloadPolicy
@@ -157,12 +178,14 @@ class ImagesConfig(_Strict):
 class RecordsConfig(_Strict):
     split: dict[str, float] = Field(default={"train": 0.8, "val": 0.2},
                                     description="split ratios, e.g. train=0.8,val=0.2")
+    # images as partitions (images.partitions) write one shard per split and partition instead
     shards: dict[str, int] | None = Field(default=None, description="shards per split, e.g. "
-                                          "train=32,val=4 (default: by target_shard_mb)")
-    target_shard_mb: int = Field(default=128, gt=0)
-    cache: str | None = Field(default="var/records-cache",
+                                          "train=32,val=4 (default: by target_shard_mb)",
+                                          json_schema_extra=only("shard", "plan_shards"))
+    target_shard_mb: int = Field(default=128, gt=0, json_schema_extra=only("shard", "plan_shards"))
+    cache: str | None = Field(default="var/records-cache", json_schema_extra=only("shard"),
                               description="reuse shards of the same content written here")
-    workers: int | None = Field(default=None, gt=0,
+    workers: int | None = Field(default=None, gt=0, json_schema_extra=only("shard"),
                                 description="writer processes (default: one per core)")
 
     @field_validator("split")

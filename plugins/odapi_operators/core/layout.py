@@ -2,6 +2,7 @@
 
     <runs>/<run_id>/config/pipeline.json           the frozen config (and run section)
     <runs>/<run_id>/<stage>/summary.json           each stage's folder and summary
+    <runs>/<run_id>/partitions/part-00003-of-00008/  one partition's images (data/partitions.py)
     <runs>/<run_id>/evaluate/{candidate,production}/metrics.json
     <runs>/<run_id>/gate/decision.json
     <runs>/<run_id>/report/report.html
@@ -23,6 +24,7 @@ from pathlib import Path
 class Stage(str, Enum):
     CONFIG = "config"
     INGEST = "ingest"
+    PARTITIONS = "partitions"
     IMAGES = "images"
     VERIFY = "verify"
     LABEL_MAP = "label_map"

@@ -193,18 +193,20 @@ def fetch_images(manifest: str | Path, out_dir: str | Path, *, threads: int | No
                  progress_every: float = 15.0, bar: bool = False,
                  files_dir: str | Path | None = None,
                  on_stored: Callable[[ImageRecord], None] | None = None,
-                 cache_dir: str | Path | None = None) -> dict:
+                 cache_dir: str | Path | None = None, check_budgets: bool = True) -> dict:
     """Store each image of `manifest` under `files_dir` (default `out_dir/files`); write the
     updated manifest, failures.jsonl and summary.json to `out_dir`; return the summary.
 
     `on_stored` gets each record (pointing at its stored copy) as soon as it is in the store,
     resumed ones included: a consumer can start on images while others still download.
-    `cache_dir` is the image cache shared by runs (None: none).
+    `cache_dir` is the image cache shared by runs (None: none). Without `check_budgets` losing
+    any share is the caller's to judge (a partition's images are a part of the run's).
     """
     return fetch_records(lambda: read_manifest(manifest), out_dir, threads=threads,
                          max_failed_share=max_failed_share, policy=policy, log=log,
                          progress_every=progress_every, bar=bar, files_dir=files_dir,
-                         on_stored=on_stored, cache_dir=cache_dir, total=count_records(manifest))
+                         on_stored=on_stored, cache_dir=cache_dir, total=count_records(manifest),
+                         check_budgets=check_budgets)
 
 
 def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | Path, *,
@@ -214,7 +216,8 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
                   progress_every: float = 15.0, bar: bool = False,
                   files_dir: str | Path | None = None,
                   on_stored: Callable[[ImageRecord], None] | None = None,
-                  cache_dir: str | Path | None = None, total: int | None = None) -> dict:
+                  cache_dir: str | Path | None = None, total: int | None = None,
+                  check_budgets: bool = True) -> dict:
     """`fetch_images` over any re-iterable source of records (a manifest, an image index);
     `total` is how many it yields, if known (else it is counted)."""
     out = Path(out_dir)
@@ -330,11 +333,18 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
                "manifest": str(manifest_path), "failures": str(failures_path),
                "files": str(files)}
     storage.write_text(out / SUMMARY, json.dumps(summary, indent=2))
-    if not ok and total:
-        raise StageError(f"no image could be fetched; see {failures_path}", Failure.TRANSIENT)
-    check_budget("fetch", len(failures), total, max_failed_share, str(failures_path),
-                 Failure.TRANSIENT)  # a host down or a credential expiring: may pass
+    if check_budgets:
+        check_fetch_budget(ok, len(failures), total, max_failed_share, str(failures_path))
     return summary
+
+
+def check_fetch_budget(ok: int, failed: int, total: int, max_failed_share: float,
+                       failures: str) -> None:
+    """Fail when no image could be fetched, or more than `max_failed_share` of them."""
+    if not ok and total:
+        raise StageError(f"no image could be fetched; see {failures}", Failure.TRANSIENT)
+    check_budget("fetch", failed, total, max_failed_share, failures,
+                 Failure.TRANSIENT)  # a host down or a credential expiring: may pass
 
 
 def _fetched(records: Iterable[ImageRecord], index: ResumeIndex) -> Iterator[ImageRecord]:

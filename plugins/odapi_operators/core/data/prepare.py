@@ -14,7 +14,7 @@ import queue
 import threading
 from pathlib import Path
 
-from odapi_operators.core import storage
+from odapi_operators.core import storage, testpoints
 from odapi_operators.core.budget import DEFAULT_MAX_FAILED_SHARE
 from odapi_operators.core.data.download import DownloadPolicy
 from odapi_operators.core.data.fetch import fetch_images
@@ -33,10 +33,10 @@ def fetch_and_verify(manifest: str | Path, out_dir: str | Path, *, max_side: int
                      max_failed_share: float = DEFAULT_MAX_FAILED_SHARE,
                      max_quarantined_share: float = DEFAULT_MAX_FAILED_SHARE,
                      policy: DownloadPolicy | None = None, log: Log | None = None,
-                     bar: bool = False, image_cache_dir: str | None = None
-                     ) -> tuple[dict, dict]:
+                     bar: bool = False, image_cache_dir: str | None = None,
+                     check_budgets: bool = True) -> tuple[dict, dict]:
     """Fetch into `out_dir/images` and verify into `out_dir/verify`, concurrently, reusing
-    what earlier runs left in `image_cache_dir` (if given)."""
+    what earlier runs left in `image_cache_dir` (if given); `check_budgets`: as in both."""
     out = Path(out_dir)
     arrived: queue.Queue = queue.Queue(maxsize=4096)
     outcome: dict = {}
@@ -46,7 +46,8 @@ def fetch_and_verify(manifest: str | Path, out_dir: str | Path, *, max_side: int
             outcome["fetched"] = fetch_images(manifest, out / "images", threads=threads,
                                               max_failed_share=max_failed_share, policy=policy,
                                               log=log, bar=bar, on_stored=arrived.put,
-                                              cache_dir=image_cache_dir)
+                                              cache_dir=image_cache_dir,
+                                              check_budgets=check_budgets)
         except BaseException as exc:  # re-raised below, in the caller's thread
             outcome["error"] = exc
         finally:
@@ -60,7 +61,7 @@ def fetch_and_verify(manifest: str | Path, out_dir: str | Path, *, max_side: int
                                  max_quarantined_share=max_quarantined_share, log=log,
                                  incoming=_until_done(arrived, outcome),
                                  incoming_total=count_records(manifest),
-                                 cache_dir=image_cache_dir)
+                                 cache_dir=image_cache_dir, check_budgets=check_budgets)
     finally:
         fetcher.join()
     return outcome["fetched"], verified
@@ -69,6 +70,7 @@ def fetch_and_verify(manifest: str | Path, out_dir: str | Path, *, max_side: int
 def _until_done(arrived: queue.Queue, outcome: dict):
     while (item := arrived.get()) is not _DONE:
         yield item
+        testpoints.reached("prepare:verifying")  # some images fetched and verified, not all
     if "error" in outcome:
         raise outcome["error"]
 

@@ -4,16 +4,18 @@ Streaming: the manifest is read line by line and each Example is written as soon
 encoded, so memory does not grow with the dataset. Shard counts come from a target shard size
 (`plan_shards`) unless given. Shards are spread over worker processes (`write_shards`) or over
 Airflow mapped tasks (`write_shard`, then `finish_shards`); each worker streams the manifest
-once for all of its shards. Each shard is written to a temporary name and renamed when
-complete, then its stats file is written: a killed task leaves no partial shard, and the re-run
-writes only the shards without stats. The finished folder is reused, not rewritten, for the
+once for all of its shards. With images as partitions (`partitions.py`), each partition's task
+writes that partition as one shard of each split (`write_partition`, then
+`finish_partitions`). Each shard is written to a temporary name and renamed when complete,
+then its stats file is written: a killed task leaves no partial shard, and the re-run writes
+only the shards without stats. The finished folder is reused, not rewritten, for the
 same inputs; with `cache_dir`, any later run with the same content fingerprint links the
 cached shards instead of writing them.
 
 `image/source_id` must be a small decimal integer (TF-Vision's eval parser converts it with
-`tf.strings.to_number` to int64 via float32): ids are the records' 1-based manifest positions
-(manifests are in image-key order) and the mapping back to image keys is kept in
-`source_ids.json`.
+`tf.strings.to_number` to int64 via float32): ids are the records' 1-based positions in the
+dataset version's manifest (image-key order; a partition's records carry theirs) and the
+mapping back to image keys is kept in `source_ids.json`.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from odapi_operators.core import storage
 from odapi_operators.core.data.label_map import read_label_map
 from odapi_operators.core.data.manifest import ImageRecord, read_manifest
+from odapi_operators.core.data.partitions import position_of
 from odapi_operators.core.data.split import split_of
 from odapi_operators.core.data.tfrecord import (
     bytes_feature,
@@ -177,9 +180,19 @@ def _records_of(manifest: str | Path, ratios: dict[str, float],
             seen[split] += 1
 
 
+def _partition_records(manifest: str | Path, ratios: dict[str, float], partition: int
+                       ) -> Iterator[tuple[int, str, int, ImageRecord]]:
+    """(source_id, split, shard index, record) of one partition's manifest: the record's
+    position in the whole version's manifest, and the partition's own shard of each split."""
+    for record in read_manifest(manifest):
+        yield position_of(record), split_of(record.key, ratios), partition, record
+
+
 def _write_group(manifest: str, label_map_path: str, out_dir: str, ratios: dict[str, float],
-                 counts: dict[str, int], members: list[tuple[str, int]], tag: str) -> list[dict]:
-    """Write the shards `members` in one pass over the manifest; return their stats."""
+                 counts: dict[str, int], members: list[tuple[str, int]], tag: str,
+                 partition: int | None = None) -> list[dict]:
+    """Write the shards `members` in one pass over the manifest (a partition's manifest,
+    given `partition`: it is the index of every shard it writes); return their stats."""
     out = Path(out_dir)
     label_map = read_label_map(label_map_path)
     names = {(s, i): shard_name(s, i, counts[s]) for s, i in members}
@@ -193,7 +206,9 @@ def _write_group(manifest: str, label_map_path: str, out_dir: str, ratios: dict[
         with contextlib.ExitStack() as stack:
             files = {member: stack.enter_context(storage.atomic_write(out / name))
                      for member, name in names.items()}
-            for source_id, split, index, record in _records_of(manifest, ratios, counts):
+            placed = _records_of(manifest, ratios, counts) if partition is None \
+                else _partition_records(manifest, ratios, partition)
+            for source_id, split, index, record in placed:
                 member = (split, index)
                 if member not in files:
                     continue
@@ -244,12 +259,21 @@ def finish_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str
     """After every shard is written: per-split stats, source_ids.json and summary.json."""
     out = Path(out_dir)
     tag = _tag(manifest, label_map_path, ratios, counts)
+    splits = _split_stats(out, counts, lambda index: tag)
+    _write_source_ids(out, ((source_id, split, record) for source_id, split, _, record
+                            in _records_of(manifest, ratios, counts)))
+    return _write_summary(out, label_map_path, splits, tag, fingerprint)
+
+
+def _split_stats(out: Path, counts: dict[str, int], tag_of: Callable[[int], str]) -> dict:
+    """Per-split totals from the shards' stats (shard `index` of a layout tagged
+    `tag_of(index)`), written as `<split>.stats.json`; shards of other layouts are removed."""
     splits: dict[str, dict] = {}
     for split, count in counts.items():
         per_class: Counter = Counter()
         total = {"images": 0, "boxes": 0, "bytes": 0}
         for index in range(count):
-            stats = _finished(out, shard_name(split, index, count), tag)
+            stats = _finished(out, shard_name(split, index, count), tag_of(index))
             if stats is None:
                 raise StageError(f"shard: {out / shard_name(split, index, count)} is missing "
                                  "or incomplete; write it before finishing")
@@ -263,18 +287,72 @@ def finish_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str
     for path in out.glob("*-?????-of-?????.tfrecord"):
         if path.name not in wanted:  # a previous layout's shard would match the pattern
             path.unlink()
+    return splits
+
+
+def _write_source_ids(out: Path, entries: Iterable[tuple[int, str, ImageRecord]]) -> None:
+    """source_ids.json: each record's `image/source_id` -> its key, split and source id."""
     with storage.atomic_write(out / "source_ids.json", "w") as fh:
         fh.write("{")
-        for n, (source_id, split, _, record) in enumerate(_records_of(manifest, ratios, counts)):
+        for n, (source_id, split, record) in enumerate(entries):
             entry = {"key": record.key, "split": split, "source_id": record.source_id}
             fh.write(("," if n else "") + f'"{source_id}":' + json.dumps(entry))
         fh.write("}")
+
+
+def _write_summary(out: Path, label_map_path: str | Path, splits: dict, tag: str,
+                   fingerprint: str | None, **extra: Any) -> dict:
     label_map = read_label_map(label_map_path)
     summary = {"splits": splits, "label_map": str(label_map_path),
                "num_classes": max(label_map.values()), "tag": tag,
-               "fingerprint": fingerprint}
+               "fingerprint": fingerprint, **extra}
     storage.write_text(out / SUMMARY, json.dumps(summary, indent=2))
     return summary
+
+
+# --- images as partitions (data/partitions.py): one shard per split and partition -----------
+
+def _partition_layout(ratios: dict[str, float], count: int) -> dict[str, int]:
+    return {split: count for split in ratios}
+
+
+def write_partition(manifest: str | Path, label_map_path: str | Path, out_dir: str | Path,
+                    ratios: dict[str, float], index: int, count: int) -> list[dict]:
+    """Write partition `index` of `count` (its verified `manifest`) as shard `index` of
+    every split (one Airflow mapped task); return their stats. Finished shards of the same
+    manifest and label map are kept, so a retry writes only what its killed attempt had not.
+    """
+    out = Path(out_dir)
+    counts = _partition_layout(ratios, count)
+    tag = _tag(manifest, label_map_path, ratios, counts)
+    done, todo = [], []
+    for split in counts:
+        stats = _finished(out, shard_name(split, index, count), tag)
+        if stats:
+            done.append(stats)
+        else:
+            todo.append((split, index))
+    if todo:
+        out.mkdir(parents=True, exist_ok=True)
+        done += _write_group(str(manifest), str(label_map_path), str(out), ratios, counts,
+                             todo, tag, partition=index)
+    return done
+
+
+def finish_partitions(manifest: str | Path, partition_manifests: list[str | Path],
+                      label_map_path: str | Path, out_dir: str | Path,
+                      ratios: dict[str, float]) -> dict:
+    """After every partition's shards: per-split stats, source_ids.json (from the joined
+    verified `manifest`) and summary.json, as `finish_shards` writes them."""
+    out = Path(out_dir)
+    counts = _partition_layout(ratios, len(partition_manifests))
+    tags = [_tag(m, label_map_path, ratios, counts) for m in partition_manifests]
+    splits = _split_stats(out, counts, tags.__getitem__)
+    _write_source_ids(out, ((position_of(record), split_of(record.key, ratios), record)
+                            for record in read_manifest(manifest)))
+    tag = hashlib.sha256(" ".join(tags).encode()).hexdigest()[:16]
+    return _write_summary(out, label_map_path, splits, tag, None,
+                          partitions=len(partition_manifests))
 
 
 def _groups(members: list[tuple[str, int]], workers: int) -> list[list[tuple[str, int]]]:

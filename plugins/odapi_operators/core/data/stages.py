@@ -8,6 +8,7 @@ inside the functions, so declaring (and parsing a DAG) stays free of PIL and pro
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -370,5 +371,127 @@ FINISH_SHARDS = StageSpec(name="finish_shards", help="per-split stats and the re
                           "summary after every planned shard", inputs=FinishInputs,
                           result=Records, run=finish, section="records", folder=Stage.RECORDS)
 
+
+# --- images as partitions: plan, prepare each, join; records per partition, finish ---------
+
+class PartitionTask(Result):
+    index: int
+    count: int
+    name: str
+    folder: str
+    images: int
+
+
+class PartitionPlan(Result):
+    items = "partitions"
+
+    partitions: list[PartitionTask]
+
+    def log_line(self) -> str:
+        sizes = [p.images for p in self.partitions]
+        return (f"{sum(sizes)} images in {len(sizes)} partitions of {min(sizes)}-{max(sizes)} "
+                "images")
+
+
+def plan_parts(ctx: StageContext, inputs: ManifestInput, options: ImagesConfig) -> PartitionPlan:
+    """One manifest per partition, one mapped task each (`partition=plan.output`)."""
+    from odapi_operators.core.data.partitions import plan_partitions
+    from odapi_operators.core.data.shard import MAX_SOURCE_ID
+
+    plan = plan_partitions(inputs.manifest, ctx.folder, partitions=options.partitions,
+                           partition_images=options.partition_images, max_images=MAX_SOURCE_ID)
+    return PartitionPlan(partitions=plan["partitions"])
+
+
+class PartitionInput(Inputs):
+    partition: PartitionTask = Field(description="one partition of the plan")
+
+
+class PartitionPrepared(Result):
+    log_format = ("{ok} images verified, {fetch_failed} failed to fetch, {quarantined} "
+                  "quarantined; {reused} fetched and {verify_reused} verified by earlier runs")
+
+    manifest: str
+    ok: int
+
+
+def prepare_part(ctx: StageContext, inputs: PartitionInput,
+                 options: ImagesConfig) -> PartitionPrepared:
+    from odapi_operators.core.data.partitions import prepare_partition
+
+    return PartitionPrepared(**prepare_partition(
+        inputs.partition.folder, max_side=options.max_side, threads=options.threads,
+        workers=options.workers, policy=options.policy(), cache_dir=options.cache,
+        **(ctx.progress or {"log": ctx.log})))
+
+
+class PartitionsInput(Inputs):
+    partitions: list[PartitionTask] = Field(description="the plan's partitions")
+
+
+def join_parts(ctx: StageContext, inputs: PartitionsInput, options: ImagesConfig) -> Verified:
+    """The run's verified manifest, and its budgets checked over all partitions."""
+    from odapi_operators.core.data.partitions import join_partitions
+
+    return Verified(**join_partitions([p.model_dump() for p in inputs.partitions], ctx.folder,
+                                      max_failed_share=options.max_failed_share,
+                                      max_quarantined_share=options.max_quarantined_share))
+
+
+class PartitionRecordsInputs(PartitionInput):
+    label_map: str = Field(description="label_map.pbtxt")
+
+
+class PartitionShards(Result):
+    log_format = "shards written: {shards}"
+
+    shards: list[str]
+
+
+def shard_part(ctx: StageContext, inputs: PartitionRecordsInputs,
+               options: RecordsConfig) -> PartitionShards:
+    from odapi_operators.core.data.shard import write_partition
+
+    part = inputs.partition
+    stats = write_partition(Path(part.folder) / "verify" / "manifest.jsonl", inputs.label_map,
+                            ctx.folder, options.split, part.index, part.count)
+    return PartitionShards(shards=[s["shard"] for s in stats])
+
+
+class FinishPartitionsInputs(RecordsInputs):
+    partitions: list[PartitionTask] = Field(description="the plan's partitions")
+
+
+def finish_parts(ctx: StageContext, inputs: FinishPartitionsInputs,
+                 options: RecordsConfig) -> Records:
+    from odapi_operators.core.data.shard import finish_partitions
+
+    manifests = [Path(p.folder) / "verify" / "manifest.jsonl" for p in inputs.partitions]
+    return _records_result(ctx.folder, finish_partitions(
+        inputs.manifest, manifests, inputs.label_map, ctx.folder, options.split))
+
+
+PLAN_PARTITIONS = StageSpec(name="plan_partitions", help="cut the manifest into partitions by "
+                            "image key, one mapped task each", inputs=ManifestInput,
+                            result=PartitionPlan, run=plan_parts, section="images",
+                            folder=Stage.PARTITIONS)
+# folder None: it writes only its partition's folder, and sweeps only that (data/partitions.py)
+PREPARE_PARTITION = StageSpec(name="prepare_partition", help="fetch and verify one partition",
+                              inputs=PartitionInput, result=PartitionPrepared, run=prepare_part,
+                              section="images",
+                              process="child")  # its decoder pool needs a non-daemonic parent
+JOIN_PARTITIONS = StageSpec(name="join_partitions", help="the run's verified manifest from its "
+                            "prepared partitions; the failure budgets", inputs=PartitionsInput,
+                            result=Verified, run=join_parts, section="images",
+                            folder=Stage.VERIFY)
+SHARD_PARTITION = StageSpec(name="shard_partition", help="write one partition's shard of each "
+                            "split", inputs=PartitionRecordsInputs, result=PartitionShards,
+                            run=shard_part, section="records", folder=Stage.RECORDS)
+FINISH_PARTITIONS = StageSpec(name="finish_partitions", help="per-split stats and the records "
+                              "summary after every partition's shards",
+                              inputs=FinishPartitionsInputs, result=Records, run=finish_parts,
+                              section="records", folder=Stage.RECORDS)
+
 STAGES = (SELECT_EXPORTS, INGEST, FETCH, VERIFY, LABEL_MAP, RECORDS, PLAN_SHARDS, WRITE_SHARD,
-          FINISH_SHARDS)
+          FINISH_SHARDS, PLAN_PARTITIONS, PREPARE_PARTITION, JOIN_PARTITIONS, SHARD_PARTITION,
+          FINISH_PARTITIONS)

@@ -214,7 +214,7 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
                   log: Log | None = None,
                   progress_every: float = 15.0, bar: bool = False,
                   incoming: Iterable[ImageRecord] | None = None, incoming_total: int = 0,
-                  cache_dir: str | Path | None = None) -> dict:
+                  cache_dir: str | Path | None = None, check_budgets: bool = True) -> dict:
     """Verify and normalize every image of `manifest` into `out_dir`; return the summary.
 
     Writes `manifest.jsonl` (verified records, manifest order, boxes transformed with their
@@ -224,6 +224,7 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
     `incoming` (with `incoming_total`) are records still being fetched: they are decoded as
     they arrive, and `manifest` is read only once `incoming` is exhausted (see
     `prepare.fetch_and_verify`). `cache_dir` is the image cache shared by runs (None: none).
+    Without `check_budgets` the caller judges the losses (a partition's are a part of the run's).
     """
     out = Path(out_dir)
     options = (options or NormalizeOptions(max_side=max_side)).resolved()
@@ -257,12 +258,19 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
                     "quarantined_share": round(summary["failed"] / total, 4) if total else 0.0,
                     "max_quarantined_share": max_quarantined_share})
     storage.write_text(out / SUMMARY, json.dumps(summary, indent=2))
-    if not summary["ok"]:
-        raise StageError(f"no image passed verification; see {summary['quarantine']}")
-    check_budget("verify", summary["failed"], total, max_quarantined_share,
-                 summary["quarantine"], lost="quarantined",
-                 setting="images.max_quarantined_share")
+    if check_budgets:
+        check_verify_budget(summary["ok"], summary["failed"], max_quarantined_share,
+                            summary["quarantine"])
     return summary
+
+
+def check_verify_budget(ok: int, quarantined: int, max_quarantined_share: float,
+                        quarantine: str) -> None:
+    """Fail when no image passed, or more than `max_quarantined_share` were quarantined."""
+    if not ok:
+        raise StageError(f"no image passed verification; see {quarantine}")
+    check_budget("verify", quarantined, ok + quarantined, max_quarantined_share, quarantine,
+                 lost="quarantined", setting="images.max_quarantined_share")
 
 
 def _write_outputs(manifest: str | Path, out: Path, index: ResumeIndex, keys: list[str]) -> dict:
