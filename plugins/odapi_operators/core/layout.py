@@ -35,6 +35,7 @@ class Stage(str, Enum):
     REPORT = "report"
     EXPORT = "export"
     PUSH = "push"
+    CANARY = "canary"
 
 
 SUMMARY = "summary.json"
