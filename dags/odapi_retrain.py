@@ -4,7 +4,8 @@ Wiring only: every task is an operator from `odapi_operators`. Paths travel thro
 configuration comes from one validated pipeline YAML ($ODAPI_PIPELINE_CONFIG, default
 include/configs/pipeline.yaml) plus the params below, frozen per run. Parsing reads the YAML
 too (a cheap, TensorFlow-free load) for what must be known up front: where training runs,
-notifications, and the trigger form's defaults.
+notifications, the trigger form's defaults, and whether a promotion waits for a person's
+approval (`promote.approval`) or goes through the canary label first (`promote.canary`).
 """
 
 from __future__ import annotations

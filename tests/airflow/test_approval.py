@@ -21,6 +21,7 @@ from odapi_operators.core.serving import models_config as serving_config
 from odapi_operators.core.serving import registry
 
 from conftest import ROOT, free_port
+from support.fakes import fake_saved_model
 
 DAG_ID = "odapi_approval_under_test"
 APPROVE = "promote.approve"
@@ -41,8 +42,7 @@ def promote_dir(tmp_path, monkeypatch) -> Path:
     (tmp_path / "metrics.json").write_text(json.dumps({"AP": 0.41, "AP50": 0.72,
                                                        "eval_images": 12}))
     (tmp_path / "report.html").write_text("<html>report</html>")
-    (tmp_path / "saved_model" / "variables").mkdir(parents=True)
-    (tmp_path / "saved_model" / "saved_model.pb").write_bytes(b"graph")
+    fake_saved_model(tmp_path / "saved_model", "candidate")
     monkeypatch.setenv("ODAPI_PIPELINE_CONFIG", str(tmp_path / "pipeline.yaml"))
     return tmp_path
 
