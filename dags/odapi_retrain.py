@@ -4,7 +4,8 @@ Wiring only: every task is an operator from `odapi_operators`. Paths travel thro
 configuration comes from one validated pipeline YAML ($ODAPI_PIPELINE_CONFIG, default
 include/configs/pipeline.yaml) plus the params below, frozen per run. Parsing reads the YAML
 too (a cheap, TensorFlow-free load) for what must be known up front: where training runs,
-notifications, and the trigger form's defaults.
+notifications, the trigger form's defaults, and whether a promotion waits for a person's
+approval (`promote.approval`) or goes through the canary label first (`promote.canary`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from odapi_operators.notifiers import build_notifiers
 from odapi_operators.operators import (
     BuildLabelMapOperator,
     BuildReportOperator,
+    CanaryCheckOperator,
     EvaluateDetectorOperator,
     EvaluateProductionOperator,
     ExportSavedModelOperator,
@@ -168,13 +170,29 @@ with DAG(
                                                   gate.output["decision"]])
         push = PushToServingOperator(task_id="push", config=cfg,
                                      saved_model=export.output["saved_model"],
+                                     decision=gate.output["decision"],
                                      outlets=[SERVED_MODEL],
-                                     on_success_callback=build_notifiers(PIPELINE.notify,
-                                                                         "promoted"))
+                                     on_success_callback=None if PIPELINE.promote.canary else
+                                     build_notifiers(PIPELINE.notify, "promoted"))
         gate >> promoted >> export >> push
+        if PIPELINE.promote.approval:  # a person chooses while the export runs
+            from odapi_operators.approval import wire_approval
+
+            wire_approval(promoted, push, decision=gate.output["decision"],
+                          report=report.output["report"], notify=PIPELINE.notify,
+                          timeout_hours=PIPELINE.promote.approval_timeout_hours)
+        if PIPELINE.promote.canary:  # stable moves only after this
+            canary = CanaryCheckOperator(task_id="canary_check", config=cfg,
+                                         version=push.output["version"],
+                                         data=records.output["data"],
+                                         decision=gate.output["decision"],
+                                         on_success_callback=build_notifiers(PIPELINE.notify,
+                                                                             "promoted"))
 
     register = RegisterRunOperator(task_id="register_run", config=cfg,
                                    trigger_rule=TriggerRule.ALL_DONE)
     [gate, report, push] >> register
+    if PIPELINE.promote.canary:
+        canary >> register
 
     config >> wait

@@ -290,6 +290,13 @@ class PushToServingOperator(StageOperator):
                 "path": result.path}
 
 
+class CanaryCheckOperator(StageOperator):
+    """Check the canary against stable through Serving, then move stable (child process);
+    a failed check fails the task, leaving stable where it was."""
+
+    stage = "canary_check"
+
+
 class RegisterRunOperator(StageOperator):
     """The run's candidate record in the model registry, whatever the run's outcome."""
 

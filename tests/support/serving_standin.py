@@ -86,7 +86,9 @@ class ServingStandin:
     """Serve the models of `models_config` over gRPC (`grpc_address`) and REST (`rest_url`).
 
     Records what clients did: `reloads` (configs received) and `predictions` ((model,
-    version) answered).
+    version) answered). Faults a test can inject per version, as a slow or broken version
+    would behave: `answer_delay_s` (seconds added to each answer), `box_shift` (added to every
+    detection box coordinate: an export that misplaces its boxes).
     """
 
     def __init__(self, models_config: Path, load_delay_s: float = 0.0) -> None:
@@ -94,6 +96,8 @@ class ServingStandin:
         self.load_delay_s = load_delay_s
         self.reloads: list[model_server_config_pb2.ModelServerConfig] = []
         self.predictions: list[tuple[str, int]] = []
+        self.answer_delay_s: dict[int, float] = {}
+        self.box_shift: dict[int, float] = {}
         self._config = model_server_config_pb2.ModelServerConfig()
         self._config_text: str | None = None
         self._servables: dict[str, dict[int, _Servable]] = {}
@@ -220,9 +224,12 @@ class ServingStandin:
         except KeyError as exc:
             raise ServingFault(grpc.StatusCode.INVALID_ARGUMENT,
                                f"input {exc} missing (signature takes {sorted(specs)})") from None
-        outputs = function(**tensors)
+        outputs = {key: value.numpy() for key, value in function(**tensors).items()}
         self.predictions.append((name, version))
-        return {key: value.numpy() for key, value in outputs.items()}
+        time.sleep(self.answer_delay_s.get(version, 0.0))
+        if version in self.box_shift and "detection_boxes" in outputs:
+            outputs["detection_boxes"] = outputs["detection_boxes"] + self.box_shift[version]
+        return outputs
 
 
 def _load_saved_model(path: Path) -> Any:

@@ -41,7 +41,8 @@ ExportMode = Literal["incremental", "snapshot"]
 
 def only(*stages: str) -> dict:
     """Field metadata: this option belongs to these stages of a shared section (their
-    commands offer it; the others do not). `watch` is the export sensor."""
+    commands offer it; the others do not). `watch` is the export sensor, `approve` the
+    approval task; `push` reads `promote.canary` from the run's config."""
     return {"stages": list(stages)}
 
 
@@ -287,6 +288,33 @@ class PreannotateConfig(_Strict):
                                       "images are labeled already (default: exports.path)")
 
 
+class PromoteConfig(_Strict):
+    """How a candidate the gate passed reaches `stable`: after a person's approval (an
+    Airflow Human-in-the-loop task, the `approve` task), and through the `canary` label first.
+    Both off: the gate's verdict moves `stable` at once."""
+
+    approval: bool = Field(default=False, json_schema_extra=only("approve"),
+                           description="wait for a person to promote to stable, serve as "
+                                       "canary only, or reject (Airflow's Required Actions)")
+    approval_timeout_hours: float = Field(default=24, gt=0, json_schema_extra=only("approve"),
+                                          description="no answer within this: rejected")
+    canary: bool = Field(default=False, json_schema_extra=only("push"),
+                         description="push as `canary` first; `stable` moves only after the "
+                                     "canary check against stable passes")
+    canary_images: int = Field(default=16, ge=0, description="val images replayed against "
+                               "canary and stable, beside the version's warmup requests")
+    canary_p95_ms: float = Field(default=1000, gt=0, description="the canary fails when the "
+                                 "95th percentile of its answer times exceeds this (ms)")
+    canary_min_agreement: float = Field(
+        default=0.6, ge=0, le=1, description="the canary fails when its detections agree "
+        "less than this with stable's, on average over the requests (per request: boxes "
+        "matched by IoU with the same class, over the union of both models' boxes)")
+    canary_score_threshold: float = Field(default=0.3, ge=0, le=1, description="detections "
+                                          "below this score are left out of the agreement")
+    canary_match_iou: float = Field(default=0.5, gt=0, le=1, description="IoU at which a "
+                                    "canary box and a stable box count as the same object")
+
+
 class RunConfig(_Strict):
     """What shaped one run besides the YAML: frozen with it, so `pipeline.json` replays it.
 
@@ -335,6 +363,7 @@ class PipelineConfig(_Strict):
     report: ReportConfig = ReportConfig()
     export: ExportConfig = ExportConfig()
     serving: ServingConfig
+    promote: PromoteConfig = PromoteConfig()
     preannotate: PreannotateConfig = PreannotateConfig()
     notify: dict[str, Any] = {}  # notifiers.build_notifiers; empty: no notifications
     run: RunConfig = RunConfig()

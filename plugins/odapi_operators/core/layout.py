@@ -37,6 +37,7 @@ class Stage(str, Enum):
     REPORT = "report"
     EXPORT = "export"
     PUSH = "push"
+    CANARY = "canary"
 
 
 SUMMARY = "summary.json"

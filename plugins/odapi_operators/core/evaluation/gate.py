@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from odapi_operators.core import storage
+from odapi_operators.core.evaluation import decision as decision_file
 from odapi_operators.core.evaluation.names import METRICS, SLICES
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import DECISION, MATCHES
@@ -514,9 +515,13 @@ def gate(metrics_path: str | Path, out_dir: str | Path,
         decision.update(promoted=False, rule="force_refused", reason=refusal,
                         force={"reason": None, "by": forced_by})
     path = Path(out_dir) / DECISION
+    decided_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     decision = {**decision, "metrics": str(metrics_path),
                 "dataset_version": dataset_version or metrics.get("dataset_version"),
-                "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "decided_at": decided_at}
+    if forced is not None:  # recorded as an approval too, like an approver's answer
+        decision["approval"] = decision_file.forced(forced.reason, forced.by,
+                                                    decided_at).model_dump()
     storage.write_text(path, json.dumps(decision, indent=2))
     if refusal:
         raise GateError(f"{path}: {refusal} (pass a reason to force)")

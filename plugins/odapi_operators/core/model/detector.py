@@ -161,16 +161,17 @@ def _load_checkpoint(model_dir: str | Path) -> Detector:
                     bool(export_config and export_config.output_normalized_coordinates), run)
 
 
-def saved_model_info(saved_model: Path) -> tuple[str | None, bool | None]:
-    """(input type, normalized outputs) from our assets.extra files, when present."""
-    from odapi_operators.core.model.saved_model import EXPORT_INFO
+def saved_model_info(saved_model: str | Path) -> tuple[str | None, bool | None]:
+    """(input type, normalized outputs) from our assets.extra files, when present (a local
+    folder or, given as a string, a gs:// one)."""
+    from odapi_operators.core.model.saved_model import EXPORT_INFO, PARAMS_FILE, extra_file
 
-    extra = saved_model / "assets.extra"
+    info, params_file = extra_file(saved_model, EXPORT_INFO), extra_file(saved_model, PARAMS_FILE)
     input_type = normalized = None
-    if (extra / EXPORT_INFO).is_file():
-        input_type = json.loads(storage.read_text(extra / EXPORT_INFO)).get("input_type")
-    if (extra / "params.yaml").is_file():
-        params = yaml.safe_load(storage.read_text(extra / "params.yaml")) or {}
+    if storage.exists(info):
+        input_type = json.loads(storage.read_text(info)).get("input_type")
+    if storage.exists(params_file):
+        params = yaml.safe_load(storage.read_text(params_file)) or {}
         export_config = (params.get("task") or {}).get("export_config") or {}
         normalized = bool(export_config.get("output_normalized_coordinates", False))
     return input_type, normalized

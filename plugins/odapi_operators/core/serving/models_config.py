@@ -274,6 +274,20 @@ def set_label(model: pb.ModelConfig, label: str, version: int, available: list[i
     model.version_labels[label] = version
 
 
+def remove_label(model: pb.ModelConfig, label: str) -> int | None:
+    """Drop `label` (e.g. a canary's); under a `specific` policy its version is no longer
+    loaded unless another label points at it. Returns the version it pointed at."""
+    version = labels(model).get(label)
+    if version is None:
+        return None
+    del model.version_labels[label]
+    if policy_kind(model) == "specific" and version not in labels(model).values():
+        kept = [v for v in model.model_version_policy.specific.versions if v != version]
+        del model.model_version_policy.specific.versions[:]
+        model.model_version_policy.specific.versions.extend(kept)
+    return version
+
+
 # --- the file ----------------------------------------------------------------------------
 
 

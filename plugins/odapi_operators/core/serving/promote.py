@@ -57,3 +57,22 @@ def promote(serving_base: str | os.PathLike, model_name: str, version: int, *,
         return move_locked(serving_base, model_name, version, label=label,
                            options=options or ServingOptions(), action="promote",
                            reason=reason, by=by, wait=wait)
+
+
+def remove_label_locked(serving_base: str | os.PathLike, model_name: str, label: str, *,
+                        options: ServingOptions, action: str, reason: str | None = None,
+                        by: str | None = None) -> int | None:
+    """Remove `label` (models.config, then the registry) for a caller holding the model lock;
+    returns the version it pointed at (None: it pointed nowhere, nothing is recorded)."""
+    base = os.fspath(serving_base)
+    removed: dict[str, int | None] = {}
+
+    def change(config) -> None:
+        model = serving_config.entry(config, model_name)
+        removed["version"] = serving_config.remove_label(model, label) if model else None
+
+    serving_config.update(options.models_config_path(base), change)
+    if removed["version"] is not None:
+        registry.record_label(options.registry_path(base), model_name, label, None,
+                              removed["version"], action, reason, by)
+    return removed["version"]

@@ -50,11 +50,13 @@ def confirmed_move(move, serving_base: str | os.PathLike, model_name: str,
 
 def push_and_promote(saved_model: str | os.PathLike, serving_base: str | os.PathLike,
                      model_name: str, run_id: str, options: ServingOptions,
-                     out_dir: str | os.PathLike | None = None) -> dict:
-    """Push the next version, then point `stable` at it; return the push summary + move.
+                     out_dir: str | os.PathLike | None = None, *, label: str = STABLE,
+                     reason: str | None = None, by: str | None = None) -> dict:
+    """Push the next version, then point `label` (`stable`, or `canary` for a canary check
+    first) at it; return the push summary + move.
 
     One hold of the model lock for both: another push in between would stop serving this
-    version (it is not labelled yet) and could garbage-collect it before `stable` reaches it.
+    version (it is not labelled yet) and could garbage-collect it before the label reaches it.
     """
     check_source(saved_model, serving_base)
     with model_lock(model_dir(serving_base, model_name)):
@@ -62,11 +64,11 @@ def push_and_promote(saved_model: str | os.PathLike, serving_base: str | os.Path
         write_summary(out_dir, summary)
         _log(f"pushed {model_name} version {summary['version']} to {summary['path']}")
         testpoints.reached("push:before_promote")
-        moved = confirmed_move(partial(move_locked, label=STABLE, action="promote"),
+        moved = confirmed_move(partial(move_locked, label=label, action="promote"),
                                serving_base, model_name, summary["version"], options,
-                               reason=f"promoted by run {run_id}")
-    return {**summary, "stable": moved["version"], "previous_stable": moved["previous"],
-            "serving": moved["serving"]}
+                               reason=reason or f"promoted by run {run_id}", by=by)
+    return {**summary, "label": label, label: moved["version"],
+            f"previous_{label}": moved["previous"], "serving": moved["serving"]}
 
 
 def roll_back(serving_base: str | os.PathLike, model_name: str, to: int | None,

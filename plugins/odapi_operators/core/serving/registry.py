@@ -159,7 +159,7 @@ def register_run(path: str | os.PathLike, run_dir: str | os.PathLike, model: str
         "production_metrics": _numbers(production) or None,
         "report": report if storage.exists(report) else None,
         "decision": ({k: decision.get(k) for k in ("promoted", "rule", "reason", "forced",
-                                                   "force", "baseline")}
+                                                   "force", "baseline", "approval", "canary")}
                      | {"path": str(layout.file(RunFile.DECISION))}) if decision else None,
         "version": pushed.get("version"), "path": pushed.get("path"),
         "decided_at": decision.get("decided_at"),
@@ -167,10 +167,11 @@ def register_run(path: str | os.PathLike, run_dir: str | os.PathLike, model: str
     return append(path, record)
 
 
-def record_label(path: str | os.PathLike, model: str, label: str, version: int,
+def record_label(path: str | os.PathLike, model: str, label: str, version: int | None,
                  previous: int | None, action: str, reason: str | None = None,
                  by: str | None = None) -> dict:
-    """Record a label move (`action`: promote or rollback)."""
+    """Record a label move (`action`: promote, rollback, canary; `version` None: the label
+    was removed, e.g. after a canary check)."""
     return append(path, {"kind": "label", "model": model, "label": label, "version": version,
                          "previous": previous, "action": action, "reason": reason, "by": by})
 
@@ -186,8 +187,8 @@ def candidates(records: list[dict]) -> list[dict]:
     return list(latest.values())
 
 
-def label_history(records: list[dict], model: str, label: str) -> list[int]:
-    """Versions `label` of `model` pointed to, in order."""
+def label_history(records: list[dict], model: str, label: str) -> list[int | None]:
+    """Versions `label` of `model` pointed to, in order (None: removed)."""
     return [r["version"] for r in records if r.get("kind") == "label"
             and r.get("model") == model and r.get("label") == label]
 
@@ -197,6 +198,12 @@ def _verdict(decision: dict | None) -> str:
         return "-"
     if not decision.get("promoted"):
         return "rejected"
+    canary = decision.get("canary") or {}
+    if canary and not canary.get("passed"):
+        return "canary failed"
+    choice = (decision.get("approval") or {}).get("choice")
+    if choice in ("reject", "canary"):
+        return "approver rejected" if choice == "reject" else "canary only"
     if decision.get("forced"):
         return "forced"
     return "first model" if decision.get("rule") == "first_model" else "promoted"
@@ -221,7 +228,8 @@ def rows(records: list[dict], labels: dict[str, dict[str, int]] | None = None) -
                                                   if v == r.get("version")))})
         elif r.get("kind") == "label":
             previous = r.get("previous")
-            note = f"{r['action']}: {r['label']} {previous or 'none'} -> {r['version']}"
+            note = (f"{r['action']}: {r['label']} {previous or 'none'} -> "
+                    f"{'removed' if r['version'] is None else r['version']}")
             out.append({"recorded": r.get("recorded_at"), "model": r.get("model"),
                         "run": "-", "dataset": "-", **{m: None for m in METRIC_COLUMNS},
                         "decision": note + (f" ({r['reason']})" if r.get("reason") else ""),
