@@ -8,6 +8,8 @@ from typing import Any, AsyncIterator
 
 from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
+from odapi_operators.core.data.exports import scan_exports
+
 
 class AnnotationExportTrigger(BaseTrigger):
     """Poll an export folder or gs:// prefix until at least one complete export exists.
@@ -33,8 +35,6 @@ class AnnotationExportTrigger(BaseTrigger):
                  "poll_interval": self.poll_interval, "snapshot": self.snapshot})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from odapi_operators.core.data.exports import scan_exports
-
         snapshot = self.snapshot
         while True:
             try:
@@ -98,8 +98,6 @@ class NewAnnotationExportTrigger(BaseEventTrigger):
             await self.asset_state_store.aset(self.ANNOUNCED_KEY, announced)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from odapi_operators.core.data.exports import scan_exports
-
         announced = await self._load_announced()
         snapshot: dict = {}
         last_states: dict[str, str] = {}  # export path -> listing state at the previous look

@@ -142,11 +142,11 @@ def test_watches_a_gcs_prefix(gcs_emulator):
 
 
 def test_a_listing_error_is_retried_not_fatal(tmp_path: Path, monkeypatch):
-    from odapi_operators.core.data import exports
+    from odapi_operators import triggers
 
     root = str(tmp_path / "exports")
     _export(root, "batch-1")
-    real, calls = exports.scan_exports, []
+    real, calls = triggers.scan_exports, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -154,7 +154,7 @@ def test_a_listing_error_is_retried_not_fatal(tmp_path: Path, monkeypatch):
             raise OSError("503 from the bucket")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(exports, "scan_exports", flaky)
+    monkeypatch.setattr(triggers, "scan_exports", flaky)
     assert [e["export"] for e in _events(_trigger(root), 0.6)] == [f"{root}/batch-1"]
 
 
