@@ -18,15 +18,7 @@ import pytest
 
 from odapi_operators.core.data.sample_data import MARKER
 
-from conftest import ROOT
-from support.production import (
-    Processes,
-    airflow,
-    airflow_env,
-    metadata_database,
-    rows,
-    wait_until,
-)
+from support.production import Processes, airflow, airflow_env, metadata_database, rows, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 DAG_ID = "on_new_export"
