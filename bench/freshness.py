@@ -163,9 +163,15 @@ def report(url: str, home: Path, marker: float, served: float, no_new: list[dict
                                    "'odapi_annotation_exports' ORDER BY e.id")
               if b2 in json.dumps(e["extra"] if isinstance(e["extra"], dict)
                                   else json.loads(e["extra"]))]
-    [run] = [r for r in rows(url, "SELECT run_id, queued_at, start_date, end_date FROM dag_run "
-                                  "WHERE dag_id = :d AND run_type = 'asset_triggered' "
-                                  "ORDER BY id DESC LIMIT 1", d=DAG_ID)]
+    # the run that consumed b2 (the ledger says): the event's run, or a nightly one that
+    # happened to start first (then the event's run found nothing new)
+    from odapi_operators.core.config import load_pipeline_config
+    from odapi_operators.core.data.ledger import Ledger
+
+    ledger = Ledger(load_pipeline_config(home / "pipeline.yaml").exports.ledger)
+    [run_id] = [r["run_id"] for r in ledger.records() if r["export"] == b2]
+    [run] = rows(url, "SELECT run_id, run_type, queued_at, start_date, end_date FROM dag_run "
+                      "WHERE dag_id = :d AND run_id = :r", d=DAG_ID, r=run_id)
     tasks = rows(url, "SELECT task_id, state, queued_dttm, start_date, end_date FROM "
                       "task_instance WHERE run_id = :r AND state = 'success' "
                       "ORDER BY start_date", r=run["run_id"])
@@ -175,6 +181,7 @@ def report(url: str, home: Path, marker: float, served: float, no_new: list[dict
     if detected:
         lines.append(("queueing (event -> run started)",
                       f"{_epoch(run['start_date']) - detected:6.1f} s"))
+    lines.append((f"consumed by a {run['run_type']} run", run["run_id"]))
     lines.append(("run started after the marker",
                   f"{_epoch(run['start_date']) - marker:6.1f} s  (goal < 30 s)"))
     for task in tasks:
