@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 ON_DEMAND = {"active_learning.py": "three trainings: ~15-20 min on 2 quiet cores",
-             "export.py": "a training and four exports: ~10 min on 2 quiet cores"}
+             "export.py": "a training and four exports: ~10 min on 2 quiet cores",
+             "freshness.py": "an embedded Airflow, two trainings and exports: ~15-25 min"}
 
 for script in sorted(Path(__file__).parent.glob("*.py")):
     if script.name in ON_DEMAND:

@@ -15,9 +15,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from airflow.providers.standard.operators.python import ShortCircuitOperator
-from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TaskGroup, TriggerRule
+from airflow.sdk import (
+    DAG,
+    AssetOrTimeSchedule,
+    CronDataIntervalTimetable,
+    Param,
+    TaskGroup,
+    TriggerRule,
+)
 
-from odapi_operators.assets import DATASET_VERSION, SERVED_MODEL
+from odapi_operators.assets import DATASET_VERSION, SERVED_MODEL, exports_asset
 from odapi_operators.core.config import load_pipeline_config
 from odapi_operators.notifiers import build_notifiers
 from odapi_operators.operators import (
@@ -49,13 +56,16 @@ PIPELINE_CONFIG = os.environ.get("ODAPI_PIPELINE_CONFIG",
                                  str(PROJECT / "include" / "configs" / "pipeline.yaml"))
 PIPELINE = load_pipeline_config(PIPELINE_CONFIG)
 MODEL_CONFIGS = sorted(Path(PIPELINE.train.model_config_path).parent.glob("*.yaml"))
+# Nightly; a data interval (not a zero-length trigger) so a backfill run consumes exactly
+# the exports that landed in its interval.
+NIGHTLY = CronDataIntervalTimetable("0 3 * * *", timezone="UTC")
+# ... and within seconds of a new complete export, announced by the exports asset's watcher.
+EXPORTS = exports_asset(PIPELINE.exports)
 
 with DAG(
     dag_id="odapi_retrain",
     description="Retrain, evaluate, gate and push an object detector from new annotations",
-    # Nightly; a data interval (not a zero-length trigger) so a backfill run consumes exactly
-    # the exports that landed in its interval.
-    schedule=CronDataIntervalTimetable("0 3 * * *", timezone="UTC"),
+    schedule=AssetOrTimeSchedule(timetable=NIGHTLY, assets=EXPORTS) if EXPORTS else NIGHTLY,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -105,8 +115,11 @@ with DAG(
                     "force_promote": "run.force_promote", "force_reason": "run.reason"})
     cfg = config.output["config"]
 
+    # The nightly run waits for an export; a run an export event (or a person) started looks
+    # once, so one with nothing new ends in seconds.
     wait = AnnotationExportSensor(task_id="wait_for_export", config=cfg, poke_interval=60,
-                                  timeout=6 * 3600, mode="reschedule")
+                                  timeout=6 * 3600, mode="reschedule",
+                                  look_once_for=("asset_triggered", "manual"))
     select = SelectExportsOperator(task_id="select_exports", config=cfg,
                                    candidates=wait.output)
 

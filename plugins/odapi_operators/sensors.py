@@ -21,13 +21,17 @@ class AnnotationExportSensor(BaseSensorOperator):
     triggerer (no worker slot held); otherwise poke, or `mode="reschedule"` for long waits.
     `marker` and `inactivity_seconds` override the frozen config's `exports` section
     (`marker=""`: no marker, wait for `inactivity_seconds` without changes instead).
+    Runs whose type is in `look_once_for` (e.g. `asset_triggered`, `manual`) do not wait: one
+    look, and what it found, maybe nothing, goes on to `select_exports` (which skips the run
+    when nothing is new), so a run started by an export event or by hand never holds its
+    slot for hours.
     """
 
     template_fields: Sequence[str] = ("config",)
     _SNAPSHOT_KEY = "export_snapshot"
 
     def __init__(self, *, config: Any, marker: str | None = None,
-                 inactivity_seconds: float | None = None,
+                 inactivity_seconds: float | None = None, look_once_for: Sequence[str] = (),
                  deferrable: bool = conf.getboolean("operators", "default_deferrable",
                                                     fallback=False),
                  **kwargs: Any) -> None:
@@ -36,6 +40,7 @@ class AnnotationExportSensor(BaseSensorOperator):
         self.marker = marker
         self.inactivity_seconds = inactivity_seconds
         self.deferrable = deferrable
+        self.look_once_for = tuple(look_once_for)
         self._snapshot: dict | None = None
 
     def watch(self) -> tuple[str, str | None, float]:
@@ -79,8 +84,11 @@ class AnnotationExportSensor(BaseSensorOperator):
         return PokeReturnValue(is_done=newest is not None, xcom_value=[newest] if newest else [])
 
     def execute(self, context: Any) -> Any:
+        from odapi_operators.core.config import read_frozen_config
         from odapi_operators.core.labeling.labelstudio_client import ProjectSource
 
+        if read_frozen_config(self.config).run.type in self.look_once_for:
+            return self.poke(context).xcom_value
         if not self.deferrable or ProjectSource.parse(self.watch()[0]) is not None:
             return super().execute(context)
         first = self.poke(context)

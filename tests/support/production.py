@@ -73,6 +73,32 @@ def postgres_database() -> Iterator[str]:
         _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextmanager
+def metadata_database(home: Path) -> Iterator[str]:
+    """SQLAlchemy URL of a throw-away metadata DB: PostgreSQL when the local server answers
+    (several components write at once), else SQLite under `home` (the embedded default)."""
+    try:
+        socket.create_connection(SERVICES["PostgreSQL"], timeout=2).close()
+    except OSError:
+        home.mkdir(parents=True, exist_ok=True)
+        yield f"sqlite:///{home.resolve()}/airflow.db"
+        return
+    with postgres_database() as name:
+        yield pg_url(name)
+
+
+def rows(url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
+    """Rows of `sql` (named :params) in the metadata DB at `url`, PostgreSQL or SQLite."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(sqlalchemy.text(sql), params)]
+    finally:
+        engine.dispose()
+
+
 def pg_url(database: str, scheme: str = "postgresql+psycopg2") -> str:
     """SQLAlchemy URL of `database` on the local server (trust auth, user postgres)."""
     return f"{scheme}://postgres@{PG_HOST}:{PG_PORT}/{database}"
@@ -111,15 +137,17 @@ def redis_database() -> Iterator[int]:
 
 
 def airflow_env(home: Path, database: str, dag_file: Path, **settings: str) -> dict[str, str]:
-    """The environment of an Airflow on `database` with its own AIRFLOW_HOME whose DAGs
-    folder holds only `dag_file` (linked: a sibling DAG being edited cannot break the run);
-    `settings` are extra variables (AIRFLOW__SECTION__KEY=...). Overrides the conftest's
-    SQLite conn, in the child processes only."""
+    """The environment of an Airflow on `database` (a PostgreSQL database name, or a URL)
+    with its own AIRFLOW_HOME whose DAGs folder holds only `dag_file` (linked: a sibling DAG
+    being edited cannot break the run); `settings` are extra variables
+    (AIRFLOW__SECTION__KEY=...). Overrides the conftest's SQLite conn, in the child processes
+    only."""
     (home / "dags").mkdir(parents=True, exist_ok=True)
     (home / "dags" / dag_file.name).symlink_to(dag_file)
     return {**os.environ,
             "AIRFLOW_HOME": str(home),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": pg_url(database),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": (
+                database if "://" in database else pg_url(database)),
             "AIRFLOW__CORE__DAGS_FOLDER": str(home / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -181,12 +209,15 @@ class Processes:
             parts.append(f"----- {name} (last {tail} chars) -----\n{text[-tail:]}")
         return "\n".join(parts)
 
-    def stop(self, grace: float = 20) -> None:
-        """SIGTERM every group (Celery warm shutdown, scheduler exit), then SIGKILL leftovers."""
-        for process in self.started.values():
+    def stop(self, grace: float = 20, names: Iterable[str] | None = None) -> None:
+        """SIGTERM every group (Celery warm shutdown, scheduler exit), or those of `names`,
+        then SIGKILL leftovers."""
+        chosen = [self.started.pop(n) for n in names] if names is not None else list(
+            self.started.values())
+        for process in chosen:
             _signal_group(process, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for process in self.started.values():
+        for process in chosen:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

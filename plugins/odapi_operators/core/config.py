@@ -61,6 +61,10 @@ class ExportsConfig(_Strict):
                                            "time is when the export landed")
     inactivity_seconds: int = Field(default=0, ge=0, json_schema_extra=only("watch"),
                                     description="without a marker: unchanged this long")
+    watch_seconds: float = Field(default=5, gt=0, json_schema_extra=only("watch"),
+                                 description="the export watcher (event-driven runs) looks "
+                                             "this often: a new export starts a run within "
+                                             "about twice this")
     images_root: str | None = Field(default=None, description="resolve image names here "
                                                                "(never outside it)")
     unknown_classes: Literal["add", "skip", "reject"] = Field(
