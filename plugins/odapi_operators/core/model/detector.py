@@ -2,9 +2,9 @@
 
 `load_detector(path)` accepts a model dir written by `odapi train` (its newest checkpoint,
 restored into our export module, `export_module.py`, in memory), an export folder, a
-SavedModel folder or a TF Serving version folder. Both kinds run the same export-module graph, so they return the
-same detections for the same weights: that is what lets the gate compare a candidate
-checkpoint with the SavedModel in production on equal terms.
+SavedModel folder or a TF Serving version folder. Both kinds run the same export-module graph,
+so they return the same detections for the same weights: that is what lets the gate compare a
+candidate checkpoint with the SavedModel in production on equal terms.
 
 `detect` takes a serialized tf.train.Example (what the records hold); `detect_images` takes
 encoded images in batches (pre-annotation). `image_batches` and `unbatch` build a batch's
