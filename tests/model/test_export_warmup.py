@@ -11,7 +11,15 @@ from conftest import odapi
 pytestmark = pytest.mark.slow
 
 
-def test_export_ships_assets_and_replayable_warmup(exported_model):
+@pytest.fixture(scope="module")
+def loaded(exported_model):
+    """The session's SavedModel loaded once for this module (a load takes 12-16 s)."""
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(exported_model), tags=["serve"])
+
+
+def test_export_ships_assets_and_replayable_warmup(exported_model, loaded):
     """The session's export (image_bytes; image_tensor is exported end to end in e2e)."""
     input_type, saved_model = "image_bytes", exported_model
     summary = json.loads((exported_model.parent / "summary.json").read_text())
@@ -34,13 +42,12 @@ def test_export_ships_assets_and_replayable_warmup(exported_model):
     expected_dtype = tf.uint8 if input_type == "image_tensor" else tf.string
     assert tf.dtypes.as_dtype(request.inputs["inputs"].dtype) == expected_dtype
 
-    loaded = tf.saved_model.load(str(saved_model), tags=["serve"])
     replay = loaded.signatures["serving_default"](
         inputs=tf.constant(tf.make_ndarray(request.inputs["inputs"])))
     assert replay["detection_boxes"].shape[0] == 1 and replay["detection_boxes"].shape[-1] == 4
 
 
-def test_export_answers_the_od_api_contract_in_both_signatures(exported_model):
+def test_export_answers_the_od_api_contract_in_both_signatures(exported_model, loaded):
     """What OD API clients read: the four outputs, float32, boxes in [0, 1], classes the label
     map's ids; `image_bytes` next to `serving_default`, both checked at export."""
     import numpy as np
@@ -51,7 +58,6 @@ def test_export_answers_the_od_api_contract_in_both_signatures(exported_model):
 
     summary = json.loads((exported_model.parent / "summary.json").read_text())
     assert summary["check"]["signatures"] == ["serving_default", "image_bytes"]
-    loaded = tf.saved_model.load(str(exported_model), tags=["serve"])
     assert {"serving_default", "image_bytes"} <= set(loaded.signatures)
     for name in ("serving_default", "image_bytes"):
         signature = loaded.signatures[name]
