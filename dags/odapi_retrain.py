@@ -26,7 +26,7 @@ from airflow.sdk import (
 
 from odapi_operators.assets import DATASET_VERSION, SERVED_MODEL, exports_asset
 from odapi_operators.core.config import load_pipeline_config
-from odapi_operators.notifiers import build_notifiers
+from odapi_operators.notifiers import build_notifiers, deadline_alerts
 from odapi_operators.operators import (
     BuildLabelMapOperator,
     BuildReportOperator,
@@ -70,6 +70,7 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     tags=["odapi"],
+    deadline=deadline_alerts(PIPELINE.notify),  # notify.deadline_minutes; none by default
     default_args={"retries": 1, "retry_delay": timedelta(minutes=1),
                   "on_failure_callback": build_notifiers(PIPELINE.notify, "failure")},
     params={

@@ -6,6 +6,9 @@ Connection (type `tf_serving`, default id `tf_serving_default`): host and port a
 address (port default 8500); extra `{"rest_url": "http://serving:8501", "timeout": 10}`.
 With only a REST URL, leave host empty. E.g.
 `AIRFLOW_CONN_TF_SERVING_DEFAULT='{"conn_type": "tf_serving", "host": "serving", "port": 8500}'`.
+
+The connection types and their UI forms are registered by the provider entry point
+(`provider.py`), as Airflow 3.2+ wants them: declared, not returned by the hooks.
 """
 
 from __future__ import annotations
@@ -56,12 +59,6 @@ class TFServingHook(BaseHook):
     def get_conn(self) -> ServingClient:
         return self.get_client()
 
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {"hidden_fields": ["schema", "login", "password"],
-                "relabeling": {"host": "gRPC host", "port": "gRPC port"},
-                "placeholders": {"port": str(DEFAULT_GRPC_PORT),
-                                 "extra": '{"rest_url": "http://serving:8501"}'}}
 
 
 def serving_addresses(options: ServingOptions,
@@ -118,9 +115,3 @@ class LabelStudioHook(BaseHook):
         from odapi_operators.core.labeling.labelstudio_client import LabelStudioClient
 
         return LabelStudioClient(self.address())
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {"hidden_fields": ["login", "extra"],
-                "relabeling": {"host": "URL", "password": "API token"},
-                "placeholders": {"host": "http://labelstudio:8080"}}

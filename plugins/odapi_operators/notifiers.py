@@ -1,17 +1,24 @@
-"""Notifications about pipeline events: a JSON webhook and e-mail, off unless configured.
+"""Notifications about pipeline events through Airflow's providers, off unless configured.
 
 The pipeline YAML's `notify:` section says who hears about what:
 
     notify:
-      webhook: {url: https://hooks.example.com/odapi, events: [failure, not_promoted]}
+      webhook: {conn_id: odapi_webhook, events: [failure, not_promoted, deadline]}
       smtp: {to: [ml-team@example.com], conn_id: smtp_default, events: [failure]}
+      deadline_minutes: 240   # a run still going 240 min after it was queued: `deadline`
 
-`build_notifiers(section, event)` turns it into the notifiers for one event, to hang on a task
-callback. A webhook URL with a secret in it belongs in an Airflow Variable, not in the YAML:
-`url: "{{ var.value.odapi_webhook_url }}"` is rendered when the callback runs. Wherever it comes
-from, the rendered URL's secrets (userinfo, query values, token path segments) never reach the
-log: the notifier names the webhook as scheme://host/… and registers the secrets with Airflow's
-secrets masker before sending. Events (all task callbacks):
+The webhook is the HTTP provider's `HttpNotifier` on an Airflow connection (type `http`; host
+= the webhook URL, or a base URL plus `endpoint`; login/password or extra headers for auth),
+so the URL and its secrets live in the connection, never in the YAML or a Variable; e-mail is
+the SMTP provider's `SmtpNotifier`. `build_notifiers(section, event)` turns the section into
+the notifiers for one task event, to hang on a task callback; `deadline_alerts(section)` into
+the DAG's `DeadlineAlert`s, whose callback runs the same webhook notifier in the triggerer.
+
+An undelivered notification never logs its secrets: before sending, every secret of the
+resolved URL (userinfo, query values, token path segments) is registered with Airflow's
+secrets masker (what the task's and the triggerer's logs go through, the HTTP hook's own
+lines included), and the notifier's own warning names the webhook as scheme://host/… with the
+error scrubbed. Events:
 
     failure       on_failure_callback (e.g. in default_args): a task failed for good
     retry         on_retry_callback: a task failed and will be retried
@@ -19,24 +26,28 @@ secrets masker before sending. Events (all task callbacks):
     not_promoted  on_success_callback of a task that runs only when the gate said no; pass the
                   gate's reason as a template, e.g.
                   reason="{{ ti.xcom_pull(task_ids='promote.gate', key='reason') }}"
+    deadline      the DAG's DeadlineAlert: a run passed `deadline_minutes` and is still going
 
-Called at DAG parse time: nothing heavy is imported until a notification is sent (requests) or
-e-mail is configured (the SMTP provider). A notification never fails the task it reports on.
+Called at DAG parse time: nothing heavy is imported until a notification is sent (the HTTP
+provider pulls in requests and aiohttp) or e-mail is configured (the SMTP provider). A
+notification never fails the task it reports on.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import unquote_plus, urlsplit
 
 from airflow.sdk import BaseNotifier
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 if TYPE_CHECKING:
-    import requests
+    from airflow.providers.http.notifications.http import HttpNotifier
     from airflow.sdk import Context
+    from airflow.sdk.definitions.deadline import DeadlineAlert
 
-Event = Literal["failure", "retry", "promoted", "not_promoted"]
+Event = Literal["failure", "retry", "promoted", "not_promoted", "deadline"]
 EVENTS: tuple[str, ...] = get_args(Event)
 
 MESSAGES: dict[str, str] = {
@@ -46,6 +57,10 @@ MESSAGES: dict[str, str] = {
     "promoted": "{{ dag.dag_id }}: run {{ run_id }} promoted a new model version",
     "not_promoted": "{{ dag.dag_id }}: run {{ run_id }} trained a candidate the gate did not "
                     "promote",
+    # a deadline's callback runs in the triggerer with a smaller context: the run as the REST
+    # API shows it (`dag_run`) and the deadline
+    "deadline": "{{ dag_run.dag_id }}: run {{ dag_run.dag_run_id }} is still running past its "
+                "deadline ({{ deadline.deadline_time }})",
 }
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 # Path segments after one of these are a webhook's credentials: Slack .../services/T../B../<token>,
@@ -63,10 +78,23 @@ class _Channel(BaseModel):
     events: list[Event] = ["failure"]
 
 
+DEFAULT_WEBHOOK_CONN = "odapi_webhook"
+
+
 class WebhookSettings(_Channel):
-    url: str = Field(pattern=r"^(https?://|\{\{)")  # or a template: "{{ var.value.x }}"
+    conn_id: str = DEFAULT_WEBHOOK_CONN  # an `http` connection: host = the webhook URL
+    endpoint: str | None = None  # appended to the connection's URL
     timeout: float = Field(default=10.0, gt=0)  # seconds, per attempt
     retries: int = Field(default=3, ge=0)  # on connection errors and 429/5xx answers
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "url" in data:
+            raise ValueError("a webhook URL carries secrets: put it in an Airflow connection "
+                             "(conn_type http, host = the URL) and name that connection in "
+                             "notify.webhook.conn_id")
+        return data
 
 
 class SmtpSettings(_Channel):
@@ -82,6 +110,15 @@ class NotifySettings(BaseModel):
 
     webhook: WebhookSettings | None = None
     smtp: SmtpSettings | None = None
+    deadline_minutes: float | None = Field(default=None, gt=0)  # None: no deadline
+
+    @model_validator(mode="after")
+    def _someone_hears_the_deadline(self) -> NotifySettings:
+        if self.deadline_minutes is not None and not (
+                self.webhook and "deadline" in self.webhook.events):
+            raise ValueError("deadline_minutes is set but no channel lists the `deadline` "
+                             "event (notify.webhook.events)")
+        return self
 
 
 def redact_url(url: str) -> str:
@@ -135,73 +172,118 @@ def _mask_in_airflow_logs(url: str) -> None:
         mask_secret(secret)
 
 
-def _session(retries: int) -> requests.Session:
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.util.retry import Retry
-
-    # Retry-After is not honoured: a server asking for an hour must not hold the callback.
-    retry = Retry(total=retries, backoff_factor=0.5, status_forcelist=RETRY_STATUSES,
-                  allowed_methods=frozenset({"POST"}), respect_retry_after_header=False,
-                  raise_on_status=False)
-    session = requests.Session()
-    session.mount("http://", HTTPAdapter(max_retries=retry))
-    session.mount("https://", HTTPAdapter(max_retries=retry))
-    return session
-
-
 def _state(context: Context) -> str | None:
     holder = context.get("ti") or context.get("dag_run")
-    state = getattr(holder, "state", None)
+    state = holder.get("state") if isinstance(holder, dict) else getattr(holder, "state", None)
     return None if state is None else str(getattr(state, "value", state))
 
 
+def _join(base_url: str, endpoint: str | None) -> str:
+    if not endpoint:
+        return base_url
+    return f"{base_url.rstrip('/')}/{endpoint.lstrip('/')}"
+
+
+def _transient(exc: BaseException) -> bool:
+    """A connection error, a timeout or a 429/5xx answer (the HTTP hook raises those as
+    `AirflowException("<status>:<reason>")`): worth another attempt."""
+    import requests
+
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return True
+    return str(exc).split(":", 1)[0] in {str(status) for status in RETRY_STATUSES}
+
+
 class WebhookNotifier(BaseNotifier):
-    """POST one JSON message about a task event to `url`; retried, and if it still cannot be
-    delivered, logged and dropped (Airflow also shields the task from any callback error).
+    """POST one JSON message about a pipeline event through the HTTP provider's `HttpNotifier`
+    (connection `http_conn_id`); retried, and if it still cannot be delivered, logged with the
+    URL's secrets scrubbed and dropped.
 
     The body: event, dag_id, run_id, task_id, state, the rendered `message` (also as `text`,
     which Slack/Mattermost-style incoming webhooks display), `reason` if given, and the task's
-    `error` if it raised.
+    `error` if it raised. Runs in a task's callback (`notify`) and, as a DeadlineAlert's
+    `AsyncCallback`, in the triggerer (`async_notify`).
     """
 
-    template_fields = ("url", "message", "reason")
+    template_fields = ("http_conn_id", "endpoint", "message", "reason")
 
-    def __init__(self, *, url: str, event: str, message: str, reason: str | None = None,
+    def __init__(self, *, event: str, message: str, reason: str | None = None,
+                 http_conn_id: str = DEFAULT_WEBHOOK_CONN, endpoint: str | None = None,
                  timeout: float = 10.0, retries: int = 3, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.url = url
         self.event = event
         self.message = message
         self.reason = reason
+        self.http_conn_id = http_conn_id
+        self.endpoint = endpoint
         self.timeout = timeout
         self.retries = retries
 
     def payload(self, context: Context) -> dict[str, Any]:
-        ti, dag = context.get("ti"), context.get("dag")
+        ti, dag, run = context.get("ti"), context.get("dag"), context.get("dag_run")
+        run = run if isinstance(run, dict) else {}  # a deadline's context: the run as JSON
         body = {"event": self.event,
-                "dag_id": getattr(dag, "dag_id", None) or getattr(ti, "dag_id", None),
-                "run_id": context.get("run_id"), "task_id": getattr(ti, "task_id", None),
-                "state": _state(context), "message": self.message, "text": self.message}
+                "dag_id": (getattr(dag, "dag_id", None) or getattr(ti, "dag_id", None)
+                           or run.get("dag_id")),
+                "run_id": context.get("run_id") or run.get("dag_run_id"),
+                "task_id": getattr(ti, "task_id", None), "state": _state(context),
+                "message": self.message, "text": self.message}
         if self.reason is not None:
             body["reason"] = self.reason
         if context.get("exception") is not None:
             body["error"] = str(context["exception"])
         return body
 
-    def notify(self, context: Context) -> None:
-        import requests
+    def _provider_notifier(self, context: Context, timeout: Any) -> HttpNotifier:
+        from airflow.providers.http.notifications.http import HttpNotifier
 
-        _mask_in_airflow_logs(self.url)
+        return HttpNotifier(http_conn_id=self.http_conn_id, endpoint=self.endpoint,
+                            json=self.payload(context), extra_options={"timeout": timeout})
+
+    def _not_delivered(self, url: str, exc: BaseException) -> None:
+        self.log.warning("webhook %s: %s notification not delivered: %s", redact_url(url),
+                         self.event, scrub(str(exc), url))
+
+    def notify(self, context: Context) -> None:
+        from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+        notifier = self._provider_notifier(context, self.timeout)
+        url = f"http_conn_id={self.http_conn_id}"
         try:
-            with _session(self.retries) as session:
-                response = session.post(self.url, json=self.payload(context),
-                                        timeout=self.timeout)
-                response.raise_for_status()
-        except requests.RequestException as exc:  # reporting a failure must not become one
-            # requests' and urllib3's messages name the URL, or its path and query
-            self.log.warning("webhook %s: %s notification not delivered: %s",
-                             redact_url(self.url), self.event, scrub(str(exc), self.url))
+            url = notifier.hook.url_from_endpoint(self.endpoint)  # reads the connection
+            _mask_in_airflow_logs(url)
+            # Retry-After is not honoured: a server asking for an hour must not hold the task.
+            for attempt in Retrying(stop=stop_after_attempt(self.retries + 1),
+                                    wait=wait_exponential(multiplier=0.5, max=8),
+                                    retry=retry_if_exception(_transient), reraise=True):
+                with attempt:
+                    notifier.notify(context)
+        except Exception as exc:  # reporting a failure must not become one
+            self._not_delivered(url, exc)
+
+    async def async_notify(self, context: Context) -> None:
+        import aiohttp
+
+        notifier = self._provider_notifier(context, aiohttp.ClientTimeout(total=self.timeout))
+        url = f"http_conn_id={self.http_conn_id}"
+        try:
+            url = _join((await notifier.async_hook.config()).base_url, self.endpoint)
+            from airflow.sdk.log import amask_secret  # not mask_secret: no sync send in a loop
+
+            for secret in url_secrets(url):
+                await amask_secret(secret)
+            notifier.async_hook.retry_limit = self.retries + 1
+            await notifier.async_notify(context)
+        except Exception as exc:
+            self._not_delivered(url, exc)
+
+
+def _webhook_kwargs(settings: WebhookSettings, event: str, message: str,
+                    reason: str | None) -> dict[str, Any]:
+    """The notifier's keywords: also a DeadlineAlert callback's, so JSON only."""
+    return {"event": event, "message": message, "reason": reason,
+            "http_conn_id": settings.conn_id, "endpoint": settings.endpoint,
+            "timeout": settings.timeout, "retries": settings.retries}
 
 
 def _email(settings: SmtpSettings, message: str, reason: str | None) -> BaseNotifier:
@@ -234,15 +316,33 @@ def build_notifiers(settings: dict | None, event: str, *,
     `reason` (a template, rendered when the callback runs) is added to the message, e.g. the
     gate's reason for `not_promoted`. Unknown events, channels or keys raise ValueError.
     """
-    if event not in EVENTS:
-        raise ValueError(f"unknown notification event {event!r} (known: {', '.join(EVENTS)})")
+    if event not in EVENTS or event == "deadline":
+        raise ValueError(f"unknown task notification event {event!r} (known: "
+                         f"{', '.join(e for e in EVENTS if e != 'deadline')}; `deadline` is "
+                         "the DAG's, see deadline_alerts)")
     config = parse_settings(settings)
     message = MESSAGES[event]
     notifiers: list[BaseNotifier] = []
     if config.webhook and event in config.webhook.events:
-        notifiers.append(WebhookNotifier(url=config.webhook.url, event=event, message=message,
-                                         reason=reason, timeout=config.webhook.timeout,
-                                         retries=config.webhook.retries))
+        notifiers.append(WebhookNotifier(**_webhook_kwargs(config.webhook, event, message,
+                                                           reason)))
     if config.smtp and event in config.smtp.events:
         notifiers.append(_email(config.smtp, message, reason))
     return notifiers
+
+
+def deadline_alerts(settings: dict | None) -> list[DeadlineAlert]:
+    """The DAG's `deadline`: with `deadline_minutes` set, one `DeadlineAlert` measured from
+    when a run was queued, whose callback (in the triggerer) is the webhook notifier; [] when
+    unset. A run that ends in time has its deadline dropped by Airflow."""
+    config = parse_settings(settings)
+    if config.deadline_minutes is None or config.webhook is None:
+        return []
+    from airflow.sdk.definitions.callback import AsyncCallback
+    from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
+
+    callback = AsyncCallback(WebhookNotifier, kwargs=_webhook_kwargs(
+        config.webhook, "deadline", MESSAGES["deadline"], reason=None))
+    return [DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, callback=callback,
+                          interval=timedelta(minutes=config.deadline_minutes),
+                          name="odapi_run_deadline")]

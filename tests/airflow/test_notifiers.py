@@ -1,7 +1,9 @@
 """Notifiers: a real HTTP server receives the webhook JSON, a real SMTP server the e-mail.
 
 The end-to-end test runs a DAG with `dag.test()` whose task fails and whose gate says no, with
-the notifiers `build_notifiers` makes from a `notify:` section hung on the task callbacks.
+the notifiers `build_notifiers` makes from a `notify:` section hung on the task callbacks. The
+webhook's URL comes from an Airflow connection (`AIRFLOW_CONN_*`), as in production. The
+deadline alert's callback runs through Airflow's own `CallbackTrigger`, as the triggerer does.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import email
 import email.policy
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,7 +22,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from odapi_operators.notifiers import EVENTS, WebhookNotifier, build_notifiers
+from odapi_operators.notifiers import (
+    DEFAULT_WEBHOOK_CONN,
+    EVENTS,
+    WebhookNotifier,
+    build_notifiers,
+    deadline_alerts,
+)
 
 from conftest import ROOT, free_port
 
@@ -53,9 +62,17 @@ class Webhook:
         self.server.server_close()
 
 
+def connect(monkeypatch: pytest.MonkeyPatch, url: str,
+            conn_id: str = DEFAULT_WEBHOOK_CONN) -> None:
+    """An `http` connection whose host is the webhook URL, as AIRFLOW_CONN_<ID>."""
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}",
+                       json.dumps({"conn_type": "http", "host": url}))
+
+
 @pytest.fixture
-def webhook():
+def webhook(monkeypatch):
     server = Webhook()
+    connect(monkeypatch, server.url)
     yield server
     server.close()
 
@@ -124,7 +141,7 @@ DAG_FILE = textwrap.dedent("""
 
 def test_a_dag_run_notifies_its_failure_and_the_gates_refusal(
         tmp_path, airflow_db, dag_bundle, webhook, mailbox):
-    notify = {"webhook": {"url": webhook.url, "events": ["failure", "not_promoted"]},
+    notify = {"webhook": {"events": ["failure", "not_promoted"]},
               "smtp": {"to": ["ml-team@example.com"], "events": ["failure", "not_promoted"]}}
     dag_file = dag_bundle / "notify_events.py"
     dag_file.write_text(DAG_FILE.format(notify=notify))
@@ -161,10 +178,11 @@ def _context(**extra: object) -> dict:
     return {"run_id": "manual__1", "ti": ti, **extra}
 
 
-def test_the_webhook_retries_server_errors():
+def test_the_webhook_retries_server_errors(monkeypatch):
     server = Webhook(statuses=(503, 502))
+    connect(monkeypatch, server.url)
     try:
-        WebhookNotifier(url=server.url, event="failure", message="{{ run_id }} broke",
+        WebhookNotifier(event="failure", message="{{ run_id }} broke",
                         retries=2)(_context(exception=ValueError("bad shard")))
     finally:
         server.close()
@@ -176,22 +194,29 @@ def test_the_webhook_retries_server_errors():
 
 
 @pytest.mark.parametrize("statuses", [(404,), (503, 503)], ids=["rejected", "still-failing"])
-def test_an_undeliverable_webhook_never_raises(statuses):
+def test_an_undeliverable_webhook_never_raises(statuses, monkeypatch):
     server = Webhook(statuses=statuses)
+    connect(monkeypatch, server.url)
     try:
-        WebhookNotifier(url=server.url, event="failure", message="m", retries=1)(_context())
+        WebhookNotifier(event="failure", message="m", retries=1)(_context())
     finally:
         server.close()
     assert len(server.bodies) == len(statuses)  # a 4xx is not retried
 
 
-def test_an_unreachable_webhook_never_raises_and_says_so(capfd):
+def test_an_unreachable_webhook_never_raises_and_says_so(capfd, monkeypatch):
     port = free_port()
-    url = f"http://127.0.0.1:{port}/nobody-listens"
-    WebhookNotifier(url=url, event="failure", message="m", retries=0, timeout=2)(_context())
+    connect(monkeypatch, f"http://127.0.0.1:{port}/nobody-listens")
+    WebhookNotifier(event="failure", message="m", retries=0, timeout=2)(_context())
     logged = "".join(capfd.readouterr())
     assert f"webhook http://127.0.0.1:{port}/…: failure notification not delivered" in logged
     assert "Connection refused" in logged  # the reason stays, only the URL's secrets go
+
+
+def test_a_missing_connection_is_logged_not_raised(capfd):
+    WebhookNotifier(event="failure", message="m", http_conn_id="no_such_webhook")(_context())
+    logged = "".join(capfd.readouterr())
+    assert "no_such_webhook" in logged and "failure notification not delivered" in logged
 
 
 # Every kind of secret a webhook URL carries: userinfo, a Slack-style path token
@@ -205,69 +230,175 @@ def _secret_url(port: int) -> str:
             f"XsecretTokenX1234567890?token=qs-4b3a2918&sig=sécrét-42&channel=ml")
 
 
-@pytest.mark.parametrize("answer", ["server-error", "refused"])
-def test_an_undelivered_webhook_never_logs_its_secrets(answer, capfd, caplog):
-    """A 500 (requests' HTTPError names the URL) and a refused connection (urllib3's error
-    names the path and query): the log says where and why, with none of the URL's secrets."""
-    server = Webhook(statuses=(500,)) if answer == "server-error" else None
-    port = server.server.server_port if server else free_port()
-    caplog.set_level("INFO")  # a task logs at INFO; DEBUG lines go through the masker
+def test_the_not_delivered_line_never_names_a_secret(capfd, caplog, monkeypatch):
+    """Our own warning, even where no secrets masker runs: where and why, scrubbed."""
+    port = free_port()
+    connect(monkeypatch, _secret_url(port))
+    caplog.set_level("INFO")
+    WebhookNotifier(event="failure", message="m", retries=0, timeout=2)(_context())
+    [line] = [line for line in ("".join(capfd.readouterr()) + caplog.text).splitlines()
+              if "not delivered" in line]
+    assert f"webhook http://127.0.0.1:{port}/…: failure notification not delivered" in line
+    assert "Connection refused" in line
+    assert [secret for secret in SECRETS if secret in line] == []
+
+
+UNDELIVERED = textwrap.dedent("""
+    import sys
+    from types import SimpleNamespace
+
+    from airflow.sdk.log import configure_logging
+
+    configure_logging(output=sys.stderr)  # as Airflow's processes log: through the masker
+    from odapi_operators.notifiers import WebhookNotifier
+
+    ti = SimpleNamespace(task_id="train", dag_id="odapi_retrain", state="failed")
+    for conn_id in sys.argv[1:]:
+        WebhookNotifier(event="failure", message="m", retries=0, timeout=2,
+                        http_conn_id=conn_id)({"run_id": "manual__1", "ti": ti})
+""")
+
+
+@pytest.mark.slow
+def test_an_undelivered_webhook_never_logs_its_secrets():
+    """A 500 (the HTTP hook logs the answer and raises) and a refused connection (the hook
+    logs urllib3's error, which names the path and query), in a process logging as Airflow's
+    do (~35 s on a loaded 2-core machine, mostly importing Airflow): every line, the hook's
+    included, says where and why with none of the URL's secrets."""
+    server, refused = Webhook(statuses=(500,)), free_port()
+    conns = {f"AIRFLOW_CONN_HOOK_{port}": json.dumps({"conn_type": "http",
+                                                      "host": _secret_url(port)})
+             for port in (server.server.server_port, refused)}
     try:
-        WebhookNotifier(url=_secret_url(port), event="failure", message="m", retries=0,
-                        timeout=2)(_context())
+        done = subprocess.run(
+            [sys.executable, "-c", UNDELIVERED, f"hook_{server.server.server_port}",
+             f"hook_{refused}"], capture_output=True, text=True, timeout=180,
+            env={**os.environ, **conns, "PYTHONPATH": str(ROOT / "plugins")})
     finally:
-        if server:
-            server.close()
-    logged = "".join(capfd.readouterr()) + caplog.text
-    assert f"webhook http://127.0.0.1:{port}/…: failure notification not delivered" in logged
-    assert ("500" if server else "Connection refused") in logged
+        server.close()
+    logged = done.stdout + done.stderr
+    assert done.returncode == 0, logged
+    for port in (server.server.server_port, refused):
+        assert f"webhook http://127.0.0.1:{port}/…: failure notification not delivered" in logged
+    assert "500" in logged and "Connection refused" in logged
+    assert "Tenacity will retry" in logged  # the hook's own line about the refused one
     assert [secret for secret in SECRETS if secret in logged] == []
-    if server:
-        assert len(server.bodies) == 1  # it was delivered to the right place, and failed there
+    assert len(server.bodies) == 1  # it was delivered to the right place, and failed there
 
 
-def test_the_webhooks_secrets_are_registered_with_airflows_masker():
+def test_the_webhooks_secrets_are_registered_with_airflows_masker(monkeypatch):
     """Whatever else logs the URL in the task (Airflow, a library) is masked too."""
     from airflow.sdk._shared.secrets_masker import redact
 
     url = _secret_url(free_port())
-    WebhookNotifier(url=url, event="failure", message="m", retries=0, timeout=2)(_context())
+    connect(monkeypatch, url)
+    WebhookNotifier(event="failure", message="m", retries=0, timeout=2)(_context())
     masked = redact(f"posting to {url}; token qs-4b3a2918, /services/T0SECRET1/B0SECRET2")
     assert [secret for secret in SECRETS if secret in masked] == []
 
 
 def test_no_settings_no_notifiers():
-    for event in EVENTS:
+    for event in set(EVENTS) - {"deadline"}:
         assert build_notifiers(None, event) == [] and build_notifiers({}, event) == []
 
 
 def test_each_channel_gets_only_its_events():
     from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
-    notify = {"webhook": {"url": "https://hooks.example.com/x",
-                          "events": ["failure", "not_promoted"]},
+    notify = {"webhook": {"events": ["failure", "not_promoted"]},
               "smtp": {"to": "a@b.example", "events": ["failure"]}}
     assert [type(n) for n in build_notifiers(notify, "failure")] == [WebhookNotifier,
                                                                     SmtpNotifier]
     assert [type(n) for n in build_notifiers(notify, "not_promoted")] == [WebhookNotifier]
     assert build_notifiers(notify, "promoted") == []
-    assert [type(n) for n in build_notifiers({"webhook": {"url": "http://h/x"}}, "failure")] \
-        == [WebhookNotifier]  # events default to failures
-    secret = "{{ var.value.odapi_webhook_url }}"  # rendered when the callback runs
-    assert build_notifiers({"webhook": {"url": secret}}, "failure")[0].url == secret
+    [webhook] = build_notifiers({"webhook": {"conn_id": "team_hook", "endpoint": "odapi"}},
+                                "failure")  # events default to failures
+    assert (webhook.http_conn_id, webhook.endpoint) == ("team_hook", "odapi")
 
 
 @pytest.mark.parametrize("settings, event, named", [
-    (None, "failed", "unknown notification event 'failed'"),
-    ({"slack": {"url": "https://x"}}, "failure", "notify.slack"),
-    ({"webhook": {"url": "https://x", "event": ["failure"]}}, "failure", "notify.webhook.event"),
-    ({"webhook": {"url": "https://x", "events": ["failed"]}}, "failure", "notify.webhook.events.0"),
-    ({"webhook": {"url": "ftp://x"}}, "failure", "notify.webhook.url"),
+    (None, "failed", "unknown task notification event 'failed'"),
+    (None, "deadline", "unknown task notification event 'deadline'"),
+    ({"slack": {"conn_id": "x"}}, "failure", "notify.slack"),
+    ({"webhook": {"event": ["failure"]}}, "failure", "notify.webhook.event"),
+    ({"webhook": {"events": ["failed"]}}, "failure", "notify.webhook.events.0"),
+    ({"webhook": {"url": "https://x"}}, "failure", "notify.webhook: Value error, a webhook URL "
+                                                   "carries secrets: put it in an Airflow "
+                                                   "connection"),
     ({"smtp": {"events": ["failure"]}}, "failure", "notify.smtp.to"),
+    ({"webhook": {}, "deadline_minutes": 60}, "failure", "no channel lists the `deadline`"),
+    ({"webhook": {"events": ["deadline"]}, "deadline_minutes": 0}, "failure",
+     "notify.deadline_minutes"),
 ])
 def test_unknown_events_and_keys_are_refused(settings, event, named):
-    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(named)):
         build_notifiers(settings, event)
+
+
+# --- the deadline ------------------------------------------------------------------------
+
+
+def test_no_deadline_unless_configured():
+    assert deadline_alerts(None) == []
+    assert deadline_alerts({"webhook": {"events": ["failure", "deadline"]}}) == []
+
+
+def test_the_deadline_alert_counts_from_queueing_and_calls_the_webhook_notifier():
+    from airflow.sdk.definitions.deadline import DeadlineReference
+
+    [alert] = deadline_alerts({"webhook": {"conn_id": "team_hook", "events": ["deadline"]},
+                               "deadline_minutes": 90})
+    assert alert.reference == DeadlineReference.DAGRUN_QUEUED_AT
+    assert alert.interval.total_seconds() == 90 * 60
+    assert alert.callback.path == "odapi_operators.notifiers.WebhookNotifier"
+    kwargs = json.loads(json.dumps(alert.callback.kwargs))  # serialized with the DAG
+    assert kwargs["event"] == "deadline" and kwargs["http_conn_id"] == "team_hook"
+
+
+def test_odapi_retrain_carries_the_configured_deadline(tmp_path, monkeypatch, load_dag):
+    """Parsed with notify.deadline_minutes, the DAG has the alert and serializes as the DAG
+    processor stores it."""
+    import yaml
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    models = ROOT / "include" / "configs" / "models"
+    config = {"home": str(tmp_path), "exports": {"path": "exports"},
+              "train": {"model_config": str(models / "retinanet_mobile_sample.yaml"),
+                        "steps": 5, "batch_size": 2},
+              "serving": {"base": "serving", "model_name": "shapes"},
+              "notify": {"webhook": {"events": ["failure", "deadline"]}, "deadline_minutes": 5}}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("ODAPI_PIPELINE_CONFIG", str(tmp_path / "pipeline.yaml"))
+    dag = load_dag("odapi_retrain")
+    [alert] = dag.deadline
+    assert alert.interval.total_seconds() == 300
+    serialized = json.dumps(DagSerialization.to_dict(dag))
+    assert "odapi_operators.notifiers.WebhookNotifier" in serialized
+
+
+def test_a_missed_deadline_posts_through_airflows_callback_trigger(webhook):
+    """The alert's callback run the way the triggerer runs it (CallbackTrigger, with the
+    context the scheduler adds when the deadline is missed) reaches the webhook."""
+    import asyncio
+
+    from airflow.triggers.callback import CallbackTrigger
+
+    [alert] = deadline_alerts({"webhook": {"events": ["deadline"]}, "deadline_minutes": 1})
+    context = {"dag_run": {"dag_id": "odapi_retrain", "dag_run_id": "scheduled__2026-12-01",
+                           "state": "running"},
+               "deadline": {"id": "d-1", "deadline_time": "2026-12-01T04:00:00+00:00"}}
+    trigger = CallbackTrigger(alert.callback.path, {**alert.callback.kwargs, "context": context})
+
+    async def events() -> list:
+        return [event.payload async for event in trigger.run()]
+
+    states = [str(payload["state"]) for payload in asyncio.run(events())]
+    assert states[-1].endswith("success"), states
+    [body] = webhook.bodies
+    assert body["event"] == "deadline" and body["dag_id"] == "odapi_retrain"
+    assert body["run_id"] == "scheduled__2026-12-01" and body["state"] == "running"
+    assert body["message"] == ("odapi_retrain: run scheduled__2026-12-01 is still running past "
+                               "its deadline (2026-12-01T04:00:00+00:00)")
 
 
 def test_parse_time_imports_stay_light():
@@ -276,9 +407,11 @@ def test_parse_time_imports_stay_light():
         import airflow.sdk
         from airflow.sdk import DAG, BaseOperator
         before = set(sys.modules)
-        from odapi_operators.notifiers import build_notifiers
+        from odapi_operators.notifiers import build_notifiers, deadline_alerts
         build_notifiers(None, "failure")
-        build_notifiers({"webhook": {"url": "https://hooks.example.com/x"}}, "failure")
+        notify = {"webhook": {"events": ["failure", "deadline"]}, "deadline_minutes": 60}
+        build_notifiers(notify, "failure")
+        deadline_alerts(notify)
         new = set(sys.modules) - before
         print(json.dumps(sorted(m for m in new if m.split(".")[0] in ("requests", "urllib3")
                                 or m.startswith("airflow.providers"))))

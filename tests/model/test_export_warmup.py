@@ -11,7 +11,15 @@ from conftest import odapi
 pytestmark = pytest.mark.slow
 
 
-def test_export_ships_assets_and_replayable_warmup(exported_model):
+@pytest.fixture(scope="module")
+def loaded(exported_model):
+    """The session's SavedModel loaded once for this module (a load takes 12-16 s)."""
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(exported_model), tags=["serve"])
+
+
+def test_export_ships_assets_and_replayable_warmup(exported_model, loaded):
     """The session's export (image_bytes; image_tensor is exported end to end in e2e)."""
     input_type, saved_model = "image_bytes", exported_model
     summary = json.loads((exported_model.parent / "summary.json").read_text())
@@ -34,10 +42,41 @@ def test_export_ships_assets_and_replayable_warmup(exported_model):
     expected_dtype = tf.uint8 if input_type == "image_tensor" else tf.string
     assert tf.dtypes.as_dtype(request.inputs["inputs"].dtype) == expected_dtype
 
-    loaded = tf.saved_model.load(str(saved_model), tags=["serve"])
     replay = loaded.signatures["serving_default"](
         inputs=tf.constant(tf.make_ndarray(request.inputs["inputs"])))
     assert replay["detection_boxes"].shape[0] == 1 and replay["detection_boxes"].shape[-1] == 4
+
+
+def test_export_answers_the_od_api_contract_in_both_signatures(exported_model, loaded):
+    """What OD API clients read: the four outputs, float32, boxes in [0, 1], classes the label
+    map's ids; `image_bytes` next to `serving_default`, both checked at export."""
+    import numpy as np
+    import tensorflow as tf
+
+    from odapi_operators.core.data.label_map import read_label_map
+    from odapi_operators.core.model.saved_model import DETECTION_OUTPUTS, read_warmup
+
+    summary = json.loads((exported_model.parent / "summary.json").read_text())
+    assert summary["check"]["signatures"] == ["serving_default", "image_bytes"]
+    assert {"serving_default", "image_bytes"} <= set(loaded.signatures)
+    for name in ("serving_default", "image_bytes"):
+        signature = loaded.signatures[name]
+        assert {k: s.dtype for k, s in signature.structured_outputs.items()} == \
+            {key: tf.float32 for key in DETECTION_OUTPUTS}
+        [spec] = signature.structured_input_signature[1].values()
+        assert spec.name == "inputs" and spec.dtype == tf.string and spec.shape.as_list() == [None]
+
+    images = [a[0] for a in read_warmup(exported_model / "assets.extra" /
+                                        "tf_serving_warmup_requests")]
+    label_ids = set(read_label_map(exported_model / "assets.extra" / "label_map.pbtxt").values())
+    answer = {k: v.numpy() for k, v in loaded.signatures["image_bytes"](
+        inputs=tf.constant(images[:1])).items()}
+    count = int(answer["num_detections"][0])
+    assert count > 0  # the session model keeps every detection
+    boxes = answer["detection_boxes"][0, :count]
+    assert boxes.min() >= 0 and boxes.max() <= 1
+    assert np.all(boxes[:, 2] >= boxes[:, 0]) and np.all(boxes[:, 3] >= boxes[:, 1])
+    assert set(answer["detection_classes"][0, :count].tolist()) <= label_ids
 
 
 def test_export_refuses_unknown_input_type(trained_model, tmp_path):

@@ -127,6 +127,51 @@ def test_config_builds_a_detector_for_the_records(config, records, tfvision, ker
         assert all(1 <= c < params.task.model.num_classes for c in row[:count])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [CONFIG_DIR / "retinanet_mobile_sample.yaml",
+                                    CONFIG_DIR / "faster_rcnn_resnet50_fpn.yaml"],
+                         ids=lambda c: c.stem)
+def test_every_model_family_exports_the_od_api_contract(config, records, tfvision,
+                                                        keras_state):
+    """RetinaNet and Faster R-CNN through the export module, untrained, in one traced graph:
+    the answer is exactly the contract's float32 outputs, and a real image's boxes are
+    TF-Vision's own answer normalized to the image by hand (TF-Vision leaves R-CNN boxes,
+    and RetinaNet's without its export_config, in pixels of the resized input). Every
+    detection is kept (score threshold 0), so there are some. 128 px: tracing dominates."""
+    import numpy as np
+    import tensorflow as tf
+    from official.vision.serving.detection import DetectionModule
+
+    from odapi_operators.core.model.export_module import export_module
+    from odapi_operators.core.model.saved_model import DETECTION_OUTPUTS, encoded_image
+
+    params = tfvision.build_params(config, records, steps=10, batch_size=BATCH)
+    params.override({"task": {"model": {"input_size": [128, 128, 3], "detection_generator": {
+        "pre_nms_score_threshold": 0.0}}}})
+    module = export_module(params)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+    def both(images):
+        own = DetectionModule.serve(module, images)
+        return own, module.contract(dict(own))
+
+    own, answer = both.get_concrete_function().structured_outputs
+    assert {key: spec.dtype for key, spec in answer.items()} == \
+        {key: tf.float32 for key in DETECTION_OUTPUTS}
+    assert own["detection_classes"].dtype == tf.int32 and "image_info" in own
+
+    image = tf.io.decode_image(encoded_image(tfvision.val_examples(records, 1)[0]), channels=3)
+    own, answer = both(image[tf.newaxis])
+    count = int(answer["num_detections"][0])
+    assert count > 0 and count == int(own["num_detections"][0])
+    info = own["image_info"].numpy()[0]  # original size, resized size, scale, offset
+    expected = np.clip(own["detection_boxes"].numpy()[0, :count] / np.tile(info[2], 2)
+                       / np.tile(info[0], 2), 0.0, 1.0)
+    assert np.allclose(answer["detection_boxes"].numpy()[0, :count], expected, atol=1e-5)
+    assert np.array_equal(answer["detection_classes"].numpy()[0, :count],
+                          own["detection_classes"].numpy()[0, :count].astype(np.float32))
+
+
 @pytest.mark.parametrize("config", MODEL_CONFIGS, ids=lambda c: c.stem)
 def test_saved_params_rebuild_the_same_config(config, records, tfvision, tmp_path):
     """What evaluate and export read back (params.yaml, strictly) is what train used."""

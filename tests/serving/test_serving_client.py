@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from odapi_operators.core.serving.client import (
     to_json,
 )
 from odapi_operators.core.serving.models_config import ServingOptions
+
+from conftest import ROOT
 
 PROTOCOLS = ["grpc", "rest"]
 
@@ -142,6 +146,52 @@ def test_confirm_served_waits_and_predicts_with_the_warmup_request(served, proto
     assert summary["num_outputs"] >= 4 and summary["detections"] >= 0
     assert summary["latency_ms"] > 0
     assert served["standin"].predictions[-1] == ("shapes", 1)
+
+
+def _readme_calls() -> tuple[str, str]:
+    """The README's curl line and gRPC snippet ("Calling the served model")."""
+    section = (ROOT / "README.md").read_text().split("### Calling the served model")[1]
+    section = section.split("\n## ")[0]
+    curl = re.search(r"```bash\n(curl .*?)\n```", section, re.S).group(1)
+    return curl, re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_the_readmes_rest_and_grpc_calls_get_the_od_api_answer(served, tmp_path, monkeypatch):
+    """The README's own curl (base64 JPEG bytes, row format, `image_bytes` signature, label
+    `stable`) and gRPC snippet, run as written against the stand-in: both get what
+    `serving_default` answers for the same bytes, in the OD API contract."""
+    from odapi_operators.core.data.label_map import read_label_map
+    from odapi_operators.core.model.saved_model import DETECTION_OUTPUTS
+
+    image = _first_warmup_input(served["saved_model"])[0]  # an image_bytes export: encoded
+    (tmp_path / "image.jpg").write_bytes(image)
+    expected = {k: v[0] for k, v in served["clients"]["grpc"].predict(  # serving_default
+        "shapes", {"inputs": np.array([image], dtype=object)}, version=1).items()}
+    count = int(expected["num_detections"])
+    assert count > 0
+    standin, (curl, snippet) = served["standin"], _readme_calls()
+
+    done = subprocess.run(["bash", "-c", curl.replace("http://localhost:8501", standin.rest_url)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    [answer] = json.loads(done.stdout)["predictions"]
+    assert set(answer) == set(DETECTION_OUTPUTS) and answer["num_detections"] == count
+    for key in ("detection_boxes", "detection_classes", "detection_scores"):
+        np.testing.assert_allclose(np.asarray(answer[key])[:count], expected[key][:count],
+                                   atol=1e-5)
+    boxes = np.asarray(answer["detection_boxes"])[:count]
+    assert boxes.min() >= 0 and boxes.max() <= 1
+    label_ids = set(read_label_map(served["saved_model"] / "assets.extra" /
+                                   "label_map.pbtxt").values())
+    assert set(answer["detection_classes"][:count]) <= label_ids
+
+    monkeypatch.chdir(tmp_path)
+    grpc_call: dict = {}
+    exec(snippet.replace("localhost:8500", standin.grpc_address), grpc_call)
+    assert grpc_call["count"] == count
+    np.testing.assert_allclose(grpc_call["boxes"], expected["detection_boxes"][:count], atol=1e-5)
+    assert set(grpc_call["classes"].tolist()) <= label_ids
 
 
 def test_json_tensors_keep_bytes_and_numbers():

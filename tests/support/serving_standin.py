@@ -13,6 +13,9 @@ behaves like Serving where our code depends on it:
   version no longer served is END.
 - GetModelStatus ignores labels (as Serving does); Predict takes a version, a label or the
   newest AVAILABLE version and runs the requested signature of the loaded SavedModel.
+- REST predictions come in either of Serving's formats: columnar (`inputs` -> `outputs`) or
+  row (`instances` -> `predictions`, one object per instance; an instance of a signature with
+  one input is that input's value, e.g. `{"b64": ...}`).
 
 The JSON codec below is Serving's side of the REST format, written independently of the
 client's on purpose: the tests check that the two sides agree.
@@ -200,7 +203,8 @@ class ServingStandin:
         return [(v, *s.state()) for v, s in sorted(servables.items())]
 
     def predict(self, name: str, version: int | None, label: str | None, signature: str,
-                inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        """Run `signature`; `inputs` by name, or one array for a signature's only input."""
         entry, servables = self._refresh(name)
         if label:
             version = serving_config.labels(entry).get(label)
@@ -219,6 +223,11 @@ class ServingStandin:
             raise ServingFault(grpc.StatusCode.INVALID_ARGUMENT,
                                f'Serving signature name: "{signature}" not found')
         specs = function.structured_input_signature[1]
+        if not isinstance(inputs, dict):
+            if len(specs) != 1:
+                raise ServingFault(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"instances must name the inputs {sorted(specs)}")
+            inputs = {next(iter(specs)): inputs}
         try:
             tensors = {key: _tensor(inputs[key], spec.dtype) for key, spec in specs.items()}
         except KeyError as exc:
@@ -369,18 +378,31 @@ def _rest_handler(standin: ServingStandin) -> type[BaseHTTPRequestHandler]:
 
         def _predict(self, match: re.Match) -> dict:
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            inputs = {key: np.array(_from_json(value), dtype=object)
-                      if _has_bytes(value) else np.asarray(value)
-                      for key, value in request["inputs"].items()}
+            rows = request.get("instances")
+            if rows is None:
+                inputs = {key: _array(value) for key, value in request["inputs"].items()}
+            elif rows and isinstance(rows[0], dict) and set(rows[0]) != {"b64"}:
+                inputs = {key: _array([row[key] for row in rows]) for key in rows[0]}
+            else:  # the signature's only input
+                inputs = _array(rows)
             outputs = standin.predict(
                 match["name"], int(match["version"]) if match["version"] else None,
                 match["label"], request.get("signature_name", ""), inputs)
-            return {"outputs": {key: _to_json(array) for key, array in outputs.items()}}
+            if rows is None:
+                return {"outputs": {key: _to_json(array) for key, array in outputs.items()}}
+            count = len(next(iter(outputs.values())))
+            return {"predictions": [
+                {key: _to_json(np.asarray(array[index], dtype=array.dtype))
+                 for key, array in outputs.items()} for index in range(count)]}
 
         def log_message(self, *args: Any) -> None:
             pass
 
     return Handler
+
+
+def _array(value: Any) -> np.ndarray:
+    return np.array(_from_json(value), dtype=object) if _has_bytes(value) else np.asarray(value)
 
 
 def _has_bytes(value: Any) -> bool:

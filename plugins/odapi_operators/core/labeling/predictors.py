@@ -10,7 +10,7 @@ A model is named by a folder or a URL (`resolve_model`):
   `http://host:8501/v1/models/<model>[/versions/N|/labels/L]`: TF Serving answers. The pushed
   model folder (`serving_dir`, e.g. `<base>/<model>`) says which version to ask for, its
   label map and input type; without it give a label map, and the newest AVAILABLE version
-  is asked for by number.
+  is asked for by number, through its `image_bytes` signature.
 
 Either way a batch of encoded images goes in one call (`detector.image_batches`) and comes
 back as per-image normalized `Detections` (`detector.unbatch`).
@@ -130,8 +130,7 @@ def resolve_model(spec: str, serving_dir: str | None = None,
         ref = _folder_ref(os.fspath(spec))
         return replace(ref, label_map=label_map or ref.label_map)
     address, name, version, label = _parse_serving_url(spec)
-    ref = ModelRef(name=name, serving=address, version=version, label=label,
-                   input_type="image_bytes", normalized=True)  # what our exports serve
+    ref = ModelRef(name=name, serving=address, version=version, label=label)
     if serving_dir:
         local = _folder_ref(serving_dir)
         ref = replace(local, name=name, serving=address, path=None,
@@ -181,12 +180,20 @@ class ServingPredictor:
 
     def predict(self, images: list[bytes]) -> list:
         from odapi_operators.core.model.detector import image_batches, unbatch
-        from odapi_operators.core.model.saved_model import INPUT_NAME
+        from odapi_operators.core.model.saved_model import (
+            BYTES_SIGNATURE,
+            INPUT_NAME,
+            SERVING_SIGNATURE,
+        )
 
+        # Input type unknown (no pushed model folder): every export answers `image_bytes`.
+        input_type = self.ref.input_type or "image_bytes"
+        signature = SERVING_SIGNATURE if self.ref.input_type else BYTES_SIGNATURE
         results: list = [None] * len(images)
-        for indices, array in image_batches(images, self.ref.input_type or "image_bytes"):
+        for indices, array in image_batches(images, input_type):
             outputs = self.client.predict(self.ref.name, {INPUT_NAME: array},
-                                          version=self.ref.version, label=self.ref.label)
+                                          version=self.ref.version, label=self.ref.label,
+                                          signature=signature)
             for index, found in zip(indices, unbatch(outputs, self.ref.normalized)):
                 results[index] = found
         return results

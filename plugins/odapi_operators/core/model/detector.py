@@ -1,10 +1,10 @@
 """One detector interface over a training checkpoint and an exported SavedModel (TensorFlow).
 
 `load_detector(path)` accepts a model dir written by `odapi train` (its newest checkpoint,
-restored into TF-Vision's export module in memory), an export folder, a SavedModel folder or
-a TF Serving version folder. Both kinds run the same export-module graph, so they return the
-same detections for the same weights: that is what lets the gate compare a candidate
-checkpoint with the SavedModel in production on equal terms.
+restored into our export module, `export_module.py`, in memory), an export folder, a
+SavedModel folder or a TF Serving version folder. Both kinds run the same export-module graph,
+so they return the same detections for the same weights: that is what lets the gate compare a
+candidate checkpoint with the SavedModel in production on equal terms.
 
 `detect` takes a serialized tf.train.Example (what the records hold); `detect_images` takes
 encoded images in batches (pre-annotation). `image_batches` and `unbatch` build a batch's
@@ -41,7 +41,7 @@ class Detector:
     kind: str  # "checkpoint" | "saved_model"
     path: str  # the checkpoint or SavedModel folder actually loaded
     input_type: str  # what `detect` is fed: image_tensor | image_bytes | tf_example
-    normalized: bool | None  # boxes normalized to the original image (None: unknown)
+    normalized: bool | None  # pre-contract SavedModels only: boxes normalized (None: unknown)
     run: Callable  # batch-of-one inputs tensor -> output dict
 
     def detect(self, example: bytes) -> Detections:
@@ -103,14 +103,17 @@ def _example(data: bytes) -> bytes:
 
 
 def unbatch(outputs: dict, normalized: bool | None) -> list[Detections]:
-    """Per-image detections from a detection signature's batched outputs (local or Serving)."""
+    """Per-image detections from a detection signature's batched outputs (local or Serving).
+
+    Answers in the contract (saved_model.py) are used as they are; `normalized` is read only
+    for a SavedModel exported before it, recognized by its `image_info` output."""
     counts = np.asarray(outputs["num_detections"]).reshape(-1).astype(int)
     boxes, scores = np.asarray(outputs["detection_boxes"]), np.asarray(outputs["detection_scores"])
     classes = np.asarray(outputs["detection_classes"])
     found = []
     for index, count in enumerate(counts):
         image_boxes = boxes[index][:count].astype(np.float64)
-        if not normalized:
+        if "image_info" in outputs and not normalized:
             image_boxes = _normalize(image_boxes, np.asarray(outputs["image_info"])[index])
         found.append(Detections(boxes=np.clip(image_boxes, 0.0, 1.0),
                                 scores=scores[index][:count],
@@ -138,13 +141,12 @@ def saved_model_dir(path: str | Path) -> Path | None:
 
 def _load_checkpoint(model_dir: str | Path) -> Detector:
     import tensorflow as tf
-    from official.vision.serving import detection
+
+    from odapi_operators.core.model.export_module import export_module
 
     params = tfvision.load_params(model_dir)
     checkpoint = tfvision.latest_checkpoint(model_dir)
-    module = detection.DetectionModule(params=params, batch_size=None,
-                                       input_image_size=list(params.task.model.input_size[:2]),
-                                       input_type="image_tensor", num_channels=3)
+    module = export_module(params)
     tf.train.Checkpoint(model=module.model).read(checkpoint).expect_partial()
 
     # One graph for every image size, as the export traces it: called as a tf.function, each
@@ -156,14 +158,16 @@ def _load_checkpoint(model_dir: str | Path) -> Detector:
         return function(tensor)
 
     run.module = module  # keep the module (and its variables) alive: the function holds it weakly
-    export_config = getattr(params.task, "export_config", None)  # Faster R-CNN has none
-    return Detector("checkpoint", checkpoint, "image_tensor",
-                    bool(export_config and export_config.output_normalized_coordinates), run)
+    return Detector("checkpoint", checkpoint, "image_tensor", True, run)
 
 
 def saved_model_info(saved_model: str | Path) -> tuple[str | None, bool | None]:
     """(input type, normalized outputs) from our assets.extra files, when present (a local
-    folder or, given as a string, a gs:// one)."""
+    folder or, given as a string, a gs:// one).
+
+    `normalized` only matters for a SavedModel exported before the OD API contract (one that
+    still answers `image_info`): its boxes were normalized only if its RetinaNet
+    `export_config` said so."""
     from odapi_operators.core.model.saved_model import EXPORT_INFO, PARAMS_FILE, extra_file
 
     info, params_file = extra_file(saved_model, EXPORT_INFO), extra_file(saved_model, PARAMS_FILE)

@@ -1,11 +1,15 @@
 """Export stage (TensorFlow; child process): checkpoint -> SavedModel, checked before it counts.
 
-TF-Vision's `export_inference_graph` writes into a temporary folder. `saved_model/assets.extra/`
+TF-Vision's `export_inference_graph` writes into a temporary folder, through our export module
+(`export_module.py`): every model config answers in the OD API contract of `saved_model.py`,
+with `serving_default` and the `image_bytes` signature. `saved_model/assets.extra/`
 gets the label map, the run's config/metrics/decision files, and `tf_serving_warmup_requests`
 (PredictionLogs built with tensorflow-serving-api from real validation images, which Serving
 replays on load). The SavedModel is then loaded with the `serve` tag, every warmup request is
 replayed through `serving_default`, and its detections must match the checkpoint's (the same
-export module, weights restored in memory) before the folder is renamed into place.
+export module, weights restored in memory); every signature must answer exactly the contract's
+outputs, and `image_bytes` the same detections for the first image's encoded bytes. Only then
+is the folder renamed into place.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.model import tfvision
 from odapi_operators.core.model.saved_model import (
     ASSETS_EXTRA,
+    BYTES_SIGNATURE,
+    DETECTION_OUTPUTS,
     EXPORT_INFO,
     INFERENCE_FUNCTIONS,
     INPUT_NAME,
     INPUT_TYPES,
     LABEL_MAP_FILE,
     PARAMS_FILE,
+    SERVING_SIGNATURE,
     WARMUP_FILE,
     read_warmup,
     request_input,
@@ -60,30 +67,57 @@ def _serving_signatures_only() -> Iterator[None]:
         yield
 
 
-def check_export(saved_model_dir: Path, module, input_type: str) -> dict:
-    """Replay the warmup requests through the loaded SavedModel and the in-memory module."""
+def _difference(served: dict, expected: dict, what: str) -> float:
+    """Largest difference between two answers' detections; ValueError if their counts differ."""
+    served, expected = _top(served), _top(expected)
+    if served["detection_scores"].shape != expected["detection_scores"].shape:
+        raise ValueError(f"{what} returns {len(served['detection_scores'])} detections, the "
+                         f"checkpoint {len(expected['detection_scores'])}")
+    return max([float(np.abs(served[key] - expected[key]).max())
+                for key in served if served[key].size], default=0.0)
+
+
+def _check_contract(saved_model_dir: Path, loaded) -> None:
+    """Every signature answers exactly DETECTION_OUTPUTS, all float32 (saved_model.py)."""
+    import tensorflow as tf
+
+    for name in (SERVING_SIGNATURE, BYTES_SIGNATURE):
+        if name not in loaded.signatures:
+            raise ValueError(f"{saved_model_dir}: no {name!r} signature "
+                             f"(has {sorted(loaded.signatures)})")
+        outputs = loaded.signatures[name].structured_outputs
+        wrong = {key: spec.dtype.name for key, spec in outputs.items()
+                 if key not in DETECTION_OUTPUTS or spec.dtype != tf.float32}
+        if wrong or len(outputs) != len(DETECTION_OUTPUTS):
+            raise ValueError(f"{saved_model_dir}: signature {name!r} answers "
+                             f"{ {k: s.dtype.name for k, s in outputs.items()} }, expected "
+                             f"float32 {', '.join(DETECTION_OUTPUTS)}")
+
+
+def check_export(saved_model_dir: Path, module, input_type: str, first_image: bytes) -> dict:
+    """Replay the warmup requests through the loaded SavedModel and the in-memory module;
+    `first_image` (the first warmup request's encoded image) through `image_bytes`."""
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(saved_model_dir), tags=["serve"])
-    signature = loaded.signatures["serving_default"]
+    _check_contract(saved_model_dir, loaded)
+    signature = loaded.signatures[SERVING_SIGNATURE]
     reference = getattr(module, INFERENCE_FUNCTIONS[input_type])
     worst, detections = 0.0, 0
     arrays = read_warmup(saved_model_dir / ASSETS_EXTRA / WARMUP_FILE)
     for array in arrays:
         tensor = tf.constant(array, dtype=tf.string if array.dtype == object else tf.uint8)
-        served, expected = _top(signature(**{INPUT_NAME: tensor})), _top(reference(tensor))
-        if served["detection_scores"].shape != expected["detection_scores"].shape:
-            raise ValueError(f"{saved_model_dir}: SavedModel returns "
-                             f"{len(served['detection_scores'])} detections, the checkpoint "
-                             f"{len(expected['detection_scores'])}")
-        for key in served:
-            if served[key].size:
-                worst = max(worst, float(np.abs(served[key] - expected[key]).max()))
-        detections += len(served["detection_scores"])
+        served, expected = signature(**{INPUT_NAME: tensor}), reference(tensor)
+        worst = max(worst, _difference(served, expected, f"{saved_model_dir}: SavedModel"))
+        detections += int(_top(served)["detection_scores"].size)
+    as_bytes = loaded.signatures[BYTES_SIGNATURE](**{INPUT_NAME: tf.constant([first_image])})
+    worst = max(worst, _difference(as_bytes, reference(tf.constant(arrays[0])),
+                                   f"{saved_model_dir}: signature {BYTES_SIGNATURE!r}"))
     if worst > MATCH_TOLERANCE:
         raise ValueError(f"{saved_model_dir}: SavedModel detections differ from the checkpoint's "
                          f"by {worst:.2e} (> {MATCH_TOLERANCE})")
-    return {"warmup_requests": len(arrays), "detections": detections, "max_difference": worst}
+    return {"warmup_requests": len(arrays), "detections": detections, "max_difference": worst,
+            "signatures": [SERVING_SIGNATURE, BYTES_SIGNATURE]}
 
 
 def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
@@ -95,14 +129,15 @@ def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
     """
     if input_type not in INPUT_TYPES:
         raise ValueError(f"input_type {input_type!r} not one of {INPUT_TYPES}")
-    tfvision.setup_tensorflow()
-    from official.vision.serving import detection, export_saved_model_lib
+    from official.vision.serving import export_saved_model_lib
+
+    from odapi_operators.core.model.export_module import export_module
+    from odapi_operators.core.model.saved_model import encoded_image
 
     params = tfvision.load_params(model_dir)
     checkpoint = tfvision.latest_checkpoint(model_dir)
     size = list(params.task.model.input_size[:2])
-    module = detection.DetectionModule(params=params, batch_size=None, input_image_size=size,
-                                       input_type=input_type, num_channels=3)
+    module = export_module(params, input_type)
     examples = tfvision.val_examples(data_dir, warmup_images)
     label_map = tfvision.read_data_summary(data_dir)["label_map"]
     with storage.atomic_directory(out_dir) as tmp:
@@ -121,7 +156,8 @@ def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
                                                             "model_name": model_name}))
         write_warmup(extra / WARMUP_FILE, model_name,
                      [request_input(e, input_type) for e in examples])
-        check = check_export(tmp / "saved_model", module, input_type)
+        check = check_export(tmp / "saved_model", module, input_type,
+                             encoded_image(examples[0]))
         summary = {"saved_model": str(Path(out_dir) / "saved_model"), "checkpoint": checkpoint,
                    "input_type": input_type, "check": check}
         storage.write_text(tmp / SUMMARY, json.dumps(summary, indent=2))

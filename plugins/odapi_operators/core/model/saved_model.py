@@ -6,6 +6,18 @@
     saved_model/assets.extra/odapi_export.json          input type and model name
     saved_model/assets.extra/tf_serving_warmup_requests PredictionLogs Serving replays on load
 
+Every model config answers the same way, as TF Object Detection API exports do (so OD API
+client code reads it unchanged), in `serving_default` and in `image_bytes`:
+
+    detection_boxes   float32 [batch, N, 4]  [ymin, xmin, ymax, xmax] in [0, 1] of the image
+    detection_classes float32 [batch, N]     label_map.pbtxt ids (1-based)
+    detection_scores  float32 [batch, N]     best first
+    num_detections    float32 [batch]        how many of the N rows are detections
+
+`serving_default` takes what the export's input type says (`inputs`: uint8 images, encoded
+images or serialized tf.Examples); `image_bytes` always takes encoded images (`inputs`: a
+string batch), what REST clients send as `{"instances": [{"b64": "<JPEG>"}]}`.
+
 The exporter writes these; the detector, the predictors, the Serving client and the serving
 directory read them. Every name is spelled here only.
 """
@@ -43,6 +55,19 @@ EXPORT_INFO = "odapi_export.json"  # assets.extra/: the input type, read back by
 
 INPUT_NAME = "inputs"
 
+SERVING_SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "image_bytes"
+DETECTION_OUTPUTS = ("detection_boxes", "detection_classes", "detection_scores",
+                     "num_detections")
+
+
+def encoded_image(example: bytes) -> bytes:
+    """The encoded image (`image/encoded`) of a serialized tf.train.Example."""
+    import tensorflow as tf
+
+    return tf.train.Example.FromString(example).features.feature[
+        "image/encoded"].bytes_list.value[0]
+
 
 def request_input(example: bytes, input_type: str) -> np.ndarray:
     """The `inputs` tensor a client sends for one image, per input type (batch of one)."""
@@ -50,8 +75,7 @@ def request_input(example: bytes, input_type: str) -> np.ndarray:
 
     if input_type == "tf_example":
         return np.array([example], dtype=object)
-    encoded = tf.train.Example.FromString(example).features.feature[
-        "image/encoded"].bytes_list.value[0]
+    encoded = encoded_image(example)
     if input_type == "image_bytes":
         return np.array([encoded], dtype=object)
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False).numpy()
@@ -66,7 +90,7 @@ def write_warmup(path: Path, model_name: str, inputs: list[np.ndarray]) -> int:
     with tf.io.TFRecordWriter(str(path)) as writer:
         for array in inputs[:1000]:
             request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(
-                name=model_name, signature_name="serving_default"))
+                name=model_name, signature_name=SERVING_SIGNATURE))
             request.inputs[INPUT_NAME].CopyFrom(tf.make_tensor_proto(array))
             log = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request))

@@ -25,7 +25,13 @@ import numpy as np
 import requests
 
 from odapi_operators.core import storage
-from odapi_operators.core.model.saved_model import INPUT_NAME, WARMUP_FILE, read_warmup
+from odapi_operators.core.model.saved_model import (
+    DETECTION_OUTPUTS,
+    INPUT_NAME,
+    SERVING_SIGNATURE,
+    WARMUP_FILE,
+    read_warmup,
+)
 from odapi_operators.core.progress import Log
 from odapi_operators.core.serving import models_config as serving_config
 from odapi_operators.core.serving.models_config import ServingOptions
@@ -35,8 +41,6 @@ if TYPE_CHECKING:
     from tensorflow_serving.config.model_server_config_pb2 import ModelServerConfig
 
 AVAILABLE, END = "AVAILABLE", "END"
-DETECTION_OUTPUTS = ("detection_boxes", "detection_scores", "detection_classes",
-                     "num_detections")
 _GRPC_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
@@ -295,7 +299,7 @@ class ServingClient:
         self._transport.reload_config(config)
 
     def predict(self, name: str, inputs: dict[str, np.ndarray], version: int | None = None,
-                label: str | None = None, signature: str = "serving_default"
+                label: str | None = None, signature: str = SERVING_SIGNATURE
                 ) -> dict[str, np.ndarray]:
         """Run `signature` of the model (a version, a label, or the newest) on `inputs`."""
         return self._transport.predict(name, inputs, version, label, signature)
