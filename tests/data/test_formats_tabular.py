@@ -699,10 +699,11 @@ def test_openimages_image_without_url_or_file_is_rejected(sample, tmp_path):
     for key in keys[1:]:
         assert records[key].source == ImageSource("local", str(export.resolve() / f"{key}.jpg"))
         assert records[key].md5 is None
+    # an unsorted boxes CSV is read in ImageID order: "../../outside" before "feedface..."
     assert reasons(ctx.log) == [
+        f"path outside the allowed root: '../../outside.jpg' is not inside {export.resolve()}",
         "missing image: no URL or file for ImageID feedfacecafe0001 (no index row, no "
-        f"{export.resolve() / 'feedfacecafe0001.jpg'})",
-        f"path outside the allowed root: '../../outside.jpg' is not inside {export.resolve()}"]
+        f"{export.resolve() / 'feedfacecafe0001.jpg'})"]
 
 
 def test_openimages_url_sources_through_ingest(sample, tmp_path):
@@ -766,12 +767,13 @@ def test_openimages_unknown_mid_is_reported(sample, tmp_path):
     ctx = context(tmp_path / "oi", export)
     records = list(openimages.parse([files["descriptions"], files["boxes"]], ctx))
     assert [r.key for r in records] == keys
+    # the last row makes the file unsorted: its images and reports come in ImageID order
     assert [(r.record, r.reason) for r in ctx.log.items] == [
-        (f"line 2: ImageID {keys[0]}", "unknown MID: 1 boxes with MID /m/0n0tthere not in "
-                                       "the class descriptions"),
         (f"line {len(rows) + 1}: ImageID 0000000000abcdef",
          "unknown MID: image dropped, 1 boxes with MID /m/0n0tthere not in the class "
-         "descriptions")]
+         "descriptions"),
+        (f"line 2: ImageID {keys[0]}", "unknown MID: 1 boxes with MID /m/0n0tthere not in "
+                                       "the class descriptions")]
 
 
 def test_openimages_malformed_rows_bom_and_quotes(sample, tmp_path):
