@@ -124,7 +124,7 @@ def test_spilled_runs_give_the_in_memory_version_byte_for_byte(tmp_path, monkeyp
     in_memory = ingest_runs(tmp_path, tmp_path / "memory", runs)
     assert _CountedRun.created == 0  # small input: nothing touched the disk
 
-    monkeypatch.setattr(external_sort, "MAX_WEIGHT", 3)
+    monkeypatch.setattr(external_sort, "MAX_BYTES", 1000)
     monkeypatch.setattr(ingest_module.Fingerprint, "SPOOL_BYTES", 100)
     on_disk = ingest_runs(tmp_path, tmp_path / "disk", runs)
     assert _CountedRun.created > 20  # rows, index, records, deltas and diff keys spilled
@@ -139,10 +139,10 @@ def test_spilled_runs_give_the_in_memory_version_byte_for_byte(tmp_path, monkeyp
 def test_external_sorter_is_stable_across_runs_and_rereadable():
     rng = random.Random(0)
     items = [(rng.randrange(50), i) for i in range(5000)]
-    sorter = ExternalSorter(key=lambda item: item[0], max_weight=97).extend(items)
+    sorter = ExternalSorter(key=lambda item: item[0], max_bytes=97 * 64).extend(items)
     assert sorter.on_disk and len(sorter) == 5000
     assert list(sorter) == sorted(items, key=lambda item: item[0]) == list(sorter)
-    spool = Spool(max_weight=10)
+    spool = Spool(max_bytes=10 * 64)
     for item in items:
         spool.append(item)
     first, second = iter(spool), iter(spool)
@@ -152,9 +152,9 @@ def test_external_sorter_is_stable_across_runs_and_rereadable():
     spool.close()
 
 
-@pytest.mark.parametrize("max_weight", [2, 10_000])
-def test_diff_json_is_json_dumps_bytes(tmp_path, monkeypatch, max_weight):
-    monkeypatch.setattr(external_sort, "MAX_WEIGHT", max_weight)
+@pytest.mark.parametrize("max_bytes", [100, 10_000])
+def test_diff_json_is_json_dumps_bytes(tmp_path, monkeypatch, max_bytes):
+    monkeypatch.setattr(external_sort, "MAX_BYTES", max_bytes)
 
     def record(key: str, label: str) -> ImageRecord:
         return ImageRecord(key, ImageSource("url", f"http://x/{key}.jpg"), key, None, None,

@@ -1,12 +1,12 @@
 """Sorting and keeping more items than fit in memory: sorted runs on disk, merged with heapq.
 
-`ExternalSorter` holds items in memory until their weight (e.g. 1 + boxes for a record)
-reaches `max_weight`, then sorts them and spills them as one run to an anonymous temporary
-file; iterating merges the runs (`heapq.merge`, stable: equal keys come out in the order they
-were added). `Spool` keeps items in the order given, in memory up to `max_weight`, then in one
-such file. Input that never reaches `max_weight` never touches the disk, so small inputs cost
-what a `sorted()` list costs. Peak memory is about `max_weight` worth of items per sorter or
-spool being filled, whatever the total.
+`ExternalSorter` holds items in memory until their estimated size (`weight`, in bytes: e.g.
+300 a record plus 250 a box) reaches `max_bytes`, then sorts them and spills them as one run
+to an anonymous temporary file; iterating merges the runs (`heapq.merge`, stable: equal keys
+come out in the order they were added). `Spool` keeps items in the order given, in memory up
+to `max_bytes`, then in one such file. Input that never reaches `max_bytes` never touches the
+disk, so small inputs cost what a `sorted()` list costs. Peak memory is about `max_bytes` per
+sorter or spool being filled, whatever the total.
 
 Items go to disk through `encode` (to something `pickle` writes fast: tuples of plain
 values) and come back through `decode`. Run files are unlinked when created (`TemporaryFile`):
@@ -19,20 +19,17 @@ import heapq
 import io
 import os
 import pickle
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
-# Weight held in memory before a run is spilled (boxes of records, rows of a CSV): about
-# 40-80 MB of Python objects. Tests lower it to exercise the on-disk path.
-MAX_WEIGHT = 250_000
+# Estimated bytes of Python objects held before a run is spilled; tests lower it to exercise
+# the on-disk path.
+MAX_BYTES = 48 << 20
 BLOCK = 1024  # items pickled together: one pickle call per block, not per item
-
-
-def _one(_: Any) -> int:
-    return 1
 
 
 def _same(item: Any) -> Any:
@@ -94,12 +91,13 @@ class _Run:
 
 
 class Spool(Generic[T]):
-    """Items in the order appended, re-iterable; in memory up to `max_weight`, else on disk."""
+    """Items in the order appended, re-iterable; in memory up to `max_bytes`, else on disk."""
 
     def __init__(self, encode: Callable[[T], Any] = _same, decode: Callable[[Any], T] = _same,
-                 weight: Callable[[T], int] = _one, max_weight: int | None = None):
+                 weight: Callable[[T], int] = sys.getsizeof,
+                 max_bytes: int | None = None):
         self.encode, self.decode, self.weight = encode, decode, weight
-        self.max_weight = MAX_WEIGHT if max_weight is None else max_weight
+        self.max_bytes = MAX_BYTES if max_bytes is None else max_bytes
         self.items: list[T] = []
         self.held = 0
         self.count = 0
@@ -112,7 +110,7 @@ class Spool(Generic[T]):
             return
         self.items.append(item)
         self.held += self.weight(item)
-        if self.held > self.max_weight:
+        if self.held > self.max_bytes:
             self.run = _Run(self.encode)
             for held in self.items:
                 self.run.append(held)
@@ -138,10 +136,10 @@ class ExternalSorter(Generic[T]):
     """Items sorted by `key` (stable), however many: see the module docstring."""
 
     def __init__(self, key: Callable[[T], Any], encode: Callable[[T], Any] = _same,
-                 decode: Callable[[Any], T] = _same, weight: Callable[[T], int] = _one,
-                 max_weight: int | None = None):
+                 decode: Callable[[Any], T] = _same, weight: Callable[[T], int] = sys.getsizeof,
+                 max_bytes: int | None = None):
         self.key, self.encode, self.decode, self.weight = key, encode, decode, weight
-        self.max_weight = MAX_WEIGHT if max_weight is None else max_weight
+        self.max_bytes = MAX_BYTES if max_bytes is None else max_bytes
         self.buffer: list[T] = []
         self.held = 0
         self.count = 0
@@ -151,7 +149,7 @@ class ExternalSorter(Generic[T]):
         self.buffer.append(item)
         self.count += 1
         self.held += self.weight(item)
-        if self.held >= self.max_weight:
+        if self.held >= self.max_bytes:
             self.spill()
 
     def extend(self, items: Iterable[T]) -> ExternalSorter[T]:

