@@ -948,7 +948,7 @@ def test_openimages_streams_a_large_boxes_csv(tmp_path, capsys):
         assert (m["images"], m["boxes"], m["rejected"]) == (images, images * per_image, 0)
     # Sorted (Open Images' own order): one image in memory at a time.
     assert streamed["rss_growth"] < size / 10 and streamed["traced_peak"] < size / 20
-    # Unsorted: sorted by ImageID in runs of at most external_sort.MAX_BYTES (48 MB) of rows,
+    # Unsorted: sorted by ImageID in runs of at most external_sort.MAX_BYTES (128 MB) of rows,
     # spilled to disk and merged: bounded whatever the file size (bench/ingest_openimages.py
     # measures 15M boxes).
     assert grouped["rss_growth"] < 2 * external_sort.MAX_BYTES

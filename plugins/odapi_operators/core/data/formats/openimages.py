@@ -298,6 +298,7 @@ class _Parser:
         id_col, label_col = columns["ImageID"], columns["LabelName"]
         group_col = columns.get("IsGroupOf")
         coord_cols = [(c, columns[c]) for c in ("XMin", "XMax", "YMin", "YMax")]
+        x0, x1, y0, y1 = (i for _, i in coord_cols)
         lines = read_csv_lines(path)
         next(lines, None)  # header
         for number, fields, error in lines:
@@ -317,7 +318,8 @@ class _Parser:
                 report(file, f"line {number}", "missing value: no LabelName")
                 continue
             try:
-                coords = tuple(float(fields[i]) for _, i in coord_cols)
+                coords = (float(fields[x0]), float(fields[x1]), float(fields[y0]),
+                          float(fields[y1]))
             except ValueError:
                 bad = next((name, fields[i]) for name, i in coord_cols
                            if not parses_as_float(fields[i]))
