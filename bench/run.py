@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 ON_DEMAND = {"active_learning.py": "three trainings: ~15-20 min on 2 quiet cores",
-             "export.py": "a training and four exports: ~10 min on 2 quiet cores"}
+             "export.py": "a training and four exports: ~10 min on 2 quiet cores",
+             "ingest_openimages.py": "15M boxes (~2.5 GB generated once, cached under /tmp): "
+                                     "see its docstring; --boxes 2000000 for a shorter run"}
 
 for script in sorted(Path(__file__).parent.glob("*.py")):
     if script.name in ON_DEMAND:

@@ -388,14 +388,6 @@ class Fingerprint:
         return digest.hexdigest()[:16]
 
 
-def fingerprint(records: Iterable[ImageRecord], label_map: dict[str, int] | None = None) -> str:
-    """Content fingerprint of a dataset version (`Fingerprint`)."""
-    taken = Fingerprint()
-    for record in records:
-        taken.add(record)
-    return taken.hexdigest(label_map)
-
-
 @dataclass
 class _Base:
     """What a run's version builds on: the parent (the current version, or for a re-run the
