@@ -12,7 +12,10 @@ from pathlib import Path
 
 ON_DEMAND = {"active_learning.py": "three trainings: ~15-20 min on 2 quiet cores",
              "export.py": "a training and four exports: ~10 min on 2 quiet cores",
-             "freshness.py": "an embedded Airflow, two trainings and exports: ~15-25 min"}
+             "freshness.py": "an embedded Airflow, two trainings and exports: ~15-25 min",
+             "continuous.py": "about twelve trainings: ~40-60 min on 2 busy cores",
+             "ingest_openimages.py": "15M boxes (~2.5 GB generated once, cached under /tmp): "
+                                     "see its docstring; --boxes 2000000 for a shorter run"}
 
 for script in sorted(Path(__file__).parent.glob("*.py")):
     if script.name in ON_DEMAND:

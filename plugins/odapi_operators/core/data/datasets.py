@@ -22,7 +22,7 @@ from pathlib import Path
 from odapi_operators.core import storage
 from odapi_operators.core.append_log import AppendLog
 from odapi_operators.core.data.label_map import read_label_map
-from odapi_operators.core.data.manifest import ImageRecord, read_manifest
+from odapi_operators.core.data.manifest import Manifest
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.rejections import StageError
 from odapi_operators.core.storage import StorageError
@@ -109,8 +109,14 @@ def version_dir(datasets_dir: str | Path, fingerprint: str) -> Path:
     raise StageError(f"{root}: {fingerprint!r} {reason} (newest: {known})")
 
 
-def version_records(datasets_dir: str | Path, fingerprint: str) -> list[ImageRecord]:
-    return list(read_manifest(version_dir(datasets_dir, fingerprint) / "manifest.jsonl"))
+def version_manifest(datasets_dir: str | Path, fingerprint: str) -> Path:
+    """The manifest of version `fingerprint`: its records in image-key order."""
+    return version_dir(datasets_dir, fingerprint) / "manifest.jsonl"
+
+
+def version_records(datasets_dir: str | Path, fingerprint: str) -> Manifest:
+    """The records of version `fingerprint`, streamed from its manifest each time."""
+    return Manifest(version_manifest(datasets_dir, fingerprint))
 
 
 def version_label_map(datasets_dir: str | Path, fingerprint: str) -> dict[str, int]:

@@ -9,6 +9,11 @@ reported and skipped; an export with nothing usable, or one that cannot apply to
 fails the stage. Class
 names that differ only in case are warned about in the summary: they are two classes unless
 `exports.class_aliases` makes them one.
+
+Memory stays bounded whatever the number of boxes: each export's records are sorted by image
+key on disk once they outgrow memory (`external_sort`), the parent version is read from its
+manifest as a stream (manifests are in key order), and the version, its diff and fingerprint
+are written while the streams are joined key by key (`versions.apply_exports`).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from odapi_operators.core import storage
@@ -31,7 +38,15 @@ from odapi_operators.core.data.label_map import (
     format_label_map,
     read_label_map,
 )
-from odapi_operators.core.data.manifest import Box, ImageRecord, write_manifest
+from odapi_operators.core.data.manifest import (
+    Box,
+    ImageRecord,
+    Manifest,
+    record_spool,
+    records_by_key,
+    write_manifest,
+)
+from odapi_operators.core.external_sort import ExternalSorter
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.rejections import RecordError, RejectionLog, StageError
@@ -147,17 +162,28 @@ def _export_root(items: list[str]) -> Path:
 @dataclass
 class _Parsed:
     """One export as parsed: its items (a folder, or the files given one by one), the
-    records its files gave and its deleted file, if it has one."""
+    records its files gave (aliased, their images there, sorted by key) and its deleted
+    file, if it has one."""
 
     items: list[str]
     root: Path
-    records: list[ImageRecord]
+    records: ExternalSorter[ImageRecord]
     deleted_file: str | None
+
+
+def _image_missing(record: ImageRecord, log: RejectionLog) -> bool:
+    """True, with a rejection, for a record of a local image that is not there."""
+    if record.source.kind == "local" and not os.path.isfile(record.source.uri):
+        log.add(RecordError(record.provenance.get("file", "?"), record.source_id,
+                            f"missing image: {record.source.uri}").rejection)
+        return True
+    return False
 
 
 def _parse_exports(inputs: list[str], fmt: str, images_root: str | None, log: RejectionLog,
                    inline_dir: Path, options: dict, notes: Counter[str],
-                   deleted_file: str | None = None
+                   deleted_file: str | None = None, class_aliases: dict[str, str] | None = None,
+                   aliased: Counter[str] | None = None
                    ) -> tuple[list[_Parsed], list[str], dict[str, str]]:
     parsed: list[_Parsed] = []
     ignored: list[str] = []
@@ -179,9 +205,13 @@ def _parse_exports(inputs: list[str], fmt: str, images_root: str | None, log: Re
                                    images_root=Path(images_root) if images_root else None,
                                    log=log, inline_dir=inline_dir, options=options,
                                    notes=notes)
-        records: list[ImageRecord] = []
+        records = records_by_key()
         for name, paths in sorted(files.claimed.items()):
-            records.extend(formats.load(name).parse(sorted(paths), ctx))
+            for record in formats.load(name).parse(sorted(paths), ctx):
+                record = alias_record(record, class_aliases, aliased)
+                if not _image_missing(record, log):
+                    records.add(record)
+        records.settle()
         parsed.append(_Parsed(items, root, records, files.deleted))
     return parsed, ignored, skipped
 
@@ -198,43 +228,43 @@ def _landing(export: _Parsed, marker: str | None) -> Export:
 UNKNOWN_CLASS_POLICIES = ("add", "skip", "reject")
 
 
-def _merge(records, log: RejectionLog) -> list[ImageRecord]:
-    """One record per image key within one export: a second record of a key is rejected
-    (labels conflict within an export; across exports the later export wins instead)."""
-    merged: dict[str, ImageRecord] = {}
+def _merge(records: Iterable[ImageRecord], log: RejectionLog) -> Iterator[ImageRecord]:
+    """One record per image key within one export, from records sorted by key (stable: the
+    first given first): a second record of a key is rejected (labels conflict within an
+    export; across exports the later export wins instead)."""
+    first: ImageRecord | None = None
     for record in records:
-        if record.source.kind == "local" and not os.path.isfile(record.source.uri):
-            log.add(RecordError(record.provenance.get("file", "?"), record.source_id,
-                                f"missing image: {record.source.uri}").rejection)
-            continue
-        first = merged.get(record.key)
-        if first is None:
-            merged[record.key] = record
+        if first is None or record.key != first.key:
+            first = record
+            yield record
             continue
         same = first.boxes == record.boxes
         reason = "duplicate record" if same else "conflicting duplicate"
         log.add(RecordError(record.provenance.get("file", "?"), record.source_id,
                             f"{reason}: image key {record.key} already given by "
                             f"{first.provenance.get('file')}").rejection)
-    return [merged[key] for key in sorted(merged)]
 
 
-def apply_class_policy(records: list[ImageRecord], known: dict[str, int] | None, policy: str,
-                       log: RejectionLog) -> list[ImageRecord]:
+def check_class_policy(policy: str) -> None:
+    if policy not in UNKNOWN_CLASS_POLICIES:
+        raise StageError(f"{setting('exports.unknown_classes')} must be one of "
+                         f"{', '.join(UNKNOWN_CLASS_POLICIES)}, got {policy!r}")
+
+
+def apply_class_policy(records: Iterable[ImageRecord], known: dict[str, int] | None,
+                       policy: str, log: RejectionLog) -> Iterator[ImageRecord]:
     """Handle classes missing from `known`: add them, skip their boxes, or reject the image.
 
     Skipping a box leaves an unlabeled object in the image, so it is reported per image.
     """
-    if policy not in UNKNOWN_CLASS_POLICIES:
-        raise StageError(f"{setting('exports.unknown_classes')} must be one of "
-                         f"{', '.join(UNKNOWN_CLASS_POLICIES)}, got {policy!r}")
+    check_class_policy(policy)
     if known is None or policy == "add":
-        return records
-    kept = []
+        yield from records
+        return
     for record in records:
         unknown = sorted({b.label for b in record.boxes if b.label not in known})
         if not unknown:
-            kept.append(record)
+            yield record
             continue
         file = record.provenance.get("file", "?")
         if policy == "reject":
@@ -245,8 +275,7 @@ def apply_class_policy(records: list[ImageRecord], known: dict[str, int] | None,
         log.add(RecordError(file, record.source_id, f"unknown class skipped: "
                             f"{len(record.boxes) - len(boxes)} boxes of "
                             f"{', '.join(unknown)}").rejection)
-        kept.append(replace(record, boxes=boxes))
-    return kept
+        yield replace(record, boxes=boxes)
 
 
 def check_aliases(aliases: dict[str, str]) -> None:
@@ -259,25 +288,22 @@ def check_aliases(aliases: dict[str, str]) -> None:
                          "class", Failure.CONFIG)
 
 
-def apply_aliases(records: list[ImageRecord], aliases: dict[str, str] | None
-                  ) -> tuple[list[ImageRecord], dict[str, int]]:
-    """Rename aliased classes in every box; return the records and the boxes renamed per
-    alias, so the summary shows what the aliases did."""
-    if not aliases:
-        return records, {}
-    renamed: Counter[str] = Counter()
+def alias_record(record: ImageRecord, aliases: dict[str, str] | None,
+                 renamed: Counter[str] | None) -> ImageRecord:
+    """`record` with aliased classes renamed in every box, counting the boxes renamed per
+    alias in `renamed`, so the summary shows what the aliases did."""
+    if not aliases or not any(b.label in aliases for b in record.boxes):
+        return record
 
     def alias(box: Box) -> Box:
         target = aliases.get(box.label, box.label)
         if target == box.label:
             return box
-        renamed[f"{box.label} -> {target}"] += 1
+        if renamed is not None:
+            renamed[f"{box.label} -> {target}"] += 1
         return replace(box, label=target)
 
-    out = [record if not any(b.label in aliases for b in record.boxes)
-           else replace(record, boxes=tuple(alias(b) for b in record.boxes))
-           for record in records]
-    return out, dict(sorted(renamed.items()))
+    return replace(record, boxes=tuple(alias(b) for b in record.boxes))
 
 
 def _uses(name: str, classes: Counter[str], known: dict[str, int]) -> str:
@@ -336,24 +362,39 @@ def check_rejection_budget(budget: dict, report: str) -> None:
                          f"see {report}")
 
 
-def fingerprint(records: list[ImageRecord], label_map: dict[str, int] | None = None) -> str:
-    """Content fingerprint of a dataset version: same records in, same fingerprint out."""
-    digest = hashlib.sha256(json.dumps(sorted((label_map or {}).items())).encode())
-    for record in records:
+class Fingerprint:
+    """Content fingerprint of a dataset version, taken while its records stream by: same
+    records in, same fingerprint out. It starts with the label map, which is known only
+    once every record is seen, so the records' part is spooled (to disk when large) until
+    `hexdigest`."""
+
+    SPOOL_BYTES = 64 << 20
+
+    def __init__(self) -> None:
+        self.spool = tempfile.SpooledTemporaryFile(max_size=self.SPOOL_BYTES)
+
+    def add(self, record: ImageRecord) -> None:
         content = {"key": record.key, "boxes": [list(b.__dict__.values()) for b in record.boxes],
                    "size": [record.width, record.height], "source": record.source.uri,
                    "md5": record.md5, "rotation": record.rotation}
-        digest.update(json.dumps(content, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
+        self.spool.write(json.dumps(content, sort_keys=True).encode())
+
+    def hexdigest(self, label_map: dict[str, int] | None) -> str:
+        digest = hashlib.sha256(json.dumps(sorted((label_map or {}).items())).encode())
+        self.spool.seek(0)
+        while chunk := self.spool.read(1 << 20):
+            digest.update(chunk)
+        self.spool.close()
+        return digest.hexdigest()[:16]
 
 
 @dataclass
 class _Base:
     """What a run's version builds on: the parent (the current version, or for a re-run the
-    parent its first ingest recorded), its records, label map and newest landing time."""
+    parent its first ingest recorded), its manifest, label map and newest landing time."""
 
     parent: str | None = None
-    records: list[ImageRecord] = field(default_factory=list)
+    manifest: Path | None = None
     label_map: dict[str, int] | None = None
     newest_landed_at: str | None = None
     first: dict | None = None  # the run's record from its first ingest, for a re-run
@@ -367,7 +408,7 @@ class _Base:
         if parent is None:
             return cls(first=first)
         summary = datasets.read_json(datasets_dir, parent, SUMMARY)
-        return cls(parent, datasets.version_records(datasets_dir, parent),
+        return cls(parent, datasets.version_manifest(datasets_dir, parent),
                    datasets.version_label_map(datasets_dir, parent),
                    summary.get("newest_landed_at"), first)
 
@@ -375,26 +416,46 @@ class _Base:
     def name(self) -> str:
         return f"version {self.parent}" if self.parent else "the empty dataset"
 
+    def records(self) -> Iterable[ImageRecord]:
+        """The parent's records in key order, read from its manifest each time."""
+        return Manifest(self.manifest) if self.manifest else []
+
 
 def _deltas(exports: list[_Parsed], known: dict[str, int] | None, unknown_classes: str,
-            class_aliases: dict[str, str] | None, log: RejectionLog, marker: str | None,
-            mode: str, modes: dict[str, str] | None
-            ) -> tuple[list[versions.ExportDelta], dict[str, int]]:
-    """Each export as a delta, in landing order: its records merged (one per key), aliased
-    and through the class policy; its mode, landing time and deleted list."""
-    deltas, aliased = [], Counter()
+            log: RejectionLog, marker: str | None, mode: str, modes: dict[str, str] | None
+            ) -> list[versions.ExportDelta]:
+    """Each export as a delta, in landing order: its records merged (one per key, in key
+    order) and through the class policy; its mode, landing time and deleted list."""
+    deltas = []
     for export in exports:
-        records, renamed = apply_aliases(export.records, class_aliases)
-        aliased.update(renamed)
+        records = record_spool()
+        for record in apply_class_policy(_merge(export.records, log), known, unknown_classes,
+                                         log):
+            records.append(record)
+        export.records.close()
         landed = _landing(export, marker)
         deltas.append(versions.ExportDelta(
             path=landed.path, fingerprint=landed.fingerprint,
             landed_at=versions.iso(landed.landed_at),
-            mode=versions.export_mode(landed.path, mode, modes),
-            records=apply_class_policy(_merge(records, log), known, unknown_classes, log),
+            mode=versions.export_mode(landed.path, mode, modes), records=records,
             deleted=versions.read_deleted(export.deleted_file) if export.deleted_file else [],
             deleted_file=export.deleted_file))
-    return sorted(deltas, key=lambda d: d.landed_at), dict(sorted(aliased.items()))
+    return sorted(deltas, key=lambda d: d.landed_at)
+
+
+def _write_version(folder: Path, applied: versions.Applied, changes: versions.Diff,
+                   taken: Fingerprint) -> int:
+    """Write the version's manifest to `folder` as its records stream out of `applied`,
+    feeding the diff and the fingerprint on the way; how many records were written."""
+
+    def records() -> Iterator[ImageRecord]:
+        for before, after in applied.changes():
+            changes.add(before, after)
+            if after is not None:
+                taken.add(after)
+                yield after
+
+    return write_manifest(folder / "manifest.jsonl", records())
 
 
 def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = None,
@@ -441,6 +502,7 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
                          f"{', '.join(group_boxes.POLICIES)}, got {options['group_boxes']!r}",
                          Failure.CONFIG)
     check_aliases(class_aliases or {})
+    check_class_policy(unknown_classes)
     for key, value in [("exports.mode", mode), *(("exports.modes", m) for m in
                                                   (modes or {}).values())]:
         if value not in versions.MODES:
@@ -458,60 +520,59 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
     log = RejectionLog()
     inline_dir = Path(out_dir).with_name(Path(out_dir).name + "-inline")
     notes: Counter[str] = Counter()
+    aliased: Counter[str] = Counter()
     parsed, other, skipped = _parse_exports(inputs, fmt, images_root, log, inline_dir,
-                                            options, notes, deleted_file)
-    deltas, aliased = _deltas(parsed, known, unknown_classes, class_aliases, log, marker,
-                              mode, modes)
-    if rebuild:
-        applied = versions.apply_exports([], deltas, base_name="the rebuilt dataset",
-                                         replay=True)
-    else:
-        applied = versions.apply_exports(base.records, deltas, base_name=base.name,
-                                         newest_landed_at=base.newest_landed_at)
-    records = applied.records
-    classes = Counter(box.label for record in records for box in record.boxes)
-    ids = extend_label_map(known if known is not None else base.label_map or {}, list(classes))
-    changes = {"parent": base.parent, "exports": [d.describe() for d in deltas],
-               **versions.diff(base.records, records)}
-    newest = max([d.landed_at for d in deltas] +
-                 ([base.newest_landed_at] if base.newest_landed_at and not rebuild else []))
-    version_fingerprint = fingerprint(records, ids)
-    summary = {
-        "inputs": list(inputs),
-        "images": len(records),
-        "boxes": sum(classes.values()),
-        "classes": dict(sorted(classes.items())),
-        "rejected": len(log),
-        "rejections_by_reason": log.by_reason(),
-        **rejection_budget(log, sum(len(d.records) for d in deltas), max_rejected_share),
-        "ignored_files": other,
-        "skipped_files": skipped,
-        "group_boxes": group_box_summary(options, notes),
-        "aliased": aliased,
-        "warnings": case_variant_warnings(classes, known),
-        "fingerprint": version_fingerprint,
-        "run_id": run_id,
-        "parent": base.parent,
-        "rebuild": rebuild,
-        "exports": changes["exports"],
-        "added": len(changes["added"]),
-        "changed": len(changes["changed"]),
-        "removed": len(changes["removed"]),
-        "superseded": applied.superseded,
-        "newest_landed_at": newest,
-        "manifest": str(Path(out_dir) / "manifest.jsonl"),
-        "label_map": str(Path(out_dir) / "label_map.pbtxt"),
-        "rejections": str(Path(out_dir) / "rejections.jsonl"),
-        "diff": str(Path(out_dir) / datasets.DIFF),
-        "version": str(Path(datasets_dir) / version_fingerprint) if datasets_dir else None,
-    }
+                                            options, notes, deleted_file, class_aliases,
+                                            aliased)
+    deltas = _deltas(parsed, known, unknown_classes, log, marker, mode, modes)
+    applied = versions.apply_exports(
+        base.records(), deltas, parent_name=str(base.manifest),
+        base_name="the rebuilt dataset" if rebuild else base.name,
+        newest_landed_at=None if rebuild else base.newest_landed_at, rebuild=rebuild)
+    changes, taken = versions.Diff(), Fingerprint()
     with storage.atomic_directory(out_dir) as tmp:
-        write_manifest(tmp / "manifest.jsonl", records)
+        images = _write_version(tmp, applied, changes, taken)
+        classes = changes.classes_after
+        ids = extend_label_map(known if known is not None else base.label_map or {},
+                               list(classes))
+        head = {"parent": base.parent, "exports": [d.describe() for d in deltas]}
+        newest = max([d.landed_at for d in deltas] +
+                     ([base.newest_landed_at] if base.newest_landed_at and not rebuild else []))
+        version_fingerprint = taken.hexdigest(ids)
+        summary = {
+            "inputs": list(inputs),
+            "images": images,
+            "boxes": sum(classes.values()),
+            "classes": dict(sorted(classes.items())),
+            "rejected": len(log),
+            "rejections_by_reason": log.by_reason(),
+            **rejection_budget(log, sum(len(d.records) for d in deltas), max_rejected_share),
+            "ignored_files": other,
+            "skipped_files": skipped,
+            "group_boxes": group_box_summary(options, notes),
+            "aliased": dict(sorted(aliased.items())),
+            "warnings": case_variant_warnings(classes, known),
+            "fingerprint": version_fingerprint,
+            "run_id": run_id,
+            "parent": base.parent,
+            "rebuild": rebuild,
+            "exports": head["exports"],
+            **changes.counts(),
+            "superseded": applied.superseded,
+            "newest_landed_at": newest,
+            "manifest": str(Path(out_dir) / "manifest.jsonl"),
+            "label_map": str(Path(out_dir) / "label_map.pbtxt"),
+            "rejections": str(Path(out_dir) / "rejections.jsonl"),
+            "diff": str(Path(out_dir) / datasets.DIFF),
+            "version": str(Path(datasets_dir) / version_fingerprint) if datasets_dir else None,
+        }
         storage.write_text(tmp / "label_map.pbtxt", format_label_map(ids))
         log.write(tmp / "rejections.jsonl")
-        storage.write_text(tmp / datasets.DIFF, json.dumps(changes, indent=2))
+        changes.write(tmp / datasets.DIFF, head)
         storage.write_text(tmp / SUMMARY, json.dumps(summary, indent=2))
-    if not records or not any(d.records or d.deleted or d.mode == "snapshot" for d in deltas):
+    for delta in deltas:
+        delta.records.close()
+    if not images or not any(d.records or d.deleted or d.mode == "snapshot" for d in deltas):
         first = "; ".join(str(r) for r in log.items[:3])
         raise StageError(f"no usable records in {', '.join(inputs)}: {len(log)} rejected "
                          f"(e.g. {first}); see {summary['rejections']}")
@@ -527,3 +588,4 @@ def ingest(inputs: list[str], out_dir: str | Path, images_root: str | None = Non
                 f"run {run_id} gave version {kept['fingerprint']} the first time and "
                 f"{version_fingerprint} now: its exports changed since")
     return summary
+

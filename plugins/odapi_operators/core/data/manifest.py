@@ -10,10 +10,12 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from odapi_operators.core import storage
+from odapi_operators.core.external_sort import ExternalSorter, Spool
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # A path part that flattens reversibly: safe characters, no "__", no "_" at either end.
@@ -133,6 +135,36 @@ class ImageRecord:
             rotation=data.get("rotation", 0),
         )
 
+    def to_row(self) -> tuple:
+        """Plain tuple of this record, what `external_sort` pickles (~3x faster than the
+        dataclasses themselves); `from_row` gives it back."""
+        return (self.key, self.source.kind, self.source.uri, self.source_id, self.width,
+                self.height, [(b.label, b.xmin, b.ymin, b.xmax, b.ymax) for b in self.boxes],
+                self.provenance, self.md5, self.rotation)
+
+    @classmethod
+    def from_row(cls, row: tuple) -> "ImageRecord":
+        key, kind, uri, source_id, width, height, boxes, provenance, md5, rotation = row
+        return cls(key, ImageSource(kind, uri), source_id, width, height,
+                   tuple(Box(*b) for b in boxes), provenance, md5, rotation)
+
+
+def _weight(record: ImageRecord) -> int:
+    """About the bytes a record holds in memory (measured with tracemalloc)."""
+    return 300 + 250 * len(record.boxes)
+
+
+def records_by_key() -> ExternalSorter[ImageRecord]:
+    """An external sort of records by image key (stable: the first given comes out first),
+    bounded in boxes held in memory."""
+    return ExternalSorter(key=attrgetter("key"), encode=ImageRecord.to_row,
+                          decode=ImageRecord.from_row, weight=_weight)
+
+
+def record_spool() -> Spool[ImageRecord]:
+    """Records kept in order for reading again, bounded in boxes held in memory."""
+    return Spool(encode=ImageRecord.to_row, decode=ImageRecord.from_row, weight=_weight)
+
 
 def write_manifest(path: str | Path, records: Iterable[ImageRecord]) -> int:
     """Write records as JSON lines, atomically; return how many were written."""
@@ -150,6 +182,16 @@ def read_manifest(path: str | Path) -> Iterator[ImageRecord]:
         for line in fh:
             if line.strip():
                 yield ImageRecord.from_dict(json.loads(line))
+
+
+class Manifest:
+    """A manifest file as records, read from the file again each time it is iterated."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        return read_manifest(self.path)
 
 
 def count_records(path: str | Path) -> int:

@@ -31,11 +31,11 @@ names them so ingest skips them with a note instead of reporting them as rejecti
 Streaming. No CSV is ever loaded whole; every file is read line by line. A boxes CSV is first
 scanned once for its ImageID order (a cheap pass over the first field). Open Images' own CSVs
 are sorted by ImageID, and then each image's rows are one run, flushed as soon as the next
-ImageID starts: memory stays one image, whatever the file size. If the index is sorted too,
-it is merge-joined alongside (constant memory); otherwise only the index rows of the ImageIDs
-present in the boxes CSV are kept. An unsorted boxes CSV is grouped in a dict of compact
-per-image arrays (36 bytes a box plus ~0.5 kB an image), i.e. O(boxes) memory, before the
-first record is yielded. Note that `ingest` keeps every yielded record anyway.
+ImageID starts: memory stays one image, whatever the file size. An unsorted boxes CSV's rows
+are sorted by ImageID first (`external_sort`: on disk once they outgrow memory), then read
+the same way; records come out in ImageID order either way. The index is merge-joined
+alongside, sorted the same way first if it is not sorted: memory stays bounded whatever the
+size of either file.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ import base64
 import binascii
 import math
 import re
-from array import array
+import sys
 from collections import Counter
+from operator import itemgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from odapi_operators.core.data.boxes import checked_box
 from odapi_operators.core.data.formats import group_boxes
@@ -57,6 +58,7 @@ from odapi_operators.core.data.formats.common import (
     read_csv_lines,
 )
 from odapi_operators.core.data.manifest import Box, ImageRecord, ImageSource, key_from_id
+from odapi_operators.core.external_sort import ExternalSorter
 from odapi_operators.core.rejections import Rejection
 from odapi_operators.core.wording import setting
 
@@ -72,6 +74,14 @@ DESCRIPTIONS_HEADER = ("LabelName", "DisplayName")
 ROTATIONS = (0, 90, 180, 270)
 _HEX_MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 _MAX_NAMES = 8  # class names listed in one rejection reason
+
+
+def _row_bytes(row: tuple) -> int:
+    return 350  # a parsed boxes row held for sorting (tracemalloc)
+
+
+def _entry_bytes(entry: tuple) -> int:
+    return 600  # an index row's four fields held for sorting
 
 Report = Callable[[str, str, str], None]
 IndexEntry = tuple[str, int, str, str, str, str]  # file, line, URL, MD5, Rotation, Subset
@@ -193,11 +203,24 @@ class _IndexFile:
     def __init__(self, path: Path, columns: dict[str, int], count: int, report: Report):
         self.path, self.columns, self.count, self.report = path, columns, count, report
         self._sorted: bool | None = None
+        self._by_id: ExternalSorter[tuple[str, IndexEntry]] | None = None
 
-    def is_sorted(self) -> bool:
+    def by_id(self) -> Iterable[tuple[str, IndexEntry]]:
+        """`entries` in ImageID order: as read if the file is sorted, else sorted once (on
+        disk when large) and kept for the next boxes CSV."""
         if self._sorted is None:
             self._sorted = _sorted_by_id(self.path, self.columns["ImageID"])
-        return self._sorted
+        if self._sorted:
+            return self.entries()
+        if self._by_id is None:
+            self._by_id = ExternalSorter(key=itemgetter(0), weight=_entry_bytes)
+            self._by_id.extend(self.entries())
+            self._by_id.settle()
+        return self._by_id
+
+    def close(self) -> None:
+        if self._by_id is not None:
+            self._by_id.close()
 
     def entries(self) -> Iterator[tuple[str, IndexEntry]]:
         """(ImageID, (file, line, OriginalURL, OriginalMD5, Rotation, Subset)) per well-formed
@@ -221,11 +244,11 @@ class _IndexFile:
 
 
 class _MergedIndex:
-    """Lookups in increasing ImageID order against sorted index files: constant memory."""
+    """Lookups in increasing ImageID order against index files in ImageID order (the first
+    file's first row of an ImageID wins): constant memory."""
 
     def __init__(self, files: list[_IndexFile]):
-        self.files = files
-        self.cursors = [f.entries() for f in files]
+        self.cursors = [iter(f.by_id()) for f in files]
         self.heads = [next(c, None) for c in self.cursors]
 
     def get(self, image_id: str):
@@ -239,31 +262,14 @@ class _MergedIndex:
         return None
 
 
-class _DictIndex:
-    """The index rows of the wanted ImageIDs only (first row wins)."""
-
-    def __init__(self, files: list[_IndexFile], wanted: set[str]):
-        self.entries: dict[str, IndexEntry] = {}
-        for index_file in files:
-            for image_id, entry in index_file.entries():
-                if image_id in wanted and image_id not in self.entries:
-                    self.entries[image_id] = entry
-
-    def get(self, image_id: str):
-        return self.entries.get(image_id)
-
-
 class _Image:
-    """One image's boxes: a list of `Box`es while streaming runs; when a whole unsorted file
-    is grouped, compactly as label indexes and clipped coordinates in arrays (36 B a box)."""
+    """One image's boxes, and the boxes it lost and why."""
 
-    __slots__ = ("line", "boxes", "labels", "coords", "skipped", "unknown", "invalid", "grouped")
+    __slots__ = ("line", "boxes", "skipped", "unknown", "invalid", "grouped")
 
-    def __init__(self, line: int, compact: bool = False):
+    def __init__(self, line: int):
         self.line = line
-        self.boxes: list[Box] | None = None if compact else []
-        self.labels = array("I") if compact else None
-        self.coords = array("d") if compact else None
+        self.boxes: list[Box] = []
         self.skipped: Counter | None = None
         self.unknown: Counter | None = None
         self.grouped: Counter | None = None  # skipped group boxes by class name
@@ -292,6 +298,7 @@ class _Parser:
         id_col, label_col = columns["ImageID"], columns["LabelName"]
         group_col = columns.get("IsGroupOf")
         coord_cols = [(c, columns[c]) for c in ("XMin", "XMax", "YMin", "YMax")]
+        x0, x1, y0, y1 = (i for _, i in coord_cols)
         lines = read_csv_lines(path)
         next(lines, None)  # header
         for number, fields, error in lines:
@@ -311,16 +318,17 @@ class _Parser:
                 report(file, f"line {number}", "missing value: no LabelName")
                 continue
             try:
-                coords = [float(fields[i]) for _, i in coord_cols]
+                coords = (float(fields[x0]), float(fields[x1]), float(fields[y0]),
+                          float(fields[y1]))
             except ValueError:
                 bad = next((name, fields[i]) for name, i in coord_cols
                            if not parses_as_float(fields[i]))
                 report(file, f"line {number}", f"not a number: {bad[0]} is {bad[1]!r}")
                 continue
             group = group_col is not None and fields[group_col].strip() == "1"
-            yield number, image_id, mid, coords, group
+            yield number, image_id, sys.intern(mid), coords, group
 
-    def add(self, image: _Image, file: str, number: int, mid: str, coords: list[float],
+    def add(self, image: _Image, file: str, number: int, mid: str, coords: tuple[float, ...],
             group: bool = False) -> None:
         index = self.mid_index.get(mid)
         if index is None:
@@ -344,18 +352,13 @@ class _Parser:
                 image.grouped = image.grouped or Counter()
                 image.grouped[self.label_names[index]] += 1
                 return
-        if image.boxes is not None:
-            image.boxes.append(box)
-        else:
-            image.labels.append(index)
-            image.coords.extend((box.xmin, box.ymin, box.xmax, box.ymax))
+        image.boxes.append(box)
 
     # -- grouping -------------------------------------------------------------------------
-    def runs(self, path: Path, columns: dict[str, int], count: int):
-        """(ImageID, _Image) per run of rows: the file is sorted by ImageID."""
-        file = str(path)
+    def runs(self, rows: Iterable[tuple], file: str) -> Iterator[tuple[str, _Image]]:
+        """(ImageID, _Image) per run of `rows` (`rows`), which are in ImageID order."""
         current, image, warned = None, None, False
-        for number, image_id, mid, coords, group in self.rows(path, columns, count):
+        for number, image_id, mid, coords, group in rows:
             if image_id != current:
                 if image is not None:
                     yield current, image
@@ -368,17 +371,6 @@ class _Parser:
         if image is not None:
             yield current, image
 
-    def grouped(self, path: Path, columns: dict[str, int], count: int) -> dict[str, _Image]:
-        """Every image of an unsorted file, in order of first appearance: O(boxes) memory."""
-        file = str(path)
-        images: dict[str, _Image] = {}
-        for number, image_id, mid, coords, group in self.rows(path, columns, count):
-            image = images.get(image_id)
-            if image is None:
-                image = images[image_id] = _Image(number, compact=True)
-            self.add(image, file, number, mid, coords, group)
-        return images
-
     # -- records --------------------------------------------------------------------------
     def local_places(self, image_id: str, subset: str) -> list[Path]:
         """Where a local copy of the image may be, most specific first: Open Images keeps each
@@ -389,7 +381,7 @@ class _Parser:
 
     def record(self, path: Path, image_id: str, image: _Image, index) -> ImageRecord | None:
         file, where = str(path), f"line {image.line}: ImageID {image_id}"
-        kept = len(image.boxes) if image.boxes is not None else len(image.labels)
+        kept = len(image.boxes)
         skipped = sum(image.skipped.values()) if image.skipped else 0
         unknown = sum(image.unknown.values()) if image.unknown else 0
         grouped = sum(image.grouped.values()) if image.grouped else 0
@@ -457,14 +449,9 @@ class _Parser:
                                          f"{' or '.join(map(str, places))})")
                 return None
             source = ImageSource("local", str(local))
-        if image.boxes is not None:
-            boxes = tuple(image.boxes)
-        else:
-            names, coords = self.label_names, image.coords
-            boxes = tuple(Box(names[label], *coords[4 * i:4 * i + 4])
-                          for i, label in enumerate(image.labels))
         return ImageRecord(key=key_from_id(image_id), source=source, source_id=image_id,
-                           width=None, height=None, boxes=boxes, provenance=provenance,
+                           width=None, height=None, boxes=tuple(image.boxes),
+                           provenance=provenance,
                            md5=md5, rotation=rotation)
 
 
@@ -556,30 +543,31 @@ def parse(files: list[Path], ctx: ParseContext) -> Iterator[ImageRecord]:
     names = _load_descriptions(descriptions, report)
     selected = _selection(ctx, names, str(descriptions[0][0]), report)
     parser = _Parser(ctx, report, names, selected)
-    for path, columns, count in boxes:
-        try:
-            yield from _parse_boxes(parser, path, columns, count, index_files)
-        except OSError as exc:
-            report(str(path), "file", f"unreadable file: {exc}")
+    try:
+        for path, columns, count in boxes:
+            try:
+                yield from _parse_boxes(parser, path, columns, count, index_files)
+            except OSError as exc:
+                report(str(path), "file", f"unreadable file: {exc}")
+    finally:
+        for index_file in index_files:
+            index_file.close()
 
 
 def _parse_boxes(parser: _Parser, path: Path, columns: dict[str, int], count: int,
                  index_files: list[_IndexFile]) -> Iterator[ImageRecord]:
-    """The records of one boxes CSV: streamed if it is sorted by ImageID, else grouped."""
-    if _sorted_by_id(path, columns["ImageID"]):
-        if not index_files:
-            index = None
-        elif all(f.is_sorted() for f in index_files):
-            index = _MergedIndex(index_files)
-        else:  # one more pass over the boxes for the ImageIDs whose index rows to keep
-            wanted = {row[1] for row in parser.rows(path, columns, count, quiet=True)}
-            index = _DictIndex(index_files, wanted)
-        images = parser.runs(path, columns, count)
-    else:
-        grouped = parser.grouped(path, columns, count)
-        index = _DictIndex(index_files, set(grouped)) if index_files else None
-        images = iter(grouped.items())
-    for image_id, image in images:
-        record = parser.record(path, image_id, image, index)
-        if record is not None:
-            yield record
+    """The records of one boxes CSV in ImageID order: its rows as read if it is sorted by
+    ImageID, else sorted first (on disk when large)."""
+    rows: Iterable[tuple] = parser.rows(path, columns, count)
+    by_id = None
+    if not _sorted_by_id(path, columns["ImageID"]):
+        rows = by_id = ExternalSorter(key=itemgetter(1), weight=_row_bytes).extend(rows)
+    try:
+        index = _MergedIndex(index_files) if index_files else None
+        for image_id, image in parser.runs(rows, str(path)):
+            record = parser.record(path, image_id, image, index)
+            if record is not None:
+                yield record
+    finally:
+        if by_id is not None:
+            by_id.close()
