@@ -105,7 +105,9 @@ def write_export(folder: Path, images: int, boxes: int) -> dict:
                 labels = rng.choices(mids, weights, k=counts[i])
                 for number, mid in enumerate(labels):
                     x0, y0 = rng.random() * 0.9, rng.random() * 0.9
-                    x1, y1 = min(1.0, x0 + rng.random() * 0.5), min(1.0, y0 + rng.random() * 0.5)
+                    # at least 0.001 wide and high: never degenerate once written with 6 digits
+                    x1 = min(1.0, x0 + 0.001 + rng.random() * 0.5)
+                    y1 = min(1.0, y0 + 0.001 + rng.random() * 0.5)
                     source = "xclick" if rng.random() < 0.8 else "activemil"
                     flags = ("-1" if source == "activemil" else str(rng.randint(0, 1)),
                              str(rng.randint(0, 1)), "1" if group and number == 0 else "0",
@@ -137,7 +139,7 @@ def write_export(folder: Path, images: int, boxes: int) -> dict:
 
 
 def cached_export(cache: Path, images: int, boxes: int) -> tuple[Path, dict]:
-    folder = cache / f"openimages-{images}-{boxes}"
+    folder = cache / f"openimages-v2-{images}-{boxes}"  # v2: no degenerate boxes
     if not (folder / "meta.json").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
