@@ -234,3 +234,72 @@ def test_tf_vision_decoder_reads_size_targeted_shards(tmp_path):
             assert tuple(decoded["image"].shape) == (48, 48, 3)
             n += 1
     assert n == 24
+
+
+def with_hashes(manifest: Path, keep=lambda record: True, name: str | None = None) -> Path:
+    """`manifest`'s records that `keep` accepts, each with its image's sha256 (what verify
+    hands on), written as `name` beside it."""
+    import hashlib
+
+    from odapi_operators.core.data.manifest import read_manifest
+
+    records = [r.with_source(r.source, provenance={
+        "sha256": hashlib.sha256(Path(r.source.uri).read_bytes()).hexdigest()})
+        for r in read_manifest(manifest) if keep(r)]
+    out = manifest.with_name(name or f"hashed-{manifest.name}")
+    write_manifest(out, records)
+    return out
+
+
+def test_an_example_renumbered_is_the_example_encoded_with_that_id(tmp_path):
+    from odapi_operators.core.data.examples import renumbered
+    from odapi_operators.core.data.manifest import read_manifest
+
+    manifest, _ = make_dataset(tmp_path, 3)
+    for record in read_manifest(manifest):
+        for old, new in ((1, 2), (9, 10), (127, 128), (5, 4_194_303)):
+            before = shard_module.example_for(record, old, LABELS)
+            assert renumbered(before, old, new, record.width) == \
+                shard_module.example_for(record, new, LABELS)
+        assert renumbered(before, 7, 8, record.width) is None  # not the id it was written with
+
+
+def test_a_grown_dataset_reuses_the_examples_of_the_last_layout(tmp_path):
+    """Run 2 adds images between run 1's (in key order): every source id after an insertion
+    moves, yet the unchanged images' Examples come from run 1's shards, and the shards are
+    byte for byte those of a run with nothing to reuse."""
+    grown, label_map = make_dataset(tmp_path, 44)
+    grown = with_hashes(grown)
+    first = with_hashes(grown, keep=lambda r: int(r.key[3:]) % 11 != 5, name="first.jsonl")
+    cache = tmp_path / "cache"
+    one = write_shards(first, label_map, tmp_path / "run1", RATIOS, {"train": 3, "val": 1},
+                       cache_dir=cache, workers=2)
+    assert one["reused_images"] == 0 and (tmp_path / "run1" / "examples.jsonl").exists()
+    two = write_shards(grown, label_map, tmp_path / "run2", RATIOS, {"train": 3, "val": 1},
+                       cache_dir=cache, workers=2)
+    assert two["reused_images"] == 40  # 4 of the 44 are new
+    alone = write_shards(grown, label_map, tmp_path / "alone", RATIOS, {"train": 3, "val": 1})
+    assert shard_files(tmp_path / "run2") == shard_files(tmp_path / "alone")
+    assert (tmp_path / "run2" / "examples.jsonl").read_text() == \
+        (tmp_path / "alone" / "examples.jsonl").read_text()
+
+    # relabelled images and a damaged shard of the layout published last are encoded again
+    damaged = cache / two["fingerprint"] / shard_name("val", 0, 1)
+    damaged.unlink()  # replaced, as every file there is: run 2's own shard is a link of it
+    damaged.write_bytes(b"\0" * 64)
+    relabelled = tmp_path / "relabelled.jsonl"
+    from odapi_operators.core.data.manifest import read_manifest
+
+    write_manifest(relabelled, [r.with_source(r.source, boxes=r.boxes[:1])
+                                if r.key == "img00002" else r for r in read_manifest(grown)])
+    three = write_shards(relabelled, label_map, tmp_path / "run3", RATIOS,
+                         {"train": 3, "val": 1}, cache_dir=cache, workers=1)
+    from odapi_operators.core.data.split import split_of
+
+    train = [f"img{i:05d}" for i in range(44) if split_of(f"img{i:05d}", RATIOS) == "train"]
+    assert three["reused_images"] == len(train) - ("img00002" in train)
+    fresh = write_shards(relabelled, label_map, tmp_path / "fresh", RATIOS,
+                         {"train": 3, "val": 1})
+    assert shard_files(tmp_path / "run3") == shard_files(tmp_path / "fresh")
+    assert three["splits"] == {k: {**v, "pattern": str(tmp_path / "run3" / f"{k}-*.tfrecord")}
+                               for k, v in fresh["splits"].items()}

@@ -335,10 +335,12 @@ def _remove_if_dead(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: PathLike, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
     """Open a temporary sibling of `path` for writing; rename it over `path` on success.
 
-    On any exception the temporary file is removed and `path` is left as it was.
+    On any exception the temporary file is removed and `path` is left as it was. Without
+    `durable` the data is not forced to disk before the rename: only for hints whose reader
+    checks every line and whose loss in a power cut costs a redo, never a wrong result.
     """
     final = _local(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -346,8 +348,9 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     try:
         with open(tmp, mode) as fh:
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -234,6 +234,7 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
               "bytes": 0}
     total = sum(1 for _ in records()) if total is None else total
     keys: list[str] = []
+    stored_keys: set[str] = set()  # in the store now: resumed, reused or fetched by this run
     started = time.monotonic()
 
     def reuse(record: ImageRecord, stamp: list | None) -> _Stored | None:
@@ -267,7 +268,8 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
         settle(stored, record, progress)
 
     def settle(stored: _Stored, record: ImageRecord, progress: Progress) -> None:
-        index.put(stored.entry)
+        index.put(stored.entry, flush=not stored.reused)  # a link is cheap to redo
+        stored_keys.add(record.key)
         if on_stored:
             on_stored(_stored_record(record, stored.entry))
         if stored.reused:
@@ -294,6 +296,7 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
                     keys.append(record.key)
                     stamp = _source_stamp(record)
                     if _is_done(index.get(record.key), record, stamp):
+                        stored_keys.add(record.key)
                         progress.update(skipped=True)
                         if on_stored:
                             on_stored(_stored_record(record, index.get(record.key)))
@@ -314,7 +317,7 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
                     future.cancel()
                 raise
         manifest_path = out / "manifest.jsonl"
-        ok = write_manifest(manifest_path, _fetched(records(), index))
+        ok = write_manifest(manifest_path, _fetched(records(), index, stored_keys))
         index.compact(keys)
     finally:
         index.close()
@@ -347,11 +350,14 @@ def check_fetch_budget(ok: int, failed: int, total: int, max_failed_share: float
                  Failure.TRANSIENT)  # a host down or a credential expiring: may pass
 
 
-def _fetched(records: Iterable[ImageRecord], index: ResumeIndex) -> Iterator[ImageRecord]:
-    """The input records, in input order, pointing at their stored copies."""
+def _fetched(records: Iterable[ImageRecord], index: ResumeIndex,
+             stored: set[str]) -> Iterator[ImageRecord]:
+    """The input records, in input order, pointing at their stored copies (`stored`: the
+    keys this run found or put in the store, so no file is looked at again)."""
     for record in records:
         entry = index.get(record.key)
-        if not _is_done(entry, record, _source_stamp(record)):
+        if record.key not in stored or entry is None or \
+                (entry.get("source"), entry.get("md5")) != (record.source.uri, record.md5):
             continue  # failed in this run (an older entry, if any, is stale)
         yield _stored_record(record, entry)
 

@@ -46,7 +46,15 @@ def identity(*parts: Any) -> str:
 
 def place(source: str | Path, target: str | Path) -> bool:
     """Put `source`'s bytes at `target` atomically: a hard link, else a copy; False if it
-    cannot be done (gone, unreadable, or a full disk)."""
+    cannot be done (gone, unreadable, or a full disk).
+
+    A new name is linked at once (a link is atomic: the name appears with the whole file);
+    a temporary name and a rename are for replacing a name, or for a copy."""
+    try:
+        os.link(source, target)
+        return True
+    except OSError:
+        pass  # the name exists, its folder does not, another filesystem, ...: the long way
     target = Path(target)
     tmp = storage.temp_sibling(target)
     try:

@@ -19,7 +19,6 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 from PIL import Image, ImageFile
 
 from odapi_operators.core.data.content import IMAGE_FORMATS, describe_head, sniff_format
@@ -78,6 +77,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I"):  # 16/32-bit gray: keep the top 8 bits, not a clipped 255
+        import numpy as np  # here: a verify that decodes nothing should not pay its import
+
         array = np.asarray(image).astype(np.uint32) >> 8
         image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or \

@@ -18,9 +18,7 @@ from odapi_operators.core import storage, testpoints
 from odapi_operators.core.budget import DEFAULT_MAX_FAILED_SHARE
 from odapi_operators.core.data.download import DownloadPolicy
 from odapi_operators.core.data.fetch import fetch_images
-from odapi_operators.core.data.label_map import build_label_map
 from odapi_operators.core.data.manifest import count_records
-from odapi_operators.core.data.shard import DEFAULT_TARGET_SHARD_BYTES, write_shards
 from odapi_operators.core.data.verify import verify_images
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.progress import Log
@@ -77,13 +75,17 @@ def _until_done(arrived: queue.Queue, outcome: dict):
 
 def prepare(manifest: str | Path, out_dir: str | Path, *, ratios: dict[str, float],
             shards: dict[str, int] | None = None,
-            target_shard_bytes: int = DEFAULT_TARGET_SHARD_BYTES, max_side: int | None = None,
+            target_shard_bytes: int | None = None, max_side: int | None = None,
             threads: int | None = None, workers: int | None = None,
             max_failed_share: float = DEFAULT_MAX_FAILED_SHARE,
             max_quarantined_share: float = DEFAULT_MAX_FAILED_SHARE,
             policy: DownloadPolicy | None = None, previous_label_map: str | None = None,
             cache_dir: str | None = None, image_cache_dir: str | None = None,
             log: Log | None = None, bar: bool = False) -> dict:
+    """Every step; `target_shard_bytes` None: the records stage's default."""
+    from odapi_operators.core.data.label_map import build_label_map
+    from odapi_operators.core.data.shard import DEFAULT_TARGET_SHARD_BYTES, write_shards
+
     out = Path(out_dir)
     fetched, verified = fetch_and_verify(manifest, out, max_side=max_side, threads=threads,
                                          workers=workers, max_failed_share=max_failed_share,
@@ -93,7 +95,8 @@ def prepare(manifest: str | Path, out_dir: str | Path, *, ratios: dict[str, floa
     label_map = build_label_map(verified["manifest"], out / "label_map",
                                 previous=previous_label_map)
     records = write_shards(verified["manifest"], label_map["label_map"], out / "records",
-                           ratios, shards, target_shard_bytes=target_shard_bytes,
+                           ratios, shards,
+                           target_shard_bytes=target_shard_bytes or DEFAULT_TARGET_SHARD_BYTES,
                            workers=workers, cache_dir=cache_dir, log=log)
     summary = {
         "ok": verified["ok"], "failed": fetched["failed"] + verified["failed"],

@@ -34,10 +34,14 @@ class ResumeIndex:
     def get(self, key: str) -> dict[str, Any] | None:
         return self.entries.get(key)
 
-    def put(self, entry: dict[str, Any]) -> None:
+    def put(self, entry: dict[str, Any], flush: bool = True) -> None:
+        """Remember `entry`; without `flush` its line may wait in the buffer for the next
+        flushed one (or `close`): for work so cheap that redoing it after a kill costs less
+        than a write per image."""
         self.entries[entry["key"]] = entry
         self._out.write(json.dumps(entry, sort_keys=True) + "\n")
-        self._out.flush()
+        if flush:
+            self._out.flush()
         self.lines += 1
 
     def compact(self, keys: Iterable[str] | None = None) -> None:

@@ -10,7 +10,9 @@ writes that partition as one shard of each split (`write_partition`, then
 then its stats file is written: a killed task leaves no partial shard, and the re-run writes
 only the shards without stats. The finished folder is reused, not rewritten, for the
 same inputs; with `cache_dir`, any later run with the same content fingerprint links the
-cached shards instead of writing them.
+cached shards instead of writing them, and a run over another version takes its unchanged
+images' Examples from the shards the cache got last (`examples.py`), byte for byte what
+encoding them again would give.
 
 `image/source_id` must be a small decimal integer (TF-Vision's eval parser converts it with
 `tf.strings.to_number` to int64 via float32): ids are the records' 1-based positions in the
@@ -31,17 +33,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from odapi_operators.core import storage
+from odapi_operators.core.data.examples import (
+    EXAMPLES,
+    LATEST,
+    EarlierExamples,
+    MergedList,
+    example_for,
+    identity,
+    latest,
+    list_line,
+)
 from odapi_operators.core.data.label_map import read_label_map
 from odapi_operators.core.data.manifest import ImageRecord, read_manifest
 from odapi_operators.core.data.partitions import position_of
 from odapi_operators.core.data.split import split_of
-from odapi_operators.core.data.tfrecord import (
-    bytes_feature,
-    encode_example,
-    float_feature,
-    int64_feature,
-    write_record,
-)
+from odapi_operators.core.data.tfrecord import write_record
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.progress import Log
@@ -56,36 +62,6 @@ STATS_DIR = ".shard-stats"
 
 def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
-
-
-def example_for(record: ImageRecord, source_id: int, label_map: dict[str, int]) -> bytes:
-    """Serialized tf.train.Example for one verified image record."""
-    encoded = Path(record.source.uri).read_bytes()
-    fmt = b"png" if encoded[:8] == b"\x89PNG\r\n\x1a\n" else b"jpeg"
-    width, height = int(record.width), int(record.height)
-    boxes = record.boxes
-    try:
-        labels = [label_map[b.label] for b in boxes]
-    except KeyError as exc:
-        raise ValueError(f"{record.key}: class {exc} is not in the label map") from None
-    return encode_example({
-        "image/encoded": bytes_feature([encoded]),
-        "image/format": bytes_feature([fmt]),
-        "image/filename": bytes_feature([record.source_id.encode()]),
-        "image/source_id": bytes_feature([str(source_id).encode()]),
-        "image/key/sha256": bytes_feature([hashlib.sha256(encoded).hexdigest().encode()]),
-        "image/height": int64_feature([height]),
-        "image/width": int64_feature([width]),
-        "image/object/bbox/xmin": float_feature([b.xmin for b in boxes]),
-        "image/object/bbox/xmax": float_feature([b.xmax for b in boxes]),
-        "image/object/bbox/ymin": float_feature([b.ymin for b in boxes]),
-        "image/object/bbox/ymax": float_feature([b.ymax for b in boxes]),
-        "image/object/class/text": bytes_feature([b.label.encode() for b in boxes]),
-        "image/object/class/label": int64_feature(labels),
-        "image/object/area": float_feature(
-            [(b.xmax - b.xmin) * width * (b.ymax - b.ymin) * height for b in boxes]),
-        "image/object/is_crowd": int64_feature([0] * len(boxes)),
-    })
 
 
 # --- planning ----------------------------------------------------------------------------
@@ -158,6 +134,11 @@ def _stats_path(out: Path, name: str) -> Path:
     return out / STATS_DIR / f"{name}.json"
 
 
+def _list_path(out: Path, name: str) -> Path:
+    """Where a shard's Examples are (`examples.py`); written with it, before its stats."""
+    return out / STATS_DIR / f"{name}.examples"
+
+
 def _finished(out: Path, name: str, tag: str) -> dict | None:
     """The stats of a complete shard of this layout, else None."""
     try:
@@ -190,22 +171,30 @@ def _partition_records(manifest: str | Path, ratios: dict[str, float], partition
 
 def _write_group(manifest: str, label_map_path: str, out_dir: str, ratios: dict[str, float],
                  counts: dict[str, int], members: list[tuple[str, int]], tag: str,
-                 partition: int | None = None) -> list[dict]:
+                 partition: int | None = None, reuse_from: str | None = None) -> list[dict]:
     """Write the shards `members` in one pass over the manifest (a partition's manifest,
-    given `partition`: it is the index of every shard it writes); return their stats."""
+    given `partition`: it is the index of every shard it writes), each with its list of
+    Examples; return their stats (plus how many Examples came from `reuse_from`, an earlier
+    records folder: `examples.py`)."""
     out = Path(out_dir)
     label_map = read_label_map(label_map_path)
     names = {(s, i): shard_name(s, i, counts[s]) for s, i in members}
     for name in names.values():  # temporaries a killed run of these shards left behind
-        for stale in out.glob(f".tmp-{name}-*"):
+        for stale in [*out.glob(f".tmp-{name}-*"),
+                      *(out / STATS_DIR).glob(f".tmp-{name}.examples-*")]:
             stale.unlink(missing_ok=True)
     stats = {member: {"split": member[0], "shard": name, "tag": tag, "images": 0, "boxes": 0,
                       "bytes": 0, "per_class": Counter()} for member, name in names.items()}
     current = ""
+    earlier = EarlierExamples(reuse_from) if reuse_from else None
     try:
         with contextlib.ExitStack() as stack:
+            if earlier:
+                stack.callback(earlier.close)
             files = {member: stack.enter_context(storage.atomic_write(out / name))
                      for member, name in names.items()}
+            lists = {member: stack.enter_context(storage.atomic_write(
+                _list_path(out, name), "w", durable=False)) for member, name in names.items()}
             placed = _records_of(manifest, ratios, counts) if partition is None \
                 else _partition_records(manifest, ratios, partition)
             for source_id, split, index, record in placed:
@@ -214,8 +203,13 @@ def _write_group(manifest: str, label_map_path: str, out_dir: str, ratios: dict[
                     continue
                 current = names[member]
                 shard = stats[member]
-                shard["bytes"] += write_record(files[member],
-                                               example_for(record, source_id, label_map))
+                ident = identity(record, label_map)
+                example = earlier.example(record, ident, source_id) if earlier else None
+                if example is None:
+                    example = example_for(record, source_id, label_map)
+                lists[member].write(list_line(record.key, ident, shard["bytes"], len(example),
+                                              source_id))
+                shard["bytes"] += write_record(files[member], example)
                 shard["images"] += 1
                 shard["boxes"] += len(record.boxes)
                 shard["per_class"].update(b.label for b in record.boxes)
@@ -228,6 +222,8 @@ def _write_group(manifest: str, label_map_path: str, out_dir: str, ratios: dict[
         shard["per_class"] = dict(shard["per_class"])
         storage.write_text(_stats_path(out, shard["shard"]), json.dumps(shard))
         results.append(shard)
+    if results and earlier:
+        results[0]["reused"] = earlier.reused  # the group's count: not in the stats file
     return results
 
 
@@ -260,9 +256,46 @@ def finish_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str
     out = Path(out_dir)
     tag = _tag(manifest, label_map_path, ratios, counts)
     splits = _split_stats(out, counts, lambda index: tag)
-    _write_source_ids(out, ((source_id, split, record) for source_id, split, _, record
-                            in _records_of(manifest, ratios, counts)))
+    with _merged_list(out, counts) as merged:
+        _write_source_ids(out, _listed(_records_of(manifest, ratios, counts), merged))
     return _write_summary(out, label_map_path, splits, tag, fingerprint)
+
+
+class _Unlisted(Exception):
+    """A shard's list does not match the manifest: the folder gets no list of Examples."""
+
+
+@contextlib.contextmanager
+def _merged_list(out: Path, counts: dict[str, int]) -> Iterator[MergedList | None]:
+    """`examples.jsonl` from the shards' lists, fed in manifest order; when a shard has no
+    list (written before lists were) or one that does not match, there is none."""
+    target = out / EXAMPLES
+    names = {(s, i): shard_name(s, i, n) for s, n in counts.items() for i in range(n)}
+    with contextlib.ExitStack() as stack:
+        try:
+            lists = {member: stack.enter_context(open(_list_path(out, name), encoding="utf-8"))
+                     for member, name in names.items()}
+        except OSError:
+            target.unlink(missing_ok=True)
+            yield None
+            return
+        try:
+            with storage.atomic_write(target, "w", durable=False) as fh:
+                merged = MergedList(lists, names, fh)
+                yield merged
+                if not merged.healthy or any(rest.readline() for rest in lists.values()):
+                    raise _Unlisted
+        except _Unlisted:
+            target.unlink(missing_ok=True)
+
+
+def _listed(placed: Iterable[tuple[int, str, int, ImageRecord]], merged: MergedList | None
+            ) -> Iterator[tuple[int, str, ImageRecord]]:
+    """(source_id, split, record) of `placed`, each also given to `merged`."""
+    for source_id, split, index, record in placed:
+        if merged:
+            merged.add((split, index), record.key, source_id)
+        yield source_id, split, record
 
 
 def _split_stats(out: Path, counts: dict[str, int], tag_of: Callable[[int], str]) -> dict:
@@ -412,20 +445,22 @@ def write_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str 
             storage.write_text(stats_file, json.dumps({**stats, "tag": tag}))
         summary = finish_shards(manifest, label_map_path, out, ratios, counts,
                                 plan["fingerprint"])
+        _publish_latest(cached)
         return _counted(summary, cached=True, written=0, total=shard_total)
     out.mkdir(parents=True, exist_ok=True)
     todo = [(s["split"], s["index"]) for s in plan["shards"]
             if _finished(out, shard_name(s["split"], s["index"], s["count"]), tag) is None]
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
     args = (str(manifest), str(label_map_path), str(out), ratios, counts)
+    reuse_from = latest(cache_dir)
     groups = _groups(todo, workers)
     with contextlib.ExitStack() as stack:
         if workers > 1:
             pool = stack.enter_context(process_pool(workers))
-            results = [f.result() for f in [pool.submit(_write_group, *args, g, tag)
-                                            for g in groups]]
+            results = [f.result() for f in [pool.submit(_write_group, *args, g, tag, None,
+                                                        reuse_from) for g in groups]]
         else:
-            results = [_write_group(*args, g, tag) for g in groups]
+            results = [_write_group(*args, g, tag, None, reuse_from) for g in groups]
     for stats in (s for group in results for s in group):
         if log:
             log(f"shard: {stats['shard']} written ({stats['images']} images, "
@@ -435,10 +470,20 @@ def write_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str 
         with contextlib.suppress(storage.StorageError):  # another run published it meanwhile
             with storage.atomic_directory(cached, replace=False) as tmp:
                 _link_tree(out, tmp)
-    return _counted(summary, cached=False, written=len(todo), total=shard_total)
+        _publish_latest(cached)
+    reused = sum(s.get("reused", 0) for group in results for s in group)
+    return _counted(summary, cached=False, written=len(todo), total=shard_total,
+                    reused_images=reused)
 
 
-def _counted(summary: dict, cached: bool, written: int, total: int) -> dict:
+def _publish_latest(cached: Path) -> None:
+    """Point the records cache's `latest` at `cached`: the next layout reuses its Examples."""
+    with contextlib.suppress(OSError), \
+            storage.atomic_write(cached.parent / LATEST, "w", durable=False) as fh:
+        fh.write(cached.name)
+
+
+def _counted(summary: dict, cached: bool, written: int, total: int, **extra: Any) -> dict:
     """The CLI's common counts: images in shards, shards written and reused."""
     return {**summary, "ok": sum(s["images"] for s in summary["splits"].values()), "failed": 0,
-            "cached": cached, "written": written, "skipped": total - written}
+            "cached": cached, "written": written, "skipped": total - written, **extra}

@@ -11,6 +11,7 @@ than the parse.
 from __future__ import annotations
 
 import functools
+import os
 import struct
 from typing import BinaryIO, Iterator, Sequence
 
@@ -61,11 +62,31 @@ def _key_field(key: str) -> bytes:
     return _field(1, key.encode())
 
 
+def feature_entry(key: str, value: bytes) -> bytes:
+    """One entry of an Example's feature map, as `encode_example` writes it."""
+    return _field(1, _key_field(key) + _field(2, value))
+
+
 def encode_example(features: dict[str, bytes]) -> bytes:
     """Serialize an Example from {key: encoded Feature} (use the *_feature helpers)."""
-    entries = b"".join([_field(1, _key_field(key) + _field(2, value))
-                        for key, value in sorted(features.items())])
+    return example_of(b"".join([feature_entry(key, value)
+                                for key, value in sorted(features.items())]))
+
+
+def example_of(entries: bytes) -> bytes:
+    """An Example from its feature-map entries, already in key order."""
     return _field(1, entries)
+
+
+def example_entries(example: bytes) -> memoryview:
+    """The feature-map entries of an Example `example_of` wrote; ValueError if it is not one."""
+    view = memoryview(example)
+    if not view or view[0] != 0x0A:
+        raise ValueError("not an encoded Example")
+    size, pos = _read_varint(view, 1)
+    if pos + size != len(view):
+        raise ValueError("Example length does not match its header")
+    return view[pos:]
 
 
 def _masked_crc(data: bytes) -> int:
@@ -84,6 +105,20 @@ def write_record(stream: BinaryIO, data: bytes) -> int:
 
 
 # --- reading -----------------------------------------------------------------------------
+
+def read_record_at(fd: int, offset: int, length: int) -> bytes | None:
+    """The data of the record of `length` bytes at `offset` of the open file `fd`, or None
+    when it is not there intact (short file, either checksum failing)."""
+    frame = os.pread(fd, length + 16, offset)
+    if len(frame) != length + 16:
+        return None
+    header, data = frame[:8], frame[12:12 + length]
+    if struct.unpack("<Q", header)[0] != length or \
+            _masked_crc(header) != struct.unpack("<I", frame[8:12])[0] or \
+            _masked_crc(data) != struct.unpack("<I", frame[12 + length:])[0]:
+        return None
+    return data
+
 
 MAX_RECORD_BYTES = 1 << 30  # a length beyond this is corruption, not a real Example
 

@@ -203,7 +203,8 @@ class _Decoder:
                 self.cache.put(VERIFIED, key, {f: result[f] for f in _CACHED_FIELDS})
         self.index.put({"key": record.key, "source": record.source.uri, "stamp": stamp,
                         "options": self.digest, "rotation": record.rotation,
-                        "expected": _expected(record), **result})
+                        "expected": _expected(record), **result},
+                       flush=not reused)  # a cached result is cheap to take again
         if progress:
             progress.update(ok="error" not in result)
 
