@@ -28,7 +28,8 @@ STAGES = {"ingest": "ingest", "fetch": "images", "verify": "verify", "label_map"
 POOLED = {"verify", "shard"}  # stages with a process pool: the kill lands while it runs
 JOURNALS = {"fetch-index.jsonl", "verify-index.jsonl"}  # append-only resume state
 ATTEMPT_KEYS = {"skipped", "fetched", "copied", "linked", "downloaded", "bytes", "seconds",
-                "images_per_s", "written", "cached", "reused"}  # what one attempt did
+                "images_per_s", "written", "cached", "reused",
+                "outputs_of"}  # what one attempt did (outputs_of: its index file's identity)
 
 Snapshot = dict[str, tuple[int, int]]  # relative path -> (size, mtime_ns)
 

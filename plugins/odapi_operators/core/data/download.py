@@ -19,21 +19,24 @@ import errno
 import hashlib
 import random
 import socket
-import ssl
 import time
 from dataclasses import dataclass
+from types import ModuleType
 from urllib.parse import urljoin, urlsplit
-
-import urllib3
-from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import NameResolutionError, NewConnectionError, ProtocolError
-from urllib3.exceptions import SSLError as Urllib3SSLError
-from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from odapi_operators.core.data.content import SNIFF_BYTES, ContentError, check_md5, require_image
 
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 1 << 16
+
+
+def _urllib3() -> ModuleType:
+    """urllib3 (and its exceptions), imported by the first download: a fetch that downloads
+    nothing (a re-run, local files) does not pay a third of its start-up for it."""
+    import urllib3
+    import urllib3.exceptions
+
+    return urllib3
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class HttpDownloader:
 
     def __init__(self, policy: DownloadPolicy | None = None, connections: int = 64):
         self.policy = policy or DownloadPolicy()
-        self.pool = urllib3.PoolManager(num_pools=max(16, connections // 4), maxsize=connections,
+        self.pool = _urllib3().PoolManager(num_pools=max(16, connections // 4), maxsize=connections,
                                         block=False, retries=False,
                                         headers={"User-Agent": self.policy.user_agent,
                                                  "Accept": "image/*,*/*;q=0.5",
@@ -126,7 +129,7 @@ class HttpDownloader:
                 time.sleep(delay)
 
     def _attempt(self, url: str, md5: str | None) -> tuple[bytes, str, str]:
-        policy = self.policy
+        policy, urllib3 = self.policy, _urllib3()
         deadline = time.monotonic() + policy.deadline
         seen = [url]
         for _ in range(policy.max_redirects + 1):
@@ -138,7 +141,7 @@ class HttpDownloader:
             try:
                 response = self.pool.request("GET", url, redirect=False, preload_content=False,
                                              timeout=timeout)
-            except (Urllib3Timeout, Urllib3Error, OSError) as exc:
+            except (urllib3.exceptions.HTTPError, OSError) as exc:  # timeouts are HTTPErrors
                 raise _transport_error(exc) from None
             complete = False
             try:
@@ -163,7 +166,7 @@ class HttpDownloader:
                                                f"({' -> '.join(seen[-3:])})")
 
     def _body(self, response, md5: str | None, deadline: float) -> tuple[bytes, str]:
-        policy = self.policy
+        policy, urllib3 = self.policy, _urllib3()
         if response.status != 200:
             raise _status_error(response)
         length = response.headers.get("Content-Length")
@@ -192,7 +195,7 @@ class HttpDownloader:
         except ContentError as exc:
             raise FetchError(exc.kind, f"{exc.detail} "
                              f"(Content-Type: {response.headers.get('Content-Type')})") from None
-        except (Urllib3Timeout, Urllib3Error, OSError) as exc:
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # timeouts are HTTPErrors
             raise _transport_error(exc, size) from None
         data = b"".join(chunks)
         try:
@@ -225,6 +228,12 @@ def _transport_error(exc: BaseException, received: int | None = None) -> FetchEr
 
 def _transport_kind(exc: BaseException) -> str:
     """The failure's key, from urllib3's exception and the OS error it wraps."""
+    import ssl
+
+    from urllib3.exceptions import NameResolutionError, NewConnectionError, ProtocolError
+    from urllib3.exceptions import SSLError as Urllib3SSLError
+    from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
     causes = _causes(exc)
     errnos = {c.errno for c in causes if isinstance(c, OSError)}
     if any(isinstance(c, ConnectionRefusedError) for c in causes) or errno.ECONNREFUSED in errnos:

@@ -50,7 +50,7 @@ from odapi_operators.core.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from odapi_operators.core.data.resume import ResumeIndex
+from odapi_operators.core.data.resume import ResumeIndex, file_sha256, outputs_of, still_current
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.progress import Log, Progress
@@ -127,7 +127,8 @@ class _Store:
             return False  # other filesystem, or not there yet: write a copy instead
 
 
-def _read(record: ImageRecord, http: HttpDownloader) -> tuple[bytes, str, int]:
+def _read(record: ImageRecord, http: HttpDownloader,
+          policy: DownloadPolicy) -> tuple[bytes, str, int]:
     """(bytes, file suffix, requests made) for any source kind.
 
     Remote content must start with an image's magic bytes; a local file is the export's own,
@@ -139,7 +140,7 @@ def _read(record: ImageRecord, http: HttpDownloader) -> tuple[bytes, str, int]:
         return fetched.data, EXTENSIONS[fetched.format], fetched.attempts
     if kind not in ("local", "gs"):
         raise FetchError("unsupported source", f"source kind {kind!r}")
-    limit = http.policy.max_bytes
+    limit = policy.max_bytes
     try:
         if kind == "local" and os.path.getsize(uri) > limit:
             raise FetchError("too large", f"{os.path.getsize(uri)} bytes > limit {limit}")
@@ -206,7 +207,7 @@ def fetch_images(manifest: str | Path, out_dir: str | Path, *, threads: int | No
                          max_failed_share=max_failed_share, policy=policy, log=log,
                          progress_every=progress_every, bar=bar, files_dir=files_dir,
                          on_stored=on_stored, cache_dir=cache_dir, total=count_records(manifest),
-                         check_budgets=check_budgets)
+                         check_budgets=check_budgets, source_sha256=file_sha256(manifest))
 
 
 def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | Path, *,
@@ -217,14 +218,16 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
                   files_dir: str | Path | None = None,
                   on_stored: Callable[[ImageRecord], None] | None = None,
                   cache_dir: str | Path | None = None, total: int | None = None,
-                  check_budgets: bool = True) -> dict:
+                  check_budgets: bool = True, source_sha256: str | None = None) -> dict:
     """`fetch_images` over any re-iterable source of records (a manifest, an image index);
-    `total` is how many it yields, if known (else it is counted)."""
+    `total` is how many it yields, if known (else it is counted). `source_sha256` names the
+    records by content: a re-run over the same ones, all already stored, keeps its outputs."""
     out = Path(out_dir)
     files = Path(files_dir) if files_dir else out / "files"
     files.mkdir(parents=True, exist_ok=True)
     threads = threads or default_threads()
-    http = HttpDownloader(policy, connections=threads)
+    policy = policy or DownloadPolicy()
+    http: HttpDownloader | None = None  # made for the first image to fetch: a re-run has none
     index = ResumeIndex(out / INDEX_NAME)
     store = _Store(files, {e["sha256"]: e["path"] for e in index.entries.values()
                            if "sha256" in e})
@@ -250,7 +253,7 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
         return _Stored(record.key, entry, 0, False, hit["suffix"], reused=True)
 
     def work(record: ImageRecord, stamp: list | None) -> _Stored:
-        data, suffix, attempts = _read(record, http)
+        data, suffix, attempts = _read(record, http, policy)
         path, sha, linked = store.put(record.key, data, suffix)
         entry = {"key": record.key, "source": record.source.uri, "md5": record.md5,
                  "stamp": stamp, "path": str(path), "size": len(data), "sha256": sha}
@@ -304,6 +307,7 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
                     if reused := reuse(record, stamp):
                         settle(reused, record, progress)
                         continue
+                    http = http or HttpDownloader(policy, connections=threads)
                     pending[pool.submit(work, record, stamp)] = record
                     while len(pending) >= 2 * threads:
                         done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -316,15 +320,23 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
                 for future in pending:
                     future.cancel()
                 raise
-        manifest_path = out / "manifest.jsonl"
-        ok = write_manifest(manifest_path, _fetched(records(), index, stored_keys))
-        index.compact(keys)
+        manifest_path, failures_path = out / "manifest.jsonl", out / "failures.jsonl"
+        previous = None
+        if not (failures or counts["downloaded"] or counts["copied"] or counts["reused"]) \
+                and index.lines == len(index.entries) == len(keys):
+            previous = still_current(out / SUMMARY, source_sha256, index.path,
+                                     [manifest_path, failures_path])
+        if previous:
+            ok = previous["ok"]  # nothing changed: the manifest written then is this one
+        else:
+            ok = write_manifest(manifest_path, _fetched(records(), index, stored_keys))
+            index.compact(keys)
     finally:
         index.close()
         if cache:
             cache.close()
-    failures_path = out / "failures.jsonl"
-    failures.write(failures_path)
+    if not previous:
+        failures.write(failures_path)
     fetched = counts["downloaded"] + counts["copied"]
     seconds = time.monotonic() - started
     summary = {"ok": ok, "failed": len(failures), "skipped": ok - fetched - counts["reused"],
@@ -334,7 +346,7 @@ def fetch_records(records: Callable[[], Iterable[ImageRecord]], out_dir: str | P
                "failed_share": round(len(failures) / total, 4) if total else 0.0,
                "max_failed_share": max_failed_share, "failures_by_reason": failures.by_reason(),
                "manifest": str(manifest_path), "failures": str(failures_path),
-               "files": str(files)}
+               "files": str(files), "outputs_of": outputs_of(source_sha256, index.path)}
     storage.write_text(out / SUMMARY, json.dumps(summary, indent=2))
     if check_budgets:
         check_fetch_budget(ok, len(failures), total, max_failed_share, str(failures_path))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -20,6 +20,7 @@ from odapi_operators.core.external_sort import ExternalSorter, Spool
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # A path part that flattens reversibly: safe characters, no "__", no "_" at either end.
 _PLAIN_PART = re.compile(r"[A-Za-z0-9.-]+(?:_[A-Za-z0-9.-]+)*")
+_TO_JSON = json.JSONEncoder(sort_keys=True).encode  # json.dumps(..., sort_keys=True), made once
 # A key names files (`files/<key>.jpeg` and its `.tmp-<name>-<host>-<pid>-<8 hex>` sibling, 255 bytes at most).
 MAX_KEY_LENGTH = 220
 
@@ -101,7 +102,9 @@ class ImageRecord:
     rotation: int = 0       # clockwise degrees the source says image AND boxes must be rotated
 
     def with_source(self, source: ImageSource, **changes: Any) -> "ImageRecord":
-        return replace(self, source=source, **changes)
+        """This record from another source (and with `changes`); `dataclasses.replace`
+        without its per-field checks, as every stage does this once per image."""
+        return ImageRecord(**{**self.__dict__, "source": source, **changes})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON (written by hand: `dataclasses.asdict` deep-copies, 4x slower)."""
@@ -119,7 +122,7 @@ class ImageRecord:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        return _TO_JSON(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ImageRecord":

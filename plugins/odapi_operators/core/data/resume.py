@@ -3,11 +3,16 @@
 One JSON line is appended (and flushed) per finished image, after its file is in place: a
 task killed at any moment leaves an index whose every line points at a complete file (a torn
 last line is ignored). `compact` rewrites it atomically with one line per image.
+
+A re-run in which every image was already done writes the same outputs again: `outputs_of`
+(kept in the stage's summary) and `still_current` let it keep them instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -60,3 +65,38 @@ class ResumeIndex:
 
     def close(self) -> None:
         self._out.close()
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """The sha256 of a file's bytes; None if it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def outputs_of(source_sha256: str | None, index: str | Path) -> dict | None:
+    """What a stage's outputs were written from: its input (by content) and its index (by
+    its file's identity, taken after the index is closed); for a later `still_current`."""
+    try:
+        st = os.stat(index)
+    except OSError:
+        return None
+    return {"source": source_sha256, "index": [st.st_size, st.st_mtime_ns, st.st_ino]} \
+        if source_sha256 else None
+
+
+def still_current(summary: str | Path, source_sha256: str | None, index: str | Path,
+                  outputs: Iterable[str | Path]) -> dict | None:
+    """The summary of the run that wrote `outputs` when they hold for this run as they are:
+    the same input, an index no run has touched since, every output in place. The caller
+    knows nothing changed in this run (every image was already done). None otherwise."""
+    try:
+        previous = json.loads(Path(summary).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(previous, dict) or previous.get("outputs_of") is None or \
+            previous["outputs_of"] != outputs_of(source_sha256, index):
+        return None
+    return previous if all(os.path.exists(path) for path in outputs) else None

@@ -37,7 +37,7 @@ from odapi_operators.core.data.manifest import (
 )
 from odapi_operators.core.data.normalize import NormalizeOptions, normalize, open_checked
 from odapi_operators.core.data.orientation import transform_boxes
-from odapi_operators.core.data.resume import ResumeIndex
+from odapi_operators.core.data.resume import ResumeIndex, file_sha256, outputs_of, still_current
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.progress import Log, Progress
 from odapi_operators.core.rejections import StageError
@@ -246,8 +246,16 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
         if cache:
             cache.close()
     keys: list[str] = []
-    summary = _write_outputs(manifest, out, index, keys)
-    index.compact(keys)
+    source_sha256 = file_sha256(manifest)  # complete now, also when fed by a running fetch
+    outputs = [out / "manifest.jsonl", out / "quarantine.jsonl"]
+    previous = None
+    if not (decoder.fresh or decoder.reused) and index.lines == len(index.entries):
+        previous = still_current(out / SUMMARY, source_sha256, index.path, outputs)
+    if previous:  # nothing changed: the outputs written then are this run's
+        summary = {key: previous[key] for key in _OUTPUT_COUNTS}
+    else:
+        summary = _write_outputs(manifest, out, index, keys)
+        index.compact(keys)
     index.close()
     seconds = time.monotonic() - started
     total = summary["ok"] + summary["failed"]
@@ -257,7 +265,8 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
                     "images_per_s": round(decoder.fresh / seconds, 1) if seconds else None,
                     "max_side": options.max_side,
                     "quarantined_share": round(summary["failed"] / total, 4) if total else 0.0,
-                    "max_quarantined_share": max_quarantined_share})
+                    "max_quarantined_share": max_quarantined_share,
+                    "outputs_of": outputs_of(source_sha256, index.path)})
     storage.write_text(out / SUMMARY, json.dumps(summary, indent=2))
     if check_budgets:
         check_verify_budget(summary["ok"], summary["failed"], max_quarantined_share,
@@ -272,6 +281,10 @@ def check_verify_budget(ok: int, quarantined: int, max_quarantined_share: float,
         raise StageError(f"no image passed verification; see {quarantine}")
     check_budget("verify", quarantined, ok + quarantined, max_quarantined_share, quarantine,
                  lost="quarantined", setting="images.max_quarantined_share")
+
+
+_OUTPUT_COUNTS = ("ok", "failed", "boxes_quarantined", "converted", "resized", "rotated",
+                  "duplicates", "manifest", "quarantine")  # what `_write_outputs` returns
 
 
 def _write_outputs(manifest: str | Path, out: Path, index: ResumeIndex, keys: list[str]) -> dict:
