@@ -81,6 +81,34 @@ def test_fetch_copies_then_skips(ingested, tmp_path):
     assert not [p for p in (out / "files").iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_a_rerun_with_nothing_to_do_keeps_its_outputs(ingested, tmp_path):
+    """Fetch and verify over the same images again: the manifests they wrote stay (not even
+    rewritten), the summaries count the same; other boxes on the same images are new
+    outputs, although no image is fetched or decoded again."""
+    def run() -> tuple[dict, dict]:
+        fetched = fetch_images(ingested, tmp_path / "images")
+        return fetched, verify_images(fetched["manifest"], tmp_path / "verify", workers=1)
+
+    outputs = [tmp_path / "images" / "manifest.jsonl", tmp_path / "verify" / "manifest.jsonl",
+               tmp_path / "verify" / "quarantine.jsonl"]
+    first = run()
+    stamps = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in outputs]
+    again = run()
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in outputs] == stamps
+    assert (again[0]["ok"], again[0]["skipped"], again[1]["ok"], again[1]["skipped"]) == \
+        (5, 5, 5, 5)
+    assert {k: v for k, v in again[1].items() if k in ("converted", "resized", "duplicates")} \
+        == {k: v for k, v in first[1].items() if k in ("converted", "resized", "duplicates")}
+
+    records = list(read_manifest(ingested))
+    write_manifest(ingested, [r.with_source(r.source, boxes=tuple(
+        Box("hexagon", b.xmin, b.ymin, b.xmax, b.ymax) for b in r.boxes)) for r in records])
+    relabelled = run()
+    assert (relabelled[0]["skipped"], relabelled[1]["skipped"]) == (5, 5)
+    for output in outputs[:2]:
+        assert {b.label for r in read_manifest(output) for b in r.boxes} == {"hexagon"}
+
+
 def test_fetch_reports_missing_source(ingested, tmp_path):
     victim = next(read_manifest(ingested))
     Path(victim.source.uri).unlink()
