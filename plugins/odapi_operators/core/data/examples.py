@@ -5,11 +5,11 @@ in manifest order, so each insertion moves the records after it, and each record
 `image/source_id` is its position in the manifest. What does not change is the rest of an
 unchanged image's Example, and that is most of the work (reading and hashing the image,
 encoding the features). So every shard lists where each of its Examples is
-(`.shard-stats/<shard>.examples`, merged by `finish_shards` into `examples.jsonl`, in
-manifest order), and a later layout takes an unchanged image's Example from the shards of
-the layout the records cache published last (`<cache>/latest`), with the new source id
-spliced in: the bytes are exactly what `example_for` would write, so the shards of a version
-are the same whatever was reused.
+(`.shard-stats/<shard>.examples`, a line per Example in manifest order: key, identity,
+offset, size, source id), and a later layout takes an unchanged image's Example from the
+shards of the layout the records cache published last (`<cache>/latest`), with the new
+source id spliced in: the bytes are exactly what `example_for` would write, so the shards of
+a version are the same whatever was reused.
 
 An Example is reused only under the same identity (the image's sha256 from upstream, its
 file name, size, boxes and their label ids) and when its record's checksums hold; anything
@@ -18,11 +18,14 @@ else (no list, a lost or damaged shard, another identity) is encoded again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import heapq
 import json
 import os
+from operator import itemgetter
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Iterator
 
 from odapi_operators.core.data.manifest import ImageRecord
 from odapi_operators.core.data.tfrecord import (
@@ -35,9 +38,9 @@ from odapi_operators.core.data.tfrecord import (
     int64_feature,
     read_record_at,
 )
+from odapi_operators.core.layout import SUMMARY
 
-# a records folder's list, a line per Example: [key, identity, shard, offset, bytes, source id]
-EXAMPLES = "examples.jsonl"
+STATS_DIR = ".shard-stats"  # a records folder's stats and lists, a file of each per shard
 LATEST = "latest"  # in the records cache: the fingerprint of the layout published last
 FORMAT = 1  # part of every identity: bump it when example_for writes other bytes
 
@@ -114,26 +117,9 @@ def list_line(key: str, ident: str | None, offset: int, size: int, source_id: in
     return f'[{json.dumps(key)}, {json.dumps(ident)}, {offset}, {size}, {source_id}]\n'
 
 
-class MergedList:
-    """The records folder's list, written from the shards' lists (`lists[member]`, the shard
-    named `names[member]`) as `add` is called in manifest order; `healthy` turns False, and
-    nothing more is written, at the first line that does not match the manifest."""
-
-    def __init__(self, lists: dict[Any, IO[str]], names: dict[Any, str], out: IO[str]):
-        self.lists, self.names, self.out = lists, names, out
-        self.healthy = True
-
-    def add(self, member: Any, key: str, source_id: int) -> None:
-        if not self.healthy:
-            return
-        try:
-            entry_key, ident, offset, size, sid = json.loads(self.lists[member].readline())
-            self.healthy = entry_key == key and sid == source_id
-        except (ValueError, TypeError, KeyError):
-            self.healthy = False
-        if self.healthy:
-            self.out.write(json.dumps([key, ident, self.names[member], offset, size, sid])
-                           + "\n")
+def list_path(folder: Path, shard: str) -> Path:
+    """Where a shard's list is: written with the shard, before its stats."""
+    return folder / STATS_DIR / f"{shard}.examples"
 
 
 def latest(cache: str | Path | None) -> str | None:
@@ -145,39 +131,31 @@ def latest(cache: str | Path | None) -> str | None:
     except (OSError, UnicodeDecodeError):
         return None
     folder = Path(cache) / name
-    if not name or name != os.path.basename(name) or not (folder / EXAMPLES).is_file():
+    if not name or name != os.path.basename(name) or not (folder / SUMMARY).is_file():
         return None
     return str(folder)
 
 
 class EarlierExamples:
-    """The Examples of one earlier records folder, looked up by walking its list alongside a
-    manifest (both in image-key order: a manifest in another order only finds fewer)."""
+    """The Examples of `shards` in one earlier records folder, looked up by walking their lists
+    (merged by image key) alongside a manifest (in key order too: a manifest in another
+    order only finds fewer). A shard without a list, or with a damaged one, offers less."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, shards: list[str]):
         self.folder = Path(folder)
-        self.lines: IO[str] | None = None
-        self.entry: list | None = None
+        self.files: dict[str, IO[str]] = {}
         self.fds: dict[str, int] = {}
         self.reused = 0
-        try:
-            self.lines = open(self.folder / EXAMPLES, encoding="utf-8")
-        except OSError:
-            return
+        for name in shards:
+            with contextlib.suppress(OSError):
+                self.files[name] = open(list_path(self.folder, name), encoding="utf-8")
+        self.entries = heapq.merge(*[_entries(lines, name) for name, lines in
+                                     self.files.items()], key=itemgetter(0))
+        self.entry: tuple | None = None
         self._advance()
 
     def _advance(self) -> None:
-        line = self.lines.readline() if self.lines else ""
-        try:
-            entry = json.loads(line) if line else None
-        except ValueError:
-            entry = None
-        if entry is not None and not (
-                isinstance(entry, list) and len(entry) == 6 and isinstance(entry[0], str)
-                and isinstance(entry[2], str) and entry[2] == os.path.basename(entry[2])
-                and all(isinstance(v, int) for v in entry[3:])):
-            entry = None  # not a line this module wrote: stop here
-        self.entry = entry
+        self.entry = next(self.entries, None)
 
     def example(self, record: ImageRecord, ident: str | None, source_id: int) -> bytes | None:
         """The Example of `record` with `source_id`, if the earlier folder holds it intact."""
@@ -186,7 +164,7 @@ class EarlierExamples:
         if ident is None or self.entry is None or self.entry[0] != record.key \
                 or self.entry[1] != ident:
             return None
-        _, _, shard, offset, size, old = self.entry
+        _, _, offset, size, old, shard = self.entry
         try:
             fd = self.fds.get(shard)
             if fd is None:
@@ -199,8 +177,22 @@ class EarlierExamples:
         return example
 
     def close(self) -> None:
-        if self.lines:
-            self.lines.close()
+        for lines in self.files.values():
+            lines.close()
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+def _entries(lines: IO[str], shard: str) -> Iterator[tuple]:
+    """(key, identity, offset, size, source id, shard) per line of a shard's list, up to the
+    first line this module did not write whole."""
+    for line in lines:
+        try:
+            key, ident, offset, size, source_id = json.loads(line)
+        except (ValueError, TypeError):
+            return
+        if not (isinstance(key, str) and isinstance(offset, int) and isinstance(size, int)
+                and isinstance(source_id, int)):
+            return
+        yield key, ident, offset, size, source_id, shard

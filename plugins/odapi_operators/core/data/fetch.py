@@ -105,13 +105,13 @@ class _Store:
             raise
         return target, sha, False
 
-    def adopt(self, key: str, cached: Path, sha: str, suffix: str) -> Path | None:
+    def adopt(self, key: str, cached: str, sha: str, suffix: str) -> str | None:
         """`files/<key><ext>` as a link of the cache's copy; None if that cannot be done."""
-        target = self.files / fitting_name(key, suffix, self.name_limit)
+        target = os.path.join(self.files, fitting_name(key, suffix, self.name_limit))
         if not place(cached, target):
             return None
         with self.lock:
-            self.by_hash.setdefault(sha, str(target))
+            self.by_hash.setdefault(sha, target)
         return target
 
     @staticmethod

@@ -126,7 +126,15 @@ class ImageRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ImageRecord":
-        return cls(
+        source, boxes = data["source"], data.get("boxes", ())
+        if source.keys() == _SOURCE_FIELDS and all(b.keys() == _BOX_FIELDS for b in boxes):
+            return _built(cls, {
+                "key": data["key"], "source": _built(ImageSource, source),
+                "source_id": data["source_id"], "width": data.get("width"),
+                "height": data.get("height"), "boxes": tuple(_built(Box, b) for b in boxes),
+                "provenance": data.get("provenance", {}), "md5": data.get("md5"),
+                "rotation": data.get("rotation", 0)})
+        return cls(  # unexpected fields: let the constructors name them
             key=data["key"],
             source=ImageSource(**data["source"]),
             source_id=data["source_id"],
@@ -150,6 +158,19 @@ class ImageRecord:
         key, kind, uri, source_id, width, height, boxes, provenance, md5, rotation = row
         return cls(key, ImageSource(kind, uri), source_id, width, height,
                    tuple(Box(*b) for b in boxes), provenance, md5, rotation)
+
+
+_SOURCE_FIELDS = frozenset(("kind", "uri"))
+_BOX_FIELDS = frozenset(("label", "xmin", "ymin", "xmax", "ymax"))
+
+
+def _built(cls: type, fields: dict[str, Any]) -> Any:
+    """An instance of the frozen dataclass `cls` from all of its fields, without the checked
+    per-field `__setattr__` of a frozen `__init__`: every stage reads every record of its
+    manifest, and this makes reading one about twice as fast."""
+    built = object.__new__(cls)
+    built.__dict__.update(fields)
+    return built
 
 
 def _weight(record: ImageRecord) -> int:

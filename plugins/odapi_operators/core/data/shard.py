@@ -34,14 +34,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 from odapi_operators.core import storage
 from odapi_operators.core.data.examples import (
-    EXAMPLES,
     LATEST,
+    STATS_DIR,
     EarlierExamples,
-    MergedList,
     example_for,
     identity,
     latest,
     list_line,
+    list_path,
 )
 from odapi_operators.core.data.label_map import read_label_map
 from odapi_operators.core.data.manifest import ImageRecord, read_manifest
@@ -57,7 +57,6 @@ from odapi_operators.core.stages.child import process_pool
 MAX_SOURCE_ID = 2**22
 DEFAULT_TARGET_SHARD_BYTES = 128 << 20
 RECORD_OVERHEAD = 256  # bytes an Example adds to its image, for shard sizing
-STATS_DIR = ".shard-stats"
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -134,11 +133,6 @@ def _stats_path(out: Path, name: str) -> Path:
     return out / STATS_DIR / f"{name}.json"
 
 
-def _list_path(out: Path, name: str) -> Path:
-    """Where a shard's Examples are (`examples.py`); written with it, before its stats."""
-    return out / STATS_DIR / f"{name}.examples"
-
-
 def _finished(out: Path, name: str, tag: str) -> dict | None:
     """The stats of a complete shard of this layout, else None."""
     try:
@@ -171,11 +165,12 @@ def _partition_records(manifest: str | Path, ratios: dict[str, float], partition
 
 def _write_group(manifest: str, label_map_path: str, out_dir: str, ratios: dict[str, float],
                  counts: dict[str, int], members: list[tuple[str, int]], tag: str,
-                 partition: int | None = None, reuse_from: str | None = None) -> list[dict]:
+                 partition: int | None = None,
+                 reuse_from: tuple[str, list[str]] | None = None) -> list[dict]:
     """Write the shards `members` in one pass over the manifest (a partition's manifest,
     given `partition`: it is the index of every shard it writes), each with its list of
     Examples; return their stats (plus how many Examples came from `reuse_from`, an earlier
-    records folder: `examples.py`)."""
+    records folder and its shards: `examples.py`)."""
     out = Path(out_dir)
     label_map = read_label_map(label_map_path)
     names = {(s, i): shard_name(s, i, counts[s]) for s, i in members}
@@ -186,7 +181,7 @@ def _write_group(manifest: str, label_map_path: str, out_dir: str, ratios: dict[
     stats = {member: {"split": member[0], "shard": name, "tag": tag, "images": 0, "boxes": 0,
                       "bytes": 0, "per_class": Counter()} for member, name in names.items()}
     current = ""
-    earlier = EarlierExamples(reuse_from) if reuse_from else None
+    earlier = EarlierExamples(*reuse_from) if reuse_from else None
     try:
         with contextlib.ExitStack() as stack:
             if earlier:
@@ -194,7 +189,7 @@ def _write_group(manifest: str, label_map_path: str, out_dir: str, ratios: dict[
             files = {member: stack.enter_context(storage.atomic_write(out / name))
                      for member, name in names.items()}
             lists = {member: stack.enter_context(storage.atomic_write(
-                _list_path(out, name), "w", durable=False)) for member, name in names.items()}
+                list_path(out, name), "w", durable=False)) for member, name in names.items()}
             placed = _records_of(manifest, ratios, counts) if partition is None \
                 else _partition_records(manifest, ratios, partition)
             for source_id, split, index, record in placed:
@@ -256,46 +251,9 @@ def finish_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str
     out = Path(out_dir)
     tag = _tag(manifest, label_map_path, ratios, counts)
     splits = _split_stats(out, counts, lambda index: tag)
-    with _merged_list(out, counts) as merged:
-        _write_source_ids(out, _listed(_records_of(manifest, ratios, counts), merged))
+    _write_source_ids(out, ((source_id, split, record) for source_id, split, _, record
+                            in _records_of(manifest, ratios, counts)))
     return _write_summary(out, label_map_path, splits, tag, fingerprint)
-
-
-class _Unlisted(Exception):
-    """A shard's list does not match the manifest: the folder gets no list of Examples."""
-
-
-@contextlib.contextmanager
-def _merged_list(out: Path, counts: dict[str, int]) -> Iterator[MergedList | None]:
-    """`examples.jsonl` from the shards' lists, fed in manifest order; when a shard has no
-    list (written before lists were) or one that does not match, there is none."""
-    target = out / EXAMPLES
-    names = {(s, i): shard_name(s, i, n) for s, n in counts.items() for i in range(n)}
-    with contextlib.ExitStack() as stack:
-        try:
-            lists = {member: stack.enter_context(open(_list_path(out, name), encoding="utf-8"))
-                     for member, name in names.items()}
-        except OSError:
-            target.unlink(missing_ok=True)
-            yield None
-            return
-        try:
-            with storage.atomic_write(target, "w", durable=False) as fh:
-                merged = MergedList(lists, names, fh)
-                yield merged
-                if not merged.healthy or any(rest.readline() for rest in lists.values()):
-                    raise _Unlisted
-        except _Unlisted:
-            target.unlink(missing_ok=True)
-
-
-def _listed(placed: Iterable[tuple[int, str, int, ImageRecord]], merged: MergedList | None
-            ) -> Iterator[tuple[int, str, ImageRecord]]:
-    """(source_id, split, record) of `placed`, each also given to `merged`."""
-    for source_id, split, index, record in placed:
-        if merged:
-            merged.add((split, index), record.key, source_id)
-        yield source_id, split, record
 
 
 def _split_stats(out: Path, counts: dict[str, int], tag_of: Callable[[int], str]) -> dict:
@@ -452,7 +410,7 @@ def write_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str 
             if _finished(out, shard_name(s["split"], s["index"], s["count"]), tag) is None]
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
     args = (str(manifest), str(label_map_path), str(out), ratios, counts)
-    reuse_from = latest(cache_dir)
+    reuse_from = _layout(latest(cache_dir))
     groups = _groups(todo, workers)
     with contextlib.ExitStack() as stack:
         if workers > 1:
@@ -474,6 +432,17 @@ def write_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str 
     reused = sum(s.get("reused", 0) for group in results for s in group)
     return _counted(summary, cached=False, written=len(todo), total=shard_total,
                     reused_images=reused)
+
+
+def _layout(folder: str | None) -> tuple[str, list[str]] | None:
+    """A finished records folder and its shards' names, from its summary."""
+    try:
+        splits = json.loads((Path(folder) / SUMMARY).read_text())["splits"] if folder else None
+        return (folder, [shard_name(split, index, stats["shards"]) for split, stats
+                         in splits.items() for index in range(stats["shards"])]) \
+            if splits else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _publish_latest(cached: Path) -> None:

@@ -138,6 +138,7 @@ class _Decoder:
             out, options, workers, index, pool, cache
         self.digest = _options_digest(options)
         self.name_limit = name_limit(out)
+        self.files = str(out / "files")  # a str: joined once per image
         self.fresh = self.reused = 0
 
     def run(self, records: Iterable[ImageRecord], progress: Progress | None) -> None:
@@ -154,8 +155,8 @@ class _Decoder:
                     progress.update(ok="error" not in entry, skipped=True)
                 continue
             expected = _expected(record)
-            out_path = str(self.out / "files" / fitting_name(record.key, ".jpg",
-                                                              self.name_limit))
+            out_path = os.path.join(self.files, fitting_name(record.key, ".jpg",
+                                                             self.name_limit))
             source_sha = _content_sha256(record) if self.cache else None
             key = identity(source_sha, record.rotation, expected, self.digest) \
                 if source_sha else None
