@@ -31,7 +31,8 @@ from support.processes import gone, in_session, kill_session, wait_until_signall
 
 IMAGES, SEED = 32, 5
 ATTEMPT_KEYS = {"skipped", "fetched", "copied", "downloaded", "bytes", "seconds",
-                "images_per_s", "reused", "requests", "duplicates"}  # what one attempt did
+                "images_per_s", "reused", "requests", "duplicates",
+                "outputs_of"}  # what one attempt did (outputs_of: its index file's identity)
 
 
 def _pipeline(home: Path, export: Path, **images: object) -> Path:
@@ -209,7 +210,7 @@ def test_a_partition_killed_mid_way_reruns_alone_and_leaves_nothing_partial(tmp_
     for name in ("images", "verify"):
         subprocess.run(["rm", "-r", str(folder / name)], check=True)
     mine = [p for p in records.rglob(f"*-{target['index']:05d}-of-00004.tfrecord*")]
-    assert len(mine) == 4  # two shards, two stats files
+    assert len(mine) == 6  # two shards, their stats files and lists of Examples
     for path in mine:
         path.unlink()
     others = [Path(p["folder"]) for p in parts if p is not target]

@@ -14,7 +14,6 @@ by it, and each failure's reason starts with it.
 
 from __future__ import annotations
 
-import email.utils
 import errno
 import hashlib
 import random
@@ -91,6 +90,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     value = value.strip()
     if value.isdigit():
         return float(value)
+    import email.utils  # here: most runs never see an HTTP date
+
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):

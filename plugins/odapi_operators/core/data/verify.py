@@ -41,7 +41,6 @@ from odapi_operators.core.data.resume import ResumeIndex, file_sha256, outputs_o
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.progress import Log, Progress
 from odapi_operators.core.rejections import StageError
-from odapi_operators.core.stages.child import process_pool
 
 INDEX_NAME = "verify-index.jsonl"
 INLINE_BELOW = 16  # fewer images than this: a process pool costs more than it saves
@@ -133,9 +132,10 @@ class _Decoder:
     results the image cache holds are taken from it instead of decoding."""
 
     def __init__(self, out: Path, options: NormalizeOptions, workers: int, index: ResumeIndex,
-                 pool: Executor | None, cache: ImageCache | None = None):
-        self.out, self.options, self.workers, self.index, self.pool, self.cache = \
-            out, options, workers, index, pool, cache
+                 pooled: bool, cache: ImageCache | None = None):
+        self.out, self.options, self.workers, self.index, self.pooled, self.cache = \
+            out, options, workers, index, pooled, cache
+        self.pool: Executor | None = None  # started by the first image to decode, if any
         self.digest = _options_digest(options)
         self.name_limit = name_limit(out)
         self.files = str(out / "files")  # a str: joined once per image
@@ -166,7 +166,7 @@ class _Decoder:
                 args = (record.source.uri, record.rotation,
                         tuple(expected) if expected else None, self.options, out_path,
                         source_sha)
-                outcome = self.pool.submit(_verify_file, *args) if self.pool \
+                outcome = self._pool().submit(_verify_file, *args) if self.pooled \
                     else _verify_file(*args)
             else:
                 outcome["source_sha256"] = source_sha
@@ -178,6 +178,17 @@ class _Decoder:
                 self._settle(*window.popleft(), progress)
         while window:
             self._settle(*window.popleft(), progress)
+
+    def _pool(self) -> Executor:
+        if self.pool is None:
+            from odapi_operators.core.stages.child import process_pool
+
+            self.pool = process_pool(self.workers)
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown(cancel_futures=True)
 
     def _from_cache(self, key: str, source: str, out_path: str) -> dict | None:
         """An earlier run's result for the same bytes and settings, its output in place."""
@@ -234,16 +245,15 @@ def verify_images(manifest: str | Path, out_dir: str | Path, *, max_side: int | 
     total = incoming_total if incoming is not None else count_records(manifest)
     index = ResumeIndex(out / INDEX_NAME)
     started = time.monotonic()
-    pool = process_pool(workers) if workers > 1 and total >= INLINE_BELOW else None
     cache = open_cache(cache_dir)
-    decoder = _Decoder(out, options, workers, index, pool, cache)
+    decoder = _Decoder(out, options, workers, index, workers > 1 and total >= INLINE_BELOW,
+                       cache)
     try:
         with Progress("verify", total, log=log, every=progress_every, bar=bar) as progress:
             # `incoming` carries every record the fetch stage's manifest will hold
             decoder.run(read_manifest(manifest) if incoming is None else incoming, progress)
     finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
+        decoder.close()
         if cache:
             cache.close()
     keys: list[str] = []
