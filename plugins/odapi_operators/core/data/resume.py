@@ -18,6 +18,8 @@ from typing import Any, Iterable
 
 from odapi_operators.core import storage
 
+_ENCODE = json.JSONEncoder(sort_keys=True).encode  # json.dumps(..., sort_keys=True), made once
+
 
 class ResumeIndex:
     def __init__(self, path: str | Path):
@@ -44,7 +46,7 @@ class ResumeIndex:
         flushed one (or `close`): for work so cheap that redoing it after a kill costs less
         than a write per image."""
         self.entries[entry["key"]] = entry
-        self._out.write(json.dumps(entry, sort_keys=True) + "\n")
+        self._out.write(_ENCODE(entry) + "\n")
         if flush:
             self._out.flush()
         self.lines += 1
@@ -58,7 +60,7 @@ class ResumeIndex:
         self._out.close()
         with storage.atomic_write(self.path, "w") as fh:
             for entry in wanted.values():
-                fh.write(json.dumps(entry, sort_keys=True) + "\n")
+                fh.write(_ENCODE(entry) + "\n")
         self.entries = dict(wanted)
         self.lines = len(wanted)
         self._out = open(self.path, "a", encoding="utf-8")
