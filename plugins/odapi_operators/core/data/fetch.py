@@ -9,7 +9,8 @@ Decoding belongs to the verify stage, which runs in worker processes.
 The store is keyed by image key and content hash: `files/<key><ext>` (extension from the magic
 bytes), one line per finished image in `fetch-index.jsonl` (`resume.ResumeIndex`). An image in
 the index whose file is intact is never fetched again, so a re-run makes no request and a
-killed run continues where it stopped. Identical bytes under two keys are stored once (a hard
+killed run continues where it stopped; a re-run in which nothing changed keeps the manifest
+it wrote (`resume.still_current`). Identical bytes under two keys are stored once (a hard
 link). With an image cache (`image_cache.py`, `images.cache`), an image an earlier run fetched
 from the same source is linked from there instead: a new run folder over a grown dataset
 fetches only the new images. Failures are listed as (URL, key, reason) in `failures.jsonl`; above the failure budget

@@ -4,7 +4,8 @@ Decoding is CPU work, so it runs in a process pool (one worker per core) fed a b
 of images in manifest order; `normalize.normalize` does the work on each. Boxes follow the
 pixels (`orientation.transform_boxes`). Identical bytes give one output file. A rejected image
 goes to `quarantine.jsonl` with its reason and the boxes it carried, never silently dropped.
-Finished images are remembered in `verify-index.jsonl`, so a repeated run decodes nothing.
+Finished images are remembered in `verify-index.jsonl`, so a repeated run decodes nothing (and,
+when nothing changed, keeps the outputs it wrote: `resume.still_current`).
 With an image cache (`image_cache.py`, `images.cache`), bytes an earlier run verified with
 the same options, rotation and annotated size are not decoded again in a new run folder
 either: their result (and re-encoded output) comes from the cache.
