@@ -128,10 +128,14 @@ class ImageRecord:
     def from_dict(cls, data: dict[str, Any]) -> "ImageRecord":
         source, boxes = data["source"], data.get("boxes", ())
         if source.keys() == _SOURCE_FIELDS and all(b.keys() == _BOX_FIELDS for b in boxes):
-            return _built(cls, {
-                "key": data["key"], "source": _built(ImageSource, source),
+            return _built(cls, {  # fields in their declared order, as `__init__` sets them
+                "key": data["key"],
+                "source": _built(ImageSource, {"kind": source["kind"], "uri": source["uri"]}),
                 "source_id": data["source_id"], "width": data.get("width"),
-                "height": data.get("height"), "boxes": tuple(_built(Box, b) for b in boxes),
+                "height": data.get("height"),
+                "boxes": tuple(_built(Box, {"label": b["label"], "xmin": b["xmin"],
+                                            "ymin": b["ymin"], "xmax": b["xmax"],
+                                            "ymax": b["ymax"]}) for b in boxes),
                 "provenance": data.get("provenance", {}), "md5": data.get("md5"),
                 "rotation": data.get("rotation", 0)})
         return cls(  # unexpected fields: let the constructors name them
