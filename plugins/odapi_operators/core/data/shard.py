@@ -28,7 +28,8 @@ import json
 import math
 import os
 import shutil
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -56,6 +57,7 @@ from odapi_operators.core.stages.child import process_pool
 
 MAX_SOURCE_ID = 2**22
 DEFAULT_TARGET_SHARD_BYTES = 128 << 20
+WINDOW = 256  # Examples held for shard order behind one still encoding
 RECORD_OVERHEAD = 256  # bytes an Example adds to its image, for shard sizing
 
 
@@ -165,12 +167,13 @@ def _partition_records(manifest: str | Path, ratios: dict[str, float], partition
 
 def _write_group(manifest: str, label_map_path: str, out_dir: str, ratios: dict[str, float],
                  counts: dict[str, int], members: list[tuple[str, int]], tag: str,
-                 partition: int | None = None,
-                 reuse_from: tuple[str, list[str]] | None = None) -> list[dict]:
+                 partition: int | None = None, reuse_from: tuple[str, list[str]] | None = None,
+                 encoders: int = 1) -> list[dict]:
     """Write the shards `members` in one pass over the manifest (a partition's manifest,
     given `partition`: it is the index of every shard it writes), each with its list of
     Examples; return their stats (plus how many Examples came from `reuse_from`, an earlier
-    records folder and its shards: `examples.py`)."""
+    records folder and its shards: `examples.py`). Examples not reused are encoded here, or
+    with `encoders` > 1 in that many processes, started by the first one needed."""
     out = Path(out_dir)
     label_map = read_label_map(label_map_path)
     names = {(s, i): shard_name(s, i, counts[s]) for s, i in members}
@@ -182,8 +185,26 @@ def _write_group(manifest: str, label_map_path: str, out_dir: str, ratios: dict[
                       "bytes": 0, "per_class": Counter()} for member, name in names.items()}
     current = ""
     earlier = EarlierExamples(*reuse_from) if reuse_from else None
+    encoding = _Encoding(encoders, label_map)
+    window: deque[tuple[tuple[str, int], ImageRecord, int, str | None, bytes | Future]] = deque()
+    in_flight = 0
+
+    def put(member: tuple[str, int], record: ImageRecord, source_id: int, ident: str | None,
+            example: bytes | Future) -> None:
+        nonlocal current
+        current = names[member]
+        example = example.result() if isinstance(example, Future) else example
+        shard = stats[member]
+        lists[member].write(list_line(record.key, ident, shard["bytes"], len(example),
+                                      source_id))
+        shard["bytes"] += write_record(files[member], example)
+        shard["images"] += 1
+        shard["boxes"] += len(record.boxes)
+        shard["per_class"].update(b.label for b in record.boxes)
+
     try:
         with contextlib.ExitStack() as stack:
+            stack.callback(encoding.close)
             if earlier:
                 stack.callback(earlier.close)
             files = {member: stack.enter_context(storage.atomic_write(out / name))
@@ -196,18 +217,18 @@ def _write_group(manifest: str, label_map_path: str, out_dir: str, ratios: dict[
                 member = (split, index)
                 if member not in files:
                     continue
-                current = names[member]
-                shard = stats[member]
                 ident = identity(record, label_map)
                 example = earlier.example(record, ident, source_id) if earlier else None
-                if example is None:
-                    example = example_for(record, source_id, label_map)
-                lists[member].write(list_line(record.key, ident, shard["bytes"], len(example),
-                                              source_id))
-                shard["bytes"] += write_record(files[member], example)
-                shard["images"] += 1
-                shard["boxes"] += len(record.boxes)
-                shard["per_class"].update(b.label for b in record.boxes)
+                window.append((member, record, source_id, ident,
+                               example or encoding.example(record, source_id)))
+                in_flight += isinstance(window[-1][4], Future)
+                # written in manifest order; only encodes in flight (and the window) bounded
+                while window and (not isinstance(head := window[0][4], Future) or head.done()
+                                  or in_flight > 4 * encoders or len(window) > WINDOW):
+                    in_flight -= isinstance(head, Future)
+                    put(*window.popleft())
+            while window:
+                put(*window.popleft())
             current = "closing shards"
     except OSError as exc:
         raise StageError(f"shard: writing {out / current if current else out} failed: "
@@ -220,6 +241,26 @@ def _write_group(manifest: str, label_map_path: str, out_dir: str, ratios: dict[
     if results and earlier:
         results[0]["reused"] = earlier.reused  # the group's count: not in the stats file
     return results
+
+
+class _Encoding:
+    """Examples encoded here, or with `workers` > 1 in a process pool started by the first
+    one (a layout reusing every Example starts none)."""
+
+    def __init__(self, workers: int, label_map: dict[str, int]):
+        self.workers, self.label_map = workers, label_map
+        self.pool: Executor | None = None
+
+    def example(self, record: ImageRecord, source_id: int) -> bytes | Future:
+        if self.workers <= 1:
+            return example_for(record, source_id, self.label_map)
+        if self.pool is None:
+            self.pool = process_pool(self.workers)
+        return self.pool.submit(example_for, record, source_id, self.label_map)
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def write_shard(manifest: str | Path, label_map_path: str | Path, out_dir: str | Path,
@@ -411,14 +452,17 @@ def write_shards(manifest: str | Path, label_map_path: str | Path, out_dir: str 
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
     args = (str(manifest), str(label_map_path), str(out), ratios, counts)
     reuse_from = _layout(latest(cache_dir))
-    groups = _groups(todo, workers)
-    with contextlib.ExitStack() as stack:
-        if workers > 1:
-            pool = stack.enter_context(process_pool(workers))
-            results = [f.result() for f in [pool.submit(_write_group, *args, g, tag, None,
-                                                        reuse_from) for g in groups]]
-        else:
-            results = [_write_group(*args, g, tag, None, reuse_from) for g in groups]
+    if reuse_from and todo:  # mostly copies: one pass here, other processes only to encode
+        results = [_write_group(*args, todo, tag, None, reuse_from, encoders=workers)]
+    else:
+        groups = _groups(todo, workers)
+        with contextlib.ExitStack() as stack:
+            if workers > 1:
+                pool = stack.enter_context(process_pool(workers))
+                results = [f.result() for f in [pool.submit(_write_group, *args, g, tag)
+                                                for g in groups]]
+            else:
+                results = [_write_group(*args, g, tag) for g in groups]
     for stats in (s for group in results for s in group):
         if log:
             log(f"shard: {stats['shard']} written ({stats['images']} images, "
