@@ -29,6 +29,7 @@ from typing import IO, Iterator
 
 from odapi_operators.core.data.manifest import ImageRecord
 from odapi_operators.core.data.tfrecord import (
+    MAX_RECORD_BYTES,
     bytes_feature,
     encode_example,
     example_entries,
@@ -193,6 +194,7 @@ def _entries(lines: IO[str], shard: str) -> Iterator[tuple]:
         except (ValueError, TypeError):
             return
         if not (isinstance(key, str) and isinstance(offset, int) and isinstance(size, int)
-                and isinstance(source_id, int)):
+                and isinstance(source_id, int) and offset >= 0
+                and 0 < size <= MAX_RECORD_BYTES):
             return
         yield key, ident, offset, size, source_id, shard
