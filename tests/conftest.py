@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import tempfile
 import threading
 from http import HTTPStatus
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -106,14 +108,28 @@ def join_all(processes, timeout: float) -> None:
 TRAINED_STEPS, TRAINED_LOOP = 60, 10
 
 
-@pytest.fixture(scope="session")
-def trained_model(tmp_path_factory) -> dict[str, Path]:
-    """A RetinaNet-mobile trained for 60 real steps in 10-step loops on tiny sample records,
-    shared by every test that needs a model: long enough for its loss to have fallen (the
-    warm-start test starts from it), and its first loop is a fresh start's."""
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], dict[str, Any]]
+               ) -> dict[str, Any]:
+    """`build(folder)` once per test run, its JSON result for every caller. Under
+    pytest-xdist each worker has its own session fixtures: the first worker to ask builds into
+    a folder all workers share while the others wait on the lock, then read what it built
+    (a TensorFlow training or export costs minutes; two would cost both cores)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # pytest-<n>/, above each worker's popen-gw<i>/
+    folder, done = shared / name, shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a failed build's leftovers
+            folder.mkdir()
+            done.write_text(json.dumps(build(folder)))
+    return json.loads(done.read_text())
+
+
+def _train_sample_model(root: Path) -> dict[str, str]:
     import yaml
 
-    root = tmp_path_factory.mktemp("trained")
     records = prepare_records(root, count=24)
     config = keep_all_detections_config(root)
     params = yaml.safe_load(config.read_text())
@@ -122,7 +138,18 @@ def trained_model(tmp_path_factory) -> dict[str, Path]:
     model_dir = root / "model"
     odapi("train", "--model-config", str(config), "--data", str(records), "--out",
           str(model_dir), "--steps", str(TRAINED_STEPS), "--batch-size", "4")
-    return {"root": root, "records": records, "model_dir": model_dir, "config": config}
+    return {"root": str(root), "records": str(records), "model_dir": str(model_dir),
+            "config": str(config)}
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory) -> dict[str, Path]:
+    """A RetinaNet-mobile trained for 60 real steps in 10-step loops on tiny sample records,
+    shared by every test that needs a model: long enough for its loss to have fallen (the
+    warm-start test starts from it), and its first loop is a fresh start's. Read-only: a test
+    that changes it copies it first."""
+    built = built_once(tmp_path_factory, "trained", _train_sample_model)
+    return {key: Path(value) for key, value in built.items()}
 
 
 GCS_BUCKET = "odapi-test"
@@ -205,14 +232,16 @@ def gcs_with_preconditions(gcs_emulator):
 def exported_model(trained_model, tmp_path_factory) -> Path:
     """The trained model exported once (`odapi export`, image_bytes input: binary requests
     over both Serving protocols, a decision.json extra); the SavedModel folder (its export
-    summary is `../summary.json`), shared by the Serving and export tests."""
-    root = tmp_path_factory.mktemp("exported")
-    (root / "decision.json").write_text(json.dumps({"promoted": True}))
-    out = root / "export"
-    odapi("export", "--model-dir", str(trained_model["model_dir"]), "--data",
-          str(trained_model["records"]), "--out", str(out), "--input-type", "image_bytes",
-          "--model-name", "shapes", "--extras", str(root / "decision.json"))
-    return out / "saved_model"
+    summary is `../summary.json`), shared by the Serving and export tests. Read-only."""
+    def export(root: Path) -> dict[str, str]:
+        (root / "decision.json").write_text(json.dumps({"promoted": True}))
+        out = root / "export"
+        odapi("export", "--model-dir", str(trained_model["model_dir"]), "--data",
+              str(trained_model["records"]), "--out", str(out), "--input-type", "image_bytes",
+              "--model-name", "shapes", "--extras", str(root / "decision.json"))
+        return {"saved_model": str(out / "saved_model")}
+
+    return Path(built_once(tmp_path_factory, "exported", export)["saved_model"])
 
 
 @pytest.fixture()

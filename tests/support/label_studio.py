@@ -16,6 +16,7 @@ LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true (organizations/functions.py).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -35,17 +36,22 @@ ANNOTATOR = Path(__file__).with_name("ls_annotator.py")
 
 def label_studio_venv(version: str = VERSION) -> Path:
     """A virtualenv with label-studio==`version`, installed once and reused; a marker written
-    after a complete install tells a finished venv from an interrupted one."""
+    after a complete install tells a finished venv from an interrupted one, and a lock beside
+    it makes a second test process (a pytest-xdist worker, another checkout) wait for the
+    first's install instead of installing over it."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "odapi"
     venv = Path(os.environ.get("ODAPI_LABEL_STUDIO_VENV") or cache / f"label-studio-{version}")
     complete = venv / ".odapi-installed"
-    if complete.exists():
-        return venv
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet",
-                    f"label-studio=={version}"], check=True, timeout=900)
-    complete.write_text(version)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if complete.exists():
+            return venv
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet",
+                        f"label-studio=={version}"], check=True, timeout=900)
+        complete.write_text(version)
     return venv
 
 

@@ -117,22 +117,28 @@ def query(database: str, sql: str, *params: Any) -> list[dict[str, Any]]:
         conn.close()
 
 
+CLAIM_KEY = "odapi-test:claimed-by"
+
+
 @contextmanager
 def redis_database() -> Iterator[int]:
-    """An unused Redis db number (1-15, never 0), flushed before and after."""
+    """An unused Redis db number (1-15, never 0), flushed afterwards. Claimed atomically
+    (SET NX of a claim key inside it): tests running at once, in pytest-xdist workers or
+    other checkouts, never share a broker. The claim key is the only key besides Celery's."""
     import redis
 
     for number in range(15, 0, -1):
         client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=number)
-        if client.dbsize() == 0:
+        if client.dbsize() == 0 and client.set(CLAIM_KEY, f"{socket.gethostname()}:"
+                                                           f"{os.getpid()}", nx=True):
             break
+        client.close()
     else:
         raise RuntimeError("no empty Redis database among 1-15")
-    client.flushdb()
     try:
         yield number
     finally:
-        client.flushdb()
+        client.flushdb()  # the claim too
         client.close()
 
 
