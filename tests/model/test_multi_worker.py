@@ -1,0 +1,151 @@
+"""Multi-worker training: two CPU worker processes on 127.0.0.1, one TF_CONFIG cluster, the
+same `odapi train` command; worker 0 (the chief) owns the model dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from odapi_operators.core.model import cluster
+
+from conftest import free_port, keep_all_detections_config, odapi
+
+# --- who is the chief (no TensorFlow) ---------------------------------------------------------
+
+
+def test_without_tf_config_a_process_trains_alone_as_its_own_chief():
+    assert cluster.role({}) == cluster.ClusterRole(workers=1)
+    assert cluster.role({}).is_chief
+
+
+def test_worker_0_is_the_chief_unless_the_cluster_names_one():
+    hosts = ["a:1", "b:2"]
+    assert cluster.role({"TF_CONFIG": cluster.tf_config(hosts, 0)}).is_chief
+    assert not cluster.role({"TF_CONFIG": cluster.tf_config(hosts, 1)}).is_chief
+    named = {"cluster": {"chief": ["c:0"], "worker": hosts}, "task": {"type": "worker",
+                                                                      "index": 0}}
+    worker = cluster.role({"TF_CONFIG": json.dumps(named)})
+    assert (worker.workers, worker.is_chief) == (3, False)
+    named["task"] = {"type": "chief", "index": 0}
+    assert cluster.role({"TF_CONFIG": json.dumps(named)}).is_chief
+
+
+@pytest.mark.parametrize("raw, reason", [
+    ("{not json", "not a cluster spec"),
+    (json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 1}}),
+     "task worker 1 is not in the cluster"),
+    (json.dumps({"cluster": {"ps": ["a:1"], "worker": ["b:1"]}, "task": {"type": "ps",
+                                                                          "index": 0}}),
+     "runs chief/worker tasks"),
+])
+def test_a_bad_tf_config_is_a_config_error_naming_it(raw, reason):
+    with pytest.raises(cluster.ClusterConfigError, match=reason) as caught:
+        cluster.role({"TF_CONFIG": raw})
+    assert caught.value.failure.value == "config"
+
+
+def test_a_job_pod_without_its_index_is_refused():
+    with pytest.raises(cluster.ClusterConfigError, match="JOB_COMPLETION_INDEX"):
+        cluster.configure_from_job({cluster.HOSTS_ENV: "a:1,b:2"})
+
+
+# --- two real workers -------------------------------------------------------------------------
+
+STEPS = 2
+
+
+def _model_config(folder: Path, loop: int) -> Path:
+    """The sample model (128 px), a checkpoint every `loop` steps."""
+    path = keep_all_detections_config(folder)
+    config = yaml.safe_load(path.read_text())
+    config["params"]["trainer"].update(steps_per_loop=loop, summary_interval=loop,
+                                       checkpoint_interval=loop)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _start_workers(records: Path, model_dir: Path, model_config: Path, steps: int,
+                   scratch: Path, count: int = 2) -> list[subprocess.Popen]:
+    """`count` processes of one `odapi train` command, each told its task by TF_CONFIG;
+    their temporary dirs go to `scratch` (to check a worker leaves none behind)."""
+    hosts = [f"127.0.0.1:{free_port()}" for _ in range(count)]
+    scratch.mkdir(exist_ok=True)
+    return [subprocess.Popen(
+        [sys.executable, "-u", "-m", "odapi_operators", "train", "--model-config",
+         str(model_config), "--data", str(records), "--out", str(model_dir),
+         "--steps", str(steps), "--batch-size", str(count)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "TF_CONFIG": cluster.tf_config(hosts, index),
+             "TMPDIR": str(scratch)}) for index in range(count)]
+
+
+def _summary(output: str) -> dict:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_two_workers_train_together_and_the_chiefs_checkpoint_evaluates(trained_model,
+                                                                          tmp_path):
+    model_dir = tmp_path / "model"
+    workers = _start_workers(trained_model["records"], model_dir,
+                             _model_config(tmp_path, STEPS), STEPS, tmp_path / "scratch")
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+
+    chief, worker = (_summary(out) for out in outputs)
+    assert chief["workers"] == {"count": 2, "replicas": 2, "this": "worker 0"}
+    assert worker["workers"]["this"] == "worker 1"
+    assert chief["steps"] == STEPS and chief["checkpoint"] == str(model_dir / f"ckpt-{STEPS}")
+    # in step: the same global batch's loss on both workers
+    assert chief["losses"] == pytest.approx(worker["losses"])
+    # only the chief wrote into the model dir: one summary, one events file, no worker temp
+    assert json.loads((model_dir / "summary.json").read_text()) == chief
+    assert len(list((model_dir / "train").glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in model_dir.glob("ckpt-*.index")) == [f"ckpt-{STEPS}.index"]
+    assert not list((tmp_path / "scratch").iterdir()), "a worker left its temporary dir"
+    assert not (model_dir / ".train.lock").read_text().startswith(str(workers[1].pid))
+
+    done = odapi("evaluate", "--model", str(model_dir), "--data", str(trained_model["records"]),
+                 "--out", str(tmp_path / "eval"))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["eval_images"] > 0 and "AP" in metrics, done.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_a_lost_worker_fails_the_training_clearly_and_the_retry_resumes(trained_model,
+                                                                         tmp_path):
+    model_dir, steps = tmp_path / "model", 4
+    model_config = _model_config(tmp_path, 1)
+    args = (trained_model["records"], model_dir, model_config, steps, tmp_path / "scratch")
+    chief, worker = _start_workers(*args)
+    for line in chief.stdout:
+        if line.startswith("progress: step 1/"):  # a checkpoint at step 1 exists
+            worker.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            break
+    output = chief.communicate(timeout=120)[0]
+    noticed = time.monotonic() - killed
+    worker.wait(timeout=10)
+    assert chief.returncode == 1, output[-3000:]  # transient: Airflow retries it
+    assert "training worker lost" in output and "a retry resumes from step" in output
+    assert noticed < 90
+    killed_at = max(int(p.name.split("-")[1].split(".")[0]) for p in model_dir.glob("ckpt-*.index"))
+    assert 1 <= killed_at < steps
+
+    retry = _start_workers(*args)
+    outputs = [w.communicate(timeout=300)[0] for w in retry]
+    assert [w.returncode for w in retry] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    for output in outputs:
+        summary = _summary(output)
+        assert summary["resumed_from_step"] == killed_at and summary["steps"] == steps
+        first = next(line for line in output.splitlines() if line.startswith("progress: step"))
+        assert first.startswith(f"progress: step {killed_at + 1}/{steps}")
+    assert (model_dir / f"ckpt-{steps}.index").exists()
