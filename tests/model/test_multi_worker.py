@@ -3,6 +3,7 @@ same `odapi train` command; worker 0 (the chief) owns the model dir."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -72,19 +74,39 @@ def _model_config(folder: Path, loop: int) -> Path:
     return path
 
 
-def _start_workers(records: Path, model_dir: Path, model_config: Path, steps: int,
-                   scratch: Path, count: int = 2) -> list[subprocess.Popen]:
+@contextlib.contextmanager
+def _workers(records: Path, model_dir: Path, model_config: Path, steps: int,
+             scratch: Path, count: int = 2) -> Iterator[list[subprocess.Popen]]:
     """`count` processes of one `odapi train` command, each told its task by TF_CONFIG;
-    their temporary dirs go to `scratch` (to check a worker leaves none behind)."""
+    their temporary dirs go to `scratch` (to check a worker leaves none behind). Whatever
+    still runs when the test ends is killed."""
     hosts = [f"127.0.0.1:{free_port()}" for _ in range(count)]
     scratch.mkdir(exist_ok=True)
-    return [subprocess.Popen(
+    logs = [model_dir.parent / f"worker-{index}.log" for index in range(count)]
+    processes = [subprocess.Popen(
         [sys.executable, "-u", "-m", "odapi_operators", "train", "--model-config",
          str(model_config), "--data", str(records), "--out", str(model_dir),
          "--steps", str(steps), "--batch-size", str(count)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=logs[index].open("w"), stderr=subprocess.STDOUT,
         env={**os.environ, "TF_CONFIG": cluster.tf_config(hosts, index),
              "TMPDIR": str(scratch)}) for index in range(count)]
+    for process, log in zip(processes, logs):
+        process.log = log
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def _finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    """Wait for every worker to end; their outputs."""
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.wait(timeout=max(deadline - time.monotonic(), 1))
+    return [process.log.read_text() for process in processes]
 
 
 def _summary(output: str) -> dict:
@@ -95,9 +117,9 @@ def _summary(output: str) -> dict:
 def test_two_workers_train_together_and_the_chiefs_checkpoint_evaluates(trained_model,
                                                                           tmp_path):
     model_dir = tmp_path / "model"
-    workers = _start_workers(trained_model["records"], model_dir,
-                             _model_config(tmp_path, STEPS), STEPS, tmp_path / "scratch")
-    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    with _workers(trained_model["records"], model_dir, _model_config(tmp_path, STEPS), STEPS,
+                  tmp_path / "scratch") as workers:
+        outputs = _finish(workers)
     assert [w.returncode for w in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
 
     chief, worker = (_summary(out) for out in outputs)
@@ -111,7 +133,7 @@ def test_two_workers_train_together_and_the_chiefs_checkpoint_evaluates(trained_
     assert len(list((model_dir / "train").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in model_dir.glob("ckpt-*.index")) == [f"ckpt-{STEPS}.index"]
     assert not list((tmp_path / "scratch").iterdir()), "a worker left its temporary dir"
-    assert not (model_dir / ".train.lock").read_text().startswith(str(workers[1].pid))
+    assert (model_dir / ".train.lock").read_text().startswith(f"{workers[0].pid} on ")
 
     done = odapi("evaluate", "--model", str(model_dir), "--data", str(trained_model["records"]),
                  "--out", str(tmp_path / "eval"))
@@ -125,23 +147,23 @@ def test_a_lost_worker_fails_the_training_clearly_and_the_retry_resumes(trained_
     model_dir, steps = tmp_path / "model", 4
     model_config = _model_config(tmp_path, 1)
     args = (trained_model["records"], model_dir, model_config, steps, tmp_path / "scratch")
-    chief, worker = _start_workers(*args)
-    for line in chief.stdout:
-        if line.startswith("progress: step 1/"):  # a checkpoint at step 1 exists
-            worker.send_signal(signal.SIGKILL)
-            killed = time.monotonic()
-            break
-    output = chief.communicate(timeout=120)[0]
-    noticed = time.monotonic() - killed
-    worker.wait(timeout=10)
+    with _workers(*args) as (chief, worker):
+        while not (model_dir / "checkpoint").exists():  # the chief saved step 1
+            assert chief.poll() is None, chief.log.read_text()[-3000:]
+            time.sleep(0.5)
+        worker.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        [output] = _finish([chief], timeout=120)
+        noticed = time.monotonic() - killed
     assert chief.returncode == 1, output[-3000:]  # transient: Airflow retries it
-    assert "training worker lost" in output and "a retry resumes from step" in output
+    assert "training worker lost: worker 1 stopped answering worker 0" in output, output[-3000:]
     assert noticed < 90
     killed_at = max(int(p.name.split("-")[1].split(".")[0]) for p in model_dir.glob("ckpt-*.index"))
     assert 1 <= killed_at < steps
+    assert f"a retry resumes from step {killed_at}" in output
 
-    retry = _start_workers(*args)
-    outputs = [w.communicate(timeout=300)[0] for w in retry]
+    with _workers(*args) as retry:
+        outputs = _finish(retry)
     assert [w.returncode for w in retry] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     for output in outputs:
         summary = _summary(output)

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -147,10 +148,11 @@ def _worker_loss_named(model_dir: str | Path, role: cluster.ClusterRole) -> Iter
             tf.errors.AbortedError, tf.errors.CancelledError) as exc:
         if role.workers == 1:
             raise
-        reason = (exc.message or str(exc)).strip().splitlines()[0][:300]
+        peer = re.search(r"/job:(\w+)/replica:\d+/task:(\d+)", exc.message or "")
+        lost = f"{peer[1]} {peer[2]}" if peer else "a peer"
         raise WorkerLost(
-            f"{model_dir}: training worker lost: {role.name} of {role.workers} stopped "
-            f"({type(exc).__name__}: {reason}); a retry resumes from step "
+            f"{model_dir}: training worker lost: {lost} stopped answering {role.name} "
+            f"(of {role.workers}; {type(exc).__name__}); a retry resumes from step "
             f"{_checkpoint_step(model_dir)}") from None
 
 
