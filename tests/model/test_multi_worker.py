@@ -61,7 +61,9 @@ def test_a_job_pod_without_its_index_is_refused():
 
 # --- two real workers -------------------------------------------------------------------------
 
-STEPS = 2
+# Two workers share this machine's 2 cores: one thread pool each, as two pods would each
+# have their own cores (not a correctness setting; it halves the oversubscription).
+ONE_CORE_EACH = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
 
 def _model_config(folder: Path, loop: int) -> Path:
@@ -89,7 +91,7 @@ def _workers(records: Path, model_dir: Path, model_config: Path, steps: int,
          "--steps", str(steps), "--batch-size", str(count)],
         stdout=logs[index].open("w"), stderr=subprocess.STDOUT,
         env={**os.environ, "TF_CONFIG": cluster.tf_config(hosts, index),
-             "TMPDIR": str(scratch)}) for index in range(count)]
+             "TMPDIR": str(scratch), **ONE_CORE_EACH}) for index in range(count)]
     for process, log in zip(processes, logs):
         process.log = log
     try:
@@ -101,7 +103,12 @@ def _workers(records: Path, model_dir: Path, model_config: Path, steps: int,
                 process.wait()
 
 
-def _finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+# Two processes tracing the model at once on 2 cores take ~3 minutes quietly, many more on
+# a loaded machine: the bounds are for a hang, not for speed.
+FINISH_SECONDS = 1200
+
+
+def _finish(processes: list[subprocess.Popen], timeout: float = FINISH_SECONDS) -> list[str]:
     """Wait for every worker to end; their outputs."""
     deadline = time.monotonic() + timeout
     for process in processes:
@@ -114,50 +121,31 @@ def _summary(output: str) -> dict:
 
 
 @pytest.mark.slow
-def test_two_workers_train_together_and_the_chiefs_checkpoint_evaluates(trained_model,
-                                                                          tmp_path):
-    model_dir = tmp_path / "model"
-    with _workers(trained_model["records"], model_dir, _model_config(tmp_path, STEPS), STEPS,
-                  tmp_path / "scratch") as workers:
-        outputs = _finish(workers)
-    assert [w.returncode for w in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-
-    chief, worker = (_summary(out) for out in outputs)
-    assert chief["workers"] == {"count": 2, "replicas": 2, "this": "worker 0"}
-    assert worker["workers"]["this"] == "worker 1"
-    assert chief["steps"] == STEPS and chief["checkpoint"] == str(model_dir / f"ckpt-{STEPS}")
-    # in step: the same global batch's loss on both workers
-    assert chief["losses"] == pytest.approx(worker["losses"])
-    # only the chief wrote into the model dir: one summary, one events file, no worker temp
-    assert json.loads((model_dir / "summary.json").read_text()) == chief
-    assert len(list((model_dir / "train").glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in model_dir.glob("ckpt-*.index")) == [f"ckpt-{STEPS}.index"]
-    assert not list((tmp_path / "scratch").iterdir()), "a worker left its temporary dir"
-    assert (model_dir / ".train.lock").read_text().startswith(f"{workers[0].pid} on ")
-
-    done = odapi("evaluate", "--model", str(model_dir), "--data", str(trained_model["records"]),
-                 "--out", str(tmp_path / "eval"))
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["eval_images"] > 0 and "AP" in metrics, done.stdout[-2000:]
-
-
-@pytest.mark.slow
-def test_a_lost_worker_fails_the_training_clearly_and_the_retry_resumes(trained_model,
-                                                                         tmp_path):
-    model_dir, steps = tmp_path / "model", 4
+def test_two_workers_train_together_lose_one_resume_and_the_chiefs_checkpoint_evaluates(
+        trained_model, tmp_path):
+    """One cluster launch for both faults and the happy path (each launch traces the model
+    in two processes: minutes on 2 cores): two workers train until the chief's first
+    checkpoint, one is SIGKILLed, the chief fails naming it and the resume step; the retry
+    of both resumes there, trains to the end in step, and only the chief wrote the model dir,
+    whose checkpoint evaluates."""
+    model_dir, steps = tmp_path / "model", 3
     model_config = _model_config(tmp_path, 1)
     args = (trained_model["records"], model_dir, model_config, steps, tmp_path / "scratch")
     with _workers(*args) as (chief, worker):
+        deadline = time.monotonic() + FINISH_SECONDS
         while not (model_dir / "checkpoint").exists():  # the chief saved step 1
             assert chief.poll() is None, chief.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, chief.log.read_text()[-3000:]
             time.sleep(0.5)
         worker.send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        [output] = _finish([chief], timeout=120)
+        [output] = _finish([chief], timeout=300)
         noticed = time.monotonic() - killed
     assert chief.returncode == 1, output[-3000:]  # transient: Airflow retries it
     assert "training worker lost: worker 1 stopped answering worker 0" in output, output[-3000:]
-    assert noticed < 90
+    # the coordination service misses the peer's heartbeats within about a minute; a step in
+    # flight on a starved machine adds its own time
+    assert noticed < 240
     killed_at = max(int(p.name.split("-")[1].split(".")[0]) for p in model_dir.glob("ckpt-*.index"))
     assert 1 <= killed_at < steps
     assert f"a retry resumes from step {killed_at}" in output
@@ -165,9 +153,31 @@ def test_a_lost_worker_fails_the_training_clearly_and_the_retry_resumes(trained_
     with _workers(*args) as retry:
         outputs = _finish(retry)
     assert [w.returncode for w in retry] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    for output in outputs:
-        summary = _summary(output)
+    chief_summary, worker_summary = (_summary(out) for out in outputs)
+    assert chief_summary["workers"] == {"count": 2, "replicas": 2, "this": "worker 0"}
+    assert worker_summary["workers"]["this"] == "worker 1"
+    for output, summary in zip(outputs, (chief_summary, worker_summary)):
         assert summary["resumed_from_step"] == killed_at and summary["steps"] == steps
         first = next(line for line in output.splitlines() if line.startswith("progress: step"))
         assert first.startswith(f"progress: step {killed_at + 1}/{steps}")
+    assert chief_summary["checkpoint"] == str(model_dir / f"ckpt-{steps}")
+    # in step: the same global batches' losses on both workers ([step, loss] pairs)
+    assert [step for step, _ in chief_summary["losses"]] == [
+        step for step, _ in worker_summary["losses"]]
+    assert [loss for _, loss in chief_summary["losses"]] == pytest.approx(
+        [loss for _, loss in worker_summary["losses"]])
+    # only the chief wrote into the model dir: its summary, one events file per launch, no
+    # worker temporaries anywhere
+    assert json.loads((model_dir / "summary.json").read_text()) == chief_summary
+    # events.out.tfevents.<time>.<host>.<pid>.<uid>.v2: every one written by a chief
+    writers = {int(path.name.rsplit(".", 3)[1]) for path in (model_dir / "train").glob(
+        "events.out.tfevents.*")}
+    assert writers and writers <= {chief.pid, retry[0].pid}, writers
     assert (model_dir / f"ckpt-{steps}.index").exists()
+    assert not list((tmp_path / "scratch").iterdir()), "a worker left its temporary dir"
+    assert (model_dir / ".train.lock").read_text().startswith(f"{retry[0].pid} on ")
+
+    done = odapi("evaluate", "--model", str(model_dir), "--data", str(trained_model["records"]),
+                 "--out", str(tmp_path / "eval"))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["eval_images"] > 0 and "AP" in metrics, done.stdout[-2000:]
