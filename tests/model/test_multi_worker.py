@@ -61,9 +61,6 @@ def test_a_job_pod_without_its_index_is_refused():
 
 # --- two real workers -------------------------------------------------------------------------
 
-# Two workers share this machine's 2 cores: one thread pool each, as two pods would each
-# have their own cores (not a correctness setting; it halves the oversubscription).
-ONE_CORE_EACH = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
 
 def _model_config(folder: Path, loop: int) -> Path:
@@ -91,7 +88,7 @@ def _workers(records: Path, model_dir: Path, model_config: Path, steps: int,
          "--steps", str(steps), "--batch-size", str(count)],
         stdout=logs[index].open("w"), stderr=subprocess.STDOUT,
         env={**os.environ, "TF_CONFIG": cluster.tf_config(hosts, index),
-             "TMPDIR": str(scratch), **ONE_CORE_EACH}) for index in range(count)]
+             "TMPDIR": str(scratch)}) for index in range(count)]
     for process, log in zip(processes, logs):
         process.log = log
     try:
