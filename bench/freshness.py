@@ -18,7 +18,7 @@ pipeline's, not the model's luck; training warm-starts from production with
 include/configs/pipeline.yaml). Goals on 2 cores: run started within 30 s of the marker;
 marker -> stable under 10 min. Long (two trainings, an export each): ON_DEMAND in run.py.
 
-    .venv/bin/python bench/freshness.py [--images 24] [--steps 40] [--warm-steps 20]
+    .venv/bin/python bench/freshness.py [--images 200] [--steps 40] [--warm-steps 600]
 """
 
 from __future__ import annotations
@@ -90,12 +90,20 @@ def _table(lines: list[tuple[str, str]]) -> str:
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in lines)
 
 
+def _pipeline_warm_steps() -> int:
+    """The shipped pipeline's warm-start budget: what a user's continuous run trains."""
+    config = yaml.safe_load((ROOT / "include/configs/pipeline.yaml").read_text())
+    return int(config["train"]["warm_start_steps"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=24, help="images per sample export")
+    parser.add_argument("--images", type=int, default=200,
+                        help="images per sample export (the sample's size)")
     parser.add_argument("--steps", type=int, default=40, help="the first model's steps")
-    parser.add_argument("--warm-steps", type=int, default=20,
-                        help="steps of the measured (warm-started) training")
+    parser.add_argument("--warm-steps", type=int, default=_pipeline_warm_steps(),
+                        help="steps of the measured (warm-started) training; default: the "
+                             "pipeline's train.warm_start_steps")
     parser.add_argument("--watch-seconds", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()

@@ -4,7 +4,8 @@
 - `celery`: the same operator on the Celery queue `queue` (a worker started with `-q gpu`);
 - `kubernetes`: a `KubernetesPodOperator` running the same `odapi stage run train ...`
   command in the project image, requesting `gpus` x `nvidia.com/gpu`; its JSON summary comes
-  back through the pod's XCom sidecar.
+  back through the pod's XCom sidecar. With `workers: N` > 1, N such pods train together
+  (`training_job.py`: an Indexed Job, a headless Service, TF_CONFIG per pod).
 
 Every placement takes a slot of `pool` (default `gpu`, one slot: one training at a time).
 """
@@ -36,8 +37,21 @@ def train_task(task_id: str, *, config: Any, data: Any, placement: TrainPlacemen
 
 def train_pod(task_id: str, *, config: Any, data: Any, spec: KubernetesPlacement,
               **kwargs: Any) -> BaseOperator:
-    """A KubernetesPodOperator running `odapi train` for this run on `spec.gpus` GPUs."""
+    """A KubernetesPodOperator running `odapi train` for this run on `spec.gpus` GPUs; with
+    `spec.workers` > 1, an Indexed Job of that many such pods training together."""
+    if spec.workers > 1:
+        from odapi_operators.training_job import MultiWorkerTrainJobOperator
+
+        return MultiWorkerTrainJobOperator(task_id=task_id, workers=spec.workers,
+                                           **_pod_arguments(config, data, spec), **kwargs)
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    return KubernetesPodOperator(task_id=task_id, name="odapi-train",
+                                 **_pod_arguments(config, data, spec), **kwargs)
+
+
+def _pod_arguments(config: Any, data: Any, spec: KubernetesPlacement) -> dict[str, Any]:
+    """What every training pod is: image, command, GPUs, volume, env, XCom sidecar."""
     from kubernetes.client import models as k8s
 
     resources = None
@@ -52,9 +66,8 @@ def train_pod(task_id: str, *, config: Any, data: Any, spec: KubernetesPlacement
         volumes = [k8s.V1Volume(name="odapi-var", persistent_volume_claim=(
             k8s.V1PersistentVolumeClaimVolumeSource(claim_name=spec.volume_claim)))]
         mounts = [k8s.V1VolumeMount(name="odapi-var", mount_path=spec.mount_path)]
-    return KubernetesPodOperator(
-        task_id=task_id, name="odapi-train", namespace=spec.namespace, image=spec.image,
-        cmds=["odapi"],
+    return dict(
+        namespace=spec.namespace, image=spec.image, cmds=["odapi"],
         arguments=stage_command("train", pipeline=config, run_id="{{ run_id }}",
                                 inputs={"data": data}, result_file=XCOM_RETURN),
         container_resources=resources, tolerations=tolerations, volumes=volumes,
@@ -62,4 +75,4 @@ def train_pod(task_id: str, *, config: Any, data: Any, spec: KubernetesPlacement
         service_account_name=spec.service_account,
         env_vars={"TF_USE_LEGACY_KERAS": "1", "PYTHONUNBUFFERED": "1"},
         startup_timeout_seconds=spec.startup_timeout_seconds, get_logs=True,
-        do_xcom_push=True, multiple_outputs=True, on_finish_action="delete_pod", **kwargs)
+        do_xcom_push=True, multiple_outputs=True, on_finish_action="delete_pod")

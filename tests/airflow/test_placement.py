@@ -6,6 +6,7 @@ run here, so the pod the KubernetesPodOperator would create is checked as a spec
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import pytest
@@ -92,3 +93,73 @@ def test_cpu_only_pod_requests_no_gpu(kubeconfig):
     assert not (pod.spec.containers[0].resources and
                 pod.spec.containers[0].resources.limits)
     assert not pod.spec.tolerations
+
+
+def test_multi_worker_is_one_indexed_job_of_the_same_command(kubeconfig):
+    """workers: 3 -> one task whose Job runs three pods of the single-pod command, each
+    reaching the others by name through the headless Service, each its own TF_CONFIG task."""
+    from odapi_operators.core.model import cluster
+    from odapi_operators.training_job import (
+        PORT,
+        SERVICE,
+        WORKER_LABEL,
+        MultiWorkerTrainJobOperator,
+        headless_service,
+    )
+
+    task = _task({"where": "kubernetes", "kubernetes": {
+        "image": "odapi:1.2", "namespace": "ml", "gpus": 1, "workers": 3,
+        "volume_claim": "odapi-var"}})
+    assert isinstance(task, MultiWorkerTrainJobOperator) and task.pool == "gpu"
+    assert task.do_xcom_push and task.multiple_outputs
+    task.render_template_fields({"run_id": "scheduled__2026-03-02"})
+    job = task.build_job_request_obj()
+    single = _task({"where": "kubernetes", "kubernetes": {
+        "image": "odapi:1.2", "namespace": "ml", "gpus": 1, "volume_claim": "odapi-var"}})
+    single.render_template_fields({"run_id": "scheduled__2026-03-02"})
+    single_container = single.build_pod_request_obj().spec.containers[0]
+
+    spec = job.spec
+    assert (spec.completions, spec.parallelism, spec.completion_mode) == (3, 3, "Indexed")
+    assert spec.backoff_limit == 0  # a lost pod fails the Job; the task's retry resumes
+    pod = spec.template.spec
+    assert pod.subdomain == SERVICE
+    assert spec.template.metadata.labels.items() >= WORKER_LABEL.items()
+    container = pod.containers[0]
+    assert (container.command, container.args) == (single_container.command,
+                                                   single_container.args)
+    assert container.resources.limits == {"nvidia.com/gpu": "1"}
+    assert any(v.persistent_volume_claim and v.persistent_volume_claim.claim_name == "odapi-var"
+               for v in pod.volumes)
+    assert any(c.name == "airflow-xcom-sidecar" for c in pod.containers)
+    env = {e.name: e.value for e in container.env}
+    hosts = [f"{job.metadata.name}-{i}.{SERVICE}:{PORT}" for i in range(3)]
+    assert env[cluster.HOSTS_ENV] == ",".join(hosts)
+
+    # each pod: Kubernetes adds its index; the training command makes TF_CONFIG of it
+    for index in range(3):
+        pod_env = {**env, cluster.INDEX_ENV: str(index)}
+        cluster.configure_from_job(pod_env)
+        assert json.loads(pod_env["TF_CONFIG"]) == {
+            "cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+        role = cluster.role(pod_env)
+        assert (role.workers, role.index, role.is_chief) == (3, index, index == 0)
+
+    service = headless_service("ml")
+    assert service.metadata.name == SERVICE and service.metadata.namespace == "ml"
+    assert service.spec.cluster_ip == "None" and service.spec.selector == WORKER_LABEL
+    assert service.spec.publish_not_ready_addresses
+    assert [p.port for p in service.spec.ports] == [PORT]
+
+
+def test_the_chiefs_result_is_the_tasks_whatever_the_pod_order():
+    from kubernetes.client import models as k8s
+
+    from odapi_operators.training_job import INDEX_ANNOTATION, chief_result
+
+    pods = [k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=f"p{i}",
+                                                annotations={INDEX_ANNOTATION: str(i)}))
+            for i in (1, 0, 2)]
+    assert chief_result(pods, ["w1", "chief", "w2"]) == "chief"
+    with pytest.raises(RuntimeError, match="chief's result is missing"):
+        chief_result(pods[:1], ["w1"])

@@ -212,6 +212,9 @@ class KubernetesPlacement(_Strict):
     mount_path: str = "/opt/odapi/var"
     node_selector: dict[str, str] = {}
     startup_timeout_seconds: int = Field(default=600, gt=0)
+    workers: int = Field(default=1, ge=1, description="pods training together "
+                         "(MultiWorkerMirroredStrategy over an Indexed Job; each pod gets "
+                         "`gpus`); 1: a single pod")
 
 
 class TrainPlacement(_Strict):

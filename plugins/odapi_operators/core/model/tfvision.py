@@ -18,6 +18,7 @@ import yaml
 from odapi_operators.core import storage
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import SUMMARY
+from odapi_operators.core.model import cluster
 
 TRAIN_INFO = "odapi_train.json"
 PIPELINE_OWNED = (
@@ -164,9 +165,13 @@ def latest_checkpoint(model_dir: str | Path) -> str:
 
 
 def distribution_strategy():
-    """MirroredStrategy over all visible GPUs, or the default strategy on CPU."""
+    """MultiWorkerMirroredStrategy when TF_CONFIG names several workers (collectives over
+    gRPC: TF picks NCCL on GPUs, its ring all-reduce on CPUs); else MirroredStrategy over all
+    visible GPUs, or the default strategy on CPU."""
     import tensorflow as tf
 
+    if cluster.role().workers > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
     if tf.config.list_physical_devices("GPU"):
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterator
 from odapi_operators.core import storage, testpoints
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import SUMMARY
-from odapi_operators.core.model import tfvision, warm_start
+from odapi_operators.core.model import cluster, tfvision, warm_start
 
 LOCK = ".train.lock"
 
@@ -29,6 +30,13 @@ LOCK = ".train.lock"
 class TrainingInProgress(RuntimeError):
     """Another process is training into the same model dir. Transient: once it has ended, a
     retry resumes from (or returns) what it trained."""
+    failure = Failure.TRANSIENT
+
+
+class WorkerLost(RuntimeError):
+    """A process of a multi-worker training stopped answering; the others cannot go on
+    without it (every step is collective). Transient: the retry restarts all of them from the
+    chief's newest checkpoint."""
     failure = Failure.TRANSIENT
 
 
@@ -106,7 +114,8 @@ def _parameter_count(checkpoint: str) -> int:
                if name.split("/")[0] not in _TRAINER_STATE and "OPTIMIZER_SLOT" not in name)
 
 
-def _finished(model_dir: str | Path, steps: int, start: dict, experiment: str) -> dict:
+def _finished(model_dir: str | Path, steps: int, start: dict, experiment: str,
+              role: cluster.ClusterRole) -> dict:
     """The summary of a model dir whose newest checkpoint already reached `steps`: the first
     run's (pointing at this dir), or rebuilt from the checkpoint if the run died before
     writing it. Training again would run no step."""
@@ -122,8 +131,29 @@ def _finished(model_dir: str | Path, steps: int, start: dict, experiment: str) -
                "resumed_from_step": step, "start": {**start, "from": "resumed", "step": step},
                "experiment": experiment, "seconds": 0.0,
                "parameters": _parameter_count(checkpoint), "losses": []}
-    storage.write_text(path, json.dumps(summary, indent=2))
+    if role.is_chief:
+        storage.write_text(path, json.dumps(summary, indent=2))
     return summary
+
+
+@contextlib.contextmanager
+def _worker_loss_named(model_dir: str | Path, role: cluster.ClusterRole) -> Iterator[None]:
+    """A collective aborted because a peer is gone (TensorFlow's coordination service misses
+    its heartbeats) becomes WorkerLost, saying where the retry resumes."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+            tf.errors.AbortedError, tf.errors.CancelledError) as exc:
+        if role.workers == 1:
+            raise
+        peer = re.search(r"/job:(\w+)/replica:\d+/task:(\d+)", exc.message or "")
+        lost = f"{peer[1]} {peer[2]}" if peer else "a peer"
+        raise WorkerLost(
+            f"{model_dir}: training worker lost: {lost} stopped answering {role.name} "
+            f"(of {role.workers}; {type(exc).__name__}); a retry resumes from step "
+            f"{_checkpoint_step(model_dir)}") from None
 
 
 def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
@@ -139,23 +169,28 @@ def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
         steps = warm_start_steps
         start = {**start, "step_budget": steps}
     experiment, _ = tfvision.load_model_config(model_config)
-    with _own_model_dir(model_dir):
+    cluster.configure_from_job()
+    role = cluster.role()
+    with _own_model_dir(model_dir) if role.is_chief else contextlib.nullcontext():
         testpoints.reached("train:owns_model_dir")
         tfvision.setup_tensorflow()
         if _checkpoint_step(model_dir) >= steps:
-            return _finished(model_dir, steps, start, experiment)
-        return _train(model_config, data_dir, model_dir, steps, batch_size, start, experiment)
+            return _finished(model_dir, steps, start, experiment, role)
+        return _train(model_config, data_dir, model_dir, steps, batch_size, start, experiment,
+                      role)
 
 
 def _train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
-           steps: int, batch_size: int, start: dict, experiment: str) -> dict:
+           steps: int, batch_size: int, start: dict, experiment: str,
+           role: cluster.ClusterRole) -> dict:
     from official.core import task_factory, train_lib
 
     from odapi_operators.core.model.runtime import apply_runtime
 
     params = tfvision.build_params(model_config, data_dir, steps, batch_size)
-    tfvision.save_params(params, experiment, model_dir, model_config=str(model_config),
-                         data=str(data_dir))
+    if role.is_chief:
+        tfvision.save_params(params, experiment, model_dir, model_config=str(model_config),
+                             data=str(data_dir))
     apply_runtime(params)
     strategy = tfvision.distribution_strategy()
     started = time.monotonic()
@@ -166,10 +201,20 @@ def _train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path
                     else warm_start.install(task, start["checkpoint"]))
     progress = ProgressLine(resumed, steps, params.trainer.steps_per_loop,
                             emit=lambda line: print(line, flush=True))
-    model, _ = train_lib.run_experiment(distribution_strategy=strategy, task=task, mode="train",
-                                        params=params, model_dir=str(model_dir),
-                                        train_actions=[progress])
-    checkpoint = tfvision.latest_checkpoint(model_dir)
+    with _worker_loss_named(model_dir, role):
+        if role.is_chief:
+            model, _ = train_lib.run_experiment(distribution_strategy=strategy, task=task,
+                                                mode="train", params=params,
+                                                model_dir=str(model_dir),
+                                                train_actions=[progress])
+        else:
+            from odapi_operators.core.model.worker_runner import run_worker
+
+            model = run_worker(strategy=strategy, task=task, params=params,
+                               model_dir=model_dir, train_actions=[progress])
+    checkpoint = str(Path(model_dir) / f"ckpt-{progress.step}")
+    if role.is_chief:
+        checkpoint = tfvision.latest_checkpoint(model_dir)
     summary = {"model_dir": str(model_dir), "checkpoint": checkpoint,
                "steps": tfvision.checkpoint_step(checkpoint), "resumed_from_step": resumed,
                "start": {**start, **started_from},
@@ -177,5 +222,9 @@ def _train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path
                "seconds": round(time.monotonic() - started, 1),
                "parameters": int(model.count_params()),  # built: at least one step ran
                "losses": progress.losses}
-    storage.write_text(Path(model_dir) / SUMMARY, json.dumps(summary, indent=2))
+    if role.workers > 1:
+        summary["workers"] = {"count": role.workers, "replicas": strategy.num_replicas_in_sync,
+                              "this": role.name}
+    if role.is_chief:
+        storage.write_text(Path(model_dir) / SUMMARY, json.dumps(summary, indent=2))
     return summary
