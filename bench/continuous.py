@@ -69,7 +69,7 @@ def land(work: Path, name: str, images: int) -> Path:
     return export
 
 
-def pipeline_yaml(work: Path, steps: int, warm_steps: int) -> Path:
+def pipeline_yaml(work: Path, steps: int, warm_steps: int, min_ap50: float) -> Path:
     config = {"home": str(work),
               "exports": {"path": "exports", "unknown_classes": "add"},
               "images": {"max_side": 160},
@@ -77,8 +77,9 @@ def pipeline_yaml(work: Path, steps: int, warm_steps: int) -> Path:
               "train": {"model_config": str(SAMPLE_MODEL), "steps": steps, "batch_size": 8,
                         "warm_start": True, "warm_start_steps": warm_steps},
               "evaluate": {"missing_classes": "warn"},
-              # forgetting is refused on what production knew; learning is asked on the new
-              "gate": {"min_ap50": 0.0,
+              # a useless model is refused outright; forgetting is refused on what production
+              # knew; learning is asked on the new
+              "gate": {"min_ap50": min_ap50,
                        "slices": [{"slice": "old", "metric": "AP50", "min_delta": -0.02},
                                   {"slice": "new", "metric": "AP50", "min_delta": 0.0}]},
               "serving": {"base": "serving", "model_name": "shapes"}}
@@ -123,13 +124,21 @@ def latest_only(export: Path, label_map: str, work: Path) -> str:
     return str(work / "records")
 
 
-def train(name: str, data: str, out: Path, steps: int, start: Path | None) -> float:
+def train(name: str, data: str, out: Path, steps: int, start: Path | None,
+          lr_factor: float | None) -> dict:
+    """One training; a start from a model of ours fine-tunes (train.warm_start_lr_factor)."""
     args = ["train", "--model-config", str(SAMPLE_MODEL), "--data", data, "--out", str(out),
             "--steps", str(steps), "--batch-size", "8", "--no-warm-start"]
+    if start:
+        args += ["--init-checkpoint", str(start)]
+        if lr_factor:
+            args += ["--warm-start-lr-factor", str(lr_factor)]
     print(f"    train {name}: {steps} steps from {start or 'scratch'}", flush=True)
-    began = time.monotonic()
-    child(args + (["--init-checkpoint", str(start)] if start else []))
-    return time.monotonic() - began
+    summary = child(args)
+    rate = summary["start"]["learning_rate"]
+    print(f"      {summary['seconds']:.0f} s; restored {summary['start'].get('modules', '-')}; "
+          f"peak lr {rate['peak']:.4f}, warm-up {rate['warmup_steps']} steps", flush=True)
+    return summary
 
 
 def evaluate(model: Path, data: str, out: Path, diff: str) -> Path:
@@ -176,19 +185,47 @@ def slice_verdicts(decision: dict) -> str:
         ": " + "; ".join(parts) if parts else "")
 
 
+def goals(rows: list[tuple]) -> list[str]:
+    """The benchmark's verdicts: (a) within 0.02 AP50 of (b) on every earlier export, (a)
+    promoted and (c) refused on the `old` slice, per run after the first."""
+    lines = []
+    by_run: dict[str, dict[str, tuple]] = {}
+    for run_id, m, scores, decision in rows:
+        by_run.setdefault(run_id, {})[m] = (scores, decision)
+    for run_id, models in by_run.items():
+        if "b" not in models:
+            continue
+        (a, a_decision), (b, _), (_, c_decision) = models["a"], models["b"], models["c"]
+        gaps = {n: a[n] - b[n] for n in a if a.get(n) is not None and b.get(n) is not None}
+        lines.append(f"{run_id}: (a) - (b) " + ", ".join(f"{n} {g:+.3f}" for n, g in gaps.items())
+                     + ("  ok" if min(gaps.values()) >= -0.02 else "  MISSED"))
+        c_old = [c for c in c_decision.get("checks", [])
+                 if c.get("kind") == "slice" and c.get("slice") == "old"]
+        c_refused = any(not c["passed"] for c in c_old)
+        lines.append(f"{run_id}: (a) {'promoted' if a_decision['promoted'] else 'REFUSED'}; "
+                     f"(c) {'refused' if c_refused else 'NOT refused'} on old, "
+                     f"{'promoted' if c_decision['promoted'] else 'refused'} overall")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=100, help="images per export")
     parser.add_argument("--steps", type=int, default=600, help="steps of the first training")
-    parser.add_argument("--warm-steps", type=int, default=300,
+    parser.add_argument("--warm-steps", type=int, default=150,
                         help="steps of each later (warm-started) training")
+    parser.add_argument("--warm-lr-factor", type=float,
+                        help="train.warm_start_lr_factor (default: the pipeline's)")
+    parser.add_argument("--min-ap50", type=float, default=0.3,
+                        help="the gate's absolute AP50 bound (all val images)")
     parser.add_argument("--work", help="keep everything here (default: a temporary folder)")
     args = parser.parse_args()
+    began = time.monotonic()
     work = Path(args.work or tempfile.mkdtemp(prefix="odapi-continuous-"))
     if work.exists() and args.work:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    pipeline = pipeline_yaml(work, args.steps, args.warm_steps)
+    pipeline = pipeline_yaml(work, args.steps, args.warm_steps, args.min_ap50)
     rows: list[tuple] = []
     previous: Path | None = None
     total = 0
@@ -200,33 +237,37 @@ def main() -> None:
         steps = args.steps if previous is None else args.warm_steps
         total += steps
         models = {"a": work / "a" / run_id}
-        train("(a) continuous", data, models["a"], steps, previous)
+        train("(a) continuous", data, models["a"], steps, previous, args.warm_lr_factor)
         if previous is not None:
             models["b"] = work / "b" / run_id
-            train("(b) scratch on the union", data, models["b"], total, None)
+            train("(b) scratch on the union", data, models["b"], total, None, None)
             label_map = json.loads((Path(data) / "summary.json").read_text())["label_map"]
             alone = latest_only(export, label_map, work / "c-data" / run_id)
             models["c"] = work / "c" / run_id
-            train("(c) latest export alone", alone, models["c"], args.warm_steps, previous)
+            train("(c) latest export alone", alone, models["c"], args.warm_steps, previous,
+                  args.warm_lr_factor)
         evals = {m: evaluate(path, data, work / "eval" / run_id / m, diff)
                  for m, path in models.items()}
         if previous is not None:
             evals["production"] = evaluate(previous, data, work / "eval" / run_id / "prod", diff)
         for m, eval_dir in evals.items():
-            verdict = ""
+            decision: dict = {}
             if previous is not None and m in ("a", "c"):
-                verdict = slice_verdicts(gate(eval_dir, evals["production"], pipeline,
-                                              work / "gate" / run_id / m))
-            rows.append((run_id, m, ap50_by_export(eval_dir, data), verdict))
+                decision = gate(eval_dir, evals["production"], pipeline,
+                                work / "gate" / run_id / m)
+            rows.append((run_id, m, ap50_by_export(eval_dir, data), decision))
         previous = models["a"]
     print()
     header = f"{'run':6} {'model':11} " + " ".join(f"{n:>7}" for n in EXPORTS) + "  gate"
     print(header)
-    for run_id, m, scores, verdict in rows:
+    for run_id, m, scores, decision in rows:
         cells = " ".join(f"{scores[n]:7.3f}" if scores.get(n) is not None else f"{'-':>7}"
                          for n in EXPORTS)
-        print(f"{run_id:6} {m:11} {cells}  {verdict}")
-    print(f"\n(work folder: {work})")
+        print(f"{run_id:6} {m:11} {cells}  {slice_verdicts(decision) if decision else ''}")
+    print()
+    for line in goals(rows):
+        print(line)
+    print(f"\n{time.monotonic() - began:.0f} s; work folder: {work}")
 
 
 if __name__ == "__main__":
