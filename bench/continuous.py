@@ -185,6 +185,12 @@ def slice_verdicts(decision: dict) -> str:
         ": " + "; ".join(parts) if parts else "")
 
 
+def row(run_id: str, model: str, scores: dict, decision: dict) -> str:
+    cells = " ".join(f"{scores[n]:7.3f}" if scores.get(n) is not None else f"{'-':>7}"
+                     for n in EXPORTS)
+    return f"{run_id:6} {model:11} {cells}  {slice_verdicts(decision) if decision else ''}"
+
+
 def goals(rows: list[tuple]) -> list[str]:
     """The benchmark's verdicts: (a) within 0.02 AP50 of (b) on every earlier export, (a)
     promoted and (c) refused on the `old` slice, per run after the first."""
@@ -210,7 +216,7 @@ def goals(rows: list[tuple]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=100, help="images per export")
+    parser.add_argument("--images", type=int, default=200, help="images per export")
     parser.add_argument("--steps", type=int, default=600, help="steps of the first training")
     parser.add_argument("--warm-steps", type=int, default=150,
                         help="steps of each later (warm-started) training")
@@ -256,14 +262,11 @@ def main() -> None:
                 decision = gate(eval_dir, evals["production"], pipeline,
                                 work / "gate" / run_id / m)
             rows.append((run_id, m, ap50_by_export(eval_dir, data), decision))
+            print(f"    {row(*rows[-1])}", flush=True)
         previous = models["a"]
-    print()
-    header = f"{'run':6} {'model':11} " + " ".join(f"{n:>7}" for n in EXPORTS) + "  gate"
-    print(header)
-    for run_id, m, scores, decision in rows:
-        cells = " ".join(f"{scores[n]:7.3f}" if scores.get(n) is not None else f"{'-':>7}"
-                         for n in EXPORTS)
-        print(f"{run_id:6} {m:11} {cells}  {slice_verdicts(decision) if decision else ''}")
+    print(f"\n{'run':6} {'model':11} " + " ".join(f"{n:>7}" for n in EXPORTS) + "  gate")
+    for found in rows:
+        print(row(*found))
     print()
     for line in goals(rows):
         print(line)
