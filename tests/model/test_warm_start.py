@@ -126,10 +126,13 @@ def _logits(model, images) -> tuple[np.ndarray, np.ndarray]:
             tf.concat([tf.reshape(boxes[k], [len(images), -1]) for k in boxes], 1).numpy())
 
 
-def test_new_classes_keep_old_scores_and_start_new_ones_at_the_prior(tmp_path):
+@pytest.mark.parametrize("layout", ["trainer", "saved_model"])
+def test_new_classes_keep_old_scores_and_start_new_ones_at_the_prior(tmp_path, layout):
     """A 3-class model (with a non-trivial classifier) restored into a 4-class one whose label
     map numbers classes differently: every old class (and background) scores exactly as
-    before on the same images, boxes too, and the new class starts at the prior p = 0.01."""
+    before on the same images, boxes too, and the new class starts at the prior p = 0.01.
+    From a train model dir, and from a SavedModel's variables (the model under `model/`, its
+    label map and params in assets.extra/)."""
     import tensorflow as tf
     from official.core import train_utils
 
@@ -143,14 +146,21 @@ def test_new_classes_keep_old_scores_and_start_new_ones_at_the_prior(tmp_path):
     rng = np.random.default_rng(0)
     for variable in old.head._classifier.weights:  # distinct logits per class
         variable.assign(rng.normal(0, 0.05, variable.shape).astype(np.float32))
-    folder = tmp_path / "production"
-    folder.mkdir()
-    tf.train.Checkpoint(**old.checkpoint_items).write(str(folder / "ckpt-7"))
+    if layout == "trainer":
+        folder = tmp_path / "model"
+        prefix = folder / "ckpt-7"
+        checkpoint = tf.train.Checkpoint(**old.checkpoint_items)
+    else:
+        folder = tmp_path / "serving" / "1" / "assets.extra"
+        prefix = tmp_path / "serving" / "1" / "variables" / "variables"
+        checkpoint = tf.train.Checkpoint(model=old)
+    folder.mkdir(parents=True)
+    checkpoint.write(str(prefix))
     train_utils.serialize_config(params, str(folder))
     (folder / "label_map.pbtxt").write_text(format_label_map(old_map))
 
     _, new_task, new = _model(5, seed=2)
-    info = warm_start.install(new_task, str(folder / "ckpt-7"), new_map, strategy)
+    info = warm_start.install(new_task, str(prefix), new_map, strategy)
     new_task.initialize(new)
     assert info["modules"] == "backbone,head"
     assert info["classes"] == {"kept": ["square", "circle", "triangle"], "new": ["diamond"],

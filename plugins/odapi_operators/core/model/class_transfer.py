@@ -69,8 +69,10 @@ def head_node(head: Any, source_classes: int):
 
     classifier = head._classifier
     anchors = classifier.weights[-1].shape[-1] // head.get_config()["num_classes"]
-    stand_in = type(classifier).from_config({**classifier.get_config(),
-                                             "filters": anchors * source_classes})
+    shape = {name: getattr(classifier, name) for name in ("kernel_size", "strides", "padding",
+                                                           "use_bias", "depth_multiplier")
+             if hasattr(classifier, name)}  # depth_multiplier: a separable conv's
+    stand_in = type(classifier)(filters=anchors * source_classes, **shape)
     stand_in.build(tf.TensorShape([None, None, None, classifier.weights[0].shape[2]]))
     modules = {name: getattr(head, name) for name in _CLASS_FREE if getattr(head, name, None)}
     return tf.train.Checkpoint(**modules, _classifier=stand_in), stand_in

@@ -85,10 +85,15 @@ def _layout(prefix: str) -> str | None:
 
 
 def _checkpoint(layout: str, **modules):
+    """A checkpoint node reading `modules` (backbone, decoder, head) from either layout. The
+    trainer saves them under those names (the model's `checkpoint_items`); in a SavedModel
+    they hang off the model under its Keras attribute names, `_backbone`, `_head`, ..."""
     import tensorflow as tf
 
-    return (tf.train.Checkpoint(model=tf.train.Checkpoint(**modules)) if layout == "model"
-            else tf.train.Checkpoint(**modules))
+    if layout == "model":
+        return tf.train.Checkpoint(model=tf.train.Checkpoint(
+            **{f"_{name}": module for name, module in modules.items()}))
+    return tf.train.Checkpoint(**modules)
 
 
 def source_classes(prefix: str) -> int | None:
