@@ -46,7 +46,10 @@ def test_warm_start_begins_at_a_lower_loss_than_scratch(trained_model, tmp_path)
     ).stdout.splitlines()[-1])
     assert warm["start"]["modules"] == "all"
     assert warm["start"]["from"].endswith(f"ckpt-{TRAINED_STEPS}")
-    assert base["start"] == {"checkpoint": None, "reason": "from scratch", "from": "scratch"}
+    assert base["start"] == {"checkpoint": None, "reason": "from scratch", "from": "scratch",
+                             "learning_rate": {"schedule": "cosine", "peak": 0.08,
+                                               "warmup_steps": 100, "fine_tune_factor": None}}
+    assert warm["start"]["learning_rate"]["fine_tune_factor"] == 0.25
     (first_step, scratch_loss), (_, warm_loss) = base["losses"][0], warm["losses"][0]
     assert (first_step, warm["losses"][0][0]) == (TRAINED_LOOP, TRAINED_LOOP)  # one loop each
     (_, trained_loss) = base["losses"][-1]
