@@ -93,8 +93,11 @@ def pipeline_yaml(work: Path, steps: int, warm_steps: int, min_ap50: float) -> P
     return path
 
 
-def prepare_run(pipeline: Path, run_id: str) -> tuple[str, str]:
-    """The pipeline's data stages for one run: (records folder, dataset diff or None)."""
+def prepare_run(pipeline: Path, run_id: str, production: Path | None) -> tuple[str, str]:
+    """The pipeline's data stages for one run: (records folder, dataset diff or None). The
+    label map extends `production`'s (the model dir of (a)'s last run; this bench serves
+    nothing, so the stage would not find it), as the DAG's does the served model's: ids are
+    never renumbered."""
     from odapi_operators.core.stages.runner import run_stage
 
     config = str(pipeline)
@@ -107,8 +110,11 @@ def prepare_run(pipeline: Path, run_id: str) -> tuple[str, str]:
                         inputs={"manifest": ingested.manifest}, log=lambda _: None)
     verified = run_stage("verify", pipeline=config, run_id=run_id,
                          inputs={"manifest": fetched.manifest}, log=lambda _: None)
+    previous = production / "label_map.pbtxt" if production else None
     label_map = run_stage("label_map", pipeline=config, run_id=run_id,
-                          inputs={"manifest": verified.manifest}, log=lambda _: None)
+                          inputs={"manifest": verified.manifest,
+                                  "previous": str(previous) if previous else None},
+                          log=lambda _: None)
     records = run_stage("shard", pipeline=config, run_id=run_id,
                         inputs={"manifest": verified.manifest,
                                 "label_map": label_map.label_map}, log=lambda _: None)
@@ -246,7 +252,7 @@ def main() -> None:
         export = land(work, name, args.images)
         run_id = f"run-{k}"
         print(f"== {name} landed; {run_id}", flush=True)
-        data, diff = prepare_run(pipeline, run_id)
+        data, diff = prepare_run(pipeline, run_id, previous)
         steps = args.steps if previous is None else args.warm_steps
         total += steps
         models = {"a": work / "a" / run_id}
