@@ -50,7 +50,8 @@ def train(ctx: StageContext, inputs: TrainInputs, options: TrainConfig) -> Train
     summary = train_detector(options.model_config_path, inputs.data, ctx.folder, options.steps,
                              options.batch_size, init_checkpoint=options.init_checkpoint,
                              warm_start_from=warm_from,
-                             warm_start_steps=options.warm_start_steps)
+                             warm_start_steps=options.warm_start_steps,
+                             warm_start_lr_factor=options.warm_start_lr_factor)
     return Trained(**summary)
 
 

@@ -129,6 +129,43 @@ def build_params(model_config: str | Path, data_dir: str | Path, steps: int, bat
     return params
 
 
+_PEAK_FIELDS = ("initial_learning_rate", "learning_rate", "values")  # stepwise: values
+
+
+def _schedule(params):
+    schedule = params.trainer.optimizer_config.learning_rate.get()
+    name = next((n for n in _PEAK_FIELDS if hasattr(schedule, n)), None)
+    return schedule, name
+
+
+def fine_tune(params, factor: float) -> None:
+    """Turn the model config's schedule into a fine-tuning one, for a training that starts
+    from a trained detector: the peak learning rate times `factor` and no warm-up (a cosine
+    schedule still decays over this run's steps). The warm-up protects freshly initialised
+    weights; restarted on trained ones it first drops the rate and then climbs back to the
+    full peak, which shakes the model out of what it learned before the short budget of a
+    warm start can bring it back."""
+    schedule, name = _schedule(params)
+    if name is None:
+        raise ModelConfigError(f"learning rate schedule "
+                               f"{params.trainer.optimizer_config.learning_rate.type!r} has no "
+                               "peak to scale for a warm start")
+    value = getattr(schedule, name)
+    setattr(schedule, name, [v * factor for v in value] if name == "values" else value * factor)
+    params.trainer.optimizer_config.warmup.type = None
+
+
+def learning_rate_record(params, fine_tune_factor: float | None) -> dict:
+    """The schedule a training runs, as its start record shows it."""
+    schedule, name = _schedule(params)
+    peak = getattr(schedule, name) if name else None
+    warmup = params.trainer.optimizer_config.warmup.get()
+    return {"schedule": params.trainer.optimizer_config.learning_rate.type,
+            "peak": max(peak) if isinstance(peak, (list, tuple)) else peak,
+            "warmup_steps": getattr(warmup, "warmup_steps", None) or 0,
+            "fine_tune_factor": fine_tune_factor}
+
+
 def save_params(params, experiment: str, model_dir: str | Path, **info: Any) -> None:
     """Persist params so evaluate/export rebuild exactly the trained model."""
     from official.core import train_utils

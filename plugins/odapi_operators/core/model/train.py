@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from odapi_operators.core import storage, testpoints
+from odapi_operators.core.data.label_map import read_label_map
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.model import cluster, tfvision, warm_start
+from odapi_operators.core.model.saved_model import LABEL_MAP_FILE
 
 LOCK = ".train.lock"
 
@@ -158,12 +160,14 @@ def _worker_loss_named(model_dir: str | Path, role: cluster.ClusterRole) -> Iter
 
 def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
           steps: int, batch_size: int, *, init_checkpoint: str | None = None,
-          warm_start_from: str | None = None, warm_start_steps: int | None = None) -> dict:
+          warm_start_from: str | None = None, warm_start_steps: int | None = None,
+          warm_start_lr_factor: float | None = None) -> dict:
     """Train (or resume) in `model_dir`; a new run starts from `init_checkpoint`, from the
     production model under `warm_start_from` (`<serving base>/<model>`), or from scratch.
     A start from production trains `warm_start_steps` (when given) instead of `steps`: it
-    refines weights that already know the older labels. Fails with TrainingInProgress while
-    another process trains into `model_dir`."""
+    refines weights that already know the older labels. A start from any trained detector of
+    ours fine-tunes with `warm_start_lr_factor` (when given; tfvision.fine_tune). Fails with
+    TrainingInProgress while another process trains into `model_dir`."""
     start = warm_start.resolve(init_checkpoint, warm_start_from)
     if warm_start_steps and start.get("production_version") is not None:
         steps = warm_start_steps
@@ -176,21 +180,28 @@ def train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
         tfvision.setup_tensorflow()
         if _checkpoint_step(model_dir) >= steps:
             return _finished(model_dir, steps, start, experiment, role)
+        fine_tune = (warm_start_lr_factor
+                     if warm_start.is_detector_checkpoint(start["checkpoint"]) else None)
         return _train(model_config, data_dir, model_dir, steps, batch_size, start, experiment,
-                      role)
+                      role, fine_tune)
 
 
 def _train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path,
            steps: int, batch_size: int, start: dict, experiment: str,
-           role: cluster.ClusterRole) -> dict:
+           role: cluster.ClusterRole, fine_tune: float | None) -> dict:
     from official.core import task_factory, train_lib
 
     from odapi_operators.core.model.runtime import apply_runtime
 
     params = tfvision.build_params(model_config, data_dir, steps, batch_size)
-    if role.is_chief:
+    if fine_tune:
+        tfvision.fine_tune(params, fine_tune)
+    start = {**start, "learning_rate": tfvision.learning_rate_record(params, fine_tune)}
+    label_map = tfvision.read_data_summary(data_dir)["label_map"]
+    if role.is_chief:  # the chief alone writes the model dir
         tfvision.save_params(params, experiment, model_dir, model_config=str(model_config),
                              data=str(data_dir))
+        storage.write_text(Path(model_dir) / LABEL_MAP_FILE, storage.read_text(label_map))
     apply_runtime(params)
     strategy = tfvision.distribution_strategy()
     started = time.monotonic()
@@ -198,7 +209,8 @@ def _train(model_config: str | Path, data_dir: str | Path, model_dir: str | Path
         task = task_factory.get_task(params.task, logging_dir=str(model_dir))
     resumed = _checkpoint_step(model_dir)
     started_from = ({"from": "resumed", "step": resumed} if resumed
-                    else warm_start.install(task, start["checkpoint"]))
+                    else warm_start.install(task, start["checkpoint"],
+                                            read_label_map(label_map), strategy))
     progress = ProgressLine(resumed, steps, params.trainer.steps_per_loop,
                             emit=lambda line: print(line, flush=True))
     with _worker_loss_named(model_dir, role):

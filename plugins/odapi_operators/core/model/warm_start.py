@@ -6,8 +6,10 @@ checkpoint. Three kinds of source are understood:
 
 - our own checkpoints (a train model dir or an export's `checkpoint/`, which TF-Vision's
   trainer writes as `backbone/...`, `head/...`; or a SavedModel's `variables/`, written as
-  `model/...`), known by the `params.yaml` beside them: the whole model is restored, or only
-  backbone and decoder when the class count changed (the head's shape differs);
+  `model/...`), known by the `params.yaml` beside them: the whole model is restored. When
+  the classes changed since (an export added one), a RetinaNet keeps all of it too, each
+  class's logits moved to its id in the new label map by name (class_transfer.py); other
+  heads keep backbone and decoder only (the head's shape differs);
 - anything else (e.g. a TF-Vision backbone or zoo checkpoint): TF-Vision's own
   `task.initialize` with `init_checkpoint_modules` from the model config.
 """
@@ -18,7 +20,10 @@ import os
 import sys
 
 from odapi_operators.core import storage
+from odapi_operators.core.data.label_map import read_label_map
 from odapi_operators.core.failures import Failure
+from odapi_operators.core.model import class_transfer
+from odapi_operators.core.model.saved_model import ASSETS_EXTRA, LABEL_MAP_FILE
 from odapi_operators.core.serving import serving_dir
 from odapi_operators.core.wording import setting
 
@@ -80,10 +85,15 @@ def _layout(prefix: str) -> str | None:
 
 
 def _checkpoint(layout: str, **modules):
+    """A checkpoint node reading `modules` (backbone, decoder, head) from either layout. The
+    trainer saves them under those names (the model's `checkpoint_items`); in a SavedModel
+    they hang off the model under its Keras attribute names, `_backbone`, `_head`, ..."""
     import tensorflow as tf
 
-    return (tf.train.Checkpoint(model=tf.train.Checkpoint(**modules)) if layout == "model"
-            else tf.train.Checkpoint(**modules))
+    if layout == "model":
+        return tf.train.Checkpoint(model=tf.train.Checkpoint(
+            **{f"_{name}": module for name, module in modules.items()}))
+    return tf.train.Checkpoint(**modules)
 
 
 def source_classes(prefix: str) -> int | None:
@@ -99,40 +109,94 @@ def source_classes(prefix: str) -> int | None:
     return None
 
 
-def _restore(model, prefix: str, layout: str, num_classes: int | None = None) -> str:
-    """Restore `model` from one of our checkpoints; return which modules were restored.
+def source_label_map(prefix: str) -> dict[str, int] | None:
+    """The label map ({name: id}) of the model one of our checkpoints holds: beside it (a
+    train model dir), in the SavedModel's assets.extra/, or in an export's saved_model/."""
+    folder = os.path.dirname(prefix)
+    parent = os.path.dirname(folder)
+    for path in (f"{folder}/{LABEL_MAP_FILE}", f"{parent}/{ASSETS_EXTRA}/{LABEL_MAP_FILE}",
+                 f"{parent}/saved_model/{ASSETS_EXTRA}/{LABEL_MAP_FILE}"):
+        if storage.exists(path):
+            return read_label_map(path)
+    return None
 
-    A head of another class count must not be restored at all: TF restores variables the
+
+def _restore(model, prefix: str, layout: str, target: dict[str, int], build) -> dict:
+    """Restore `model` from one of our checkpoints; return what was restored.
+
+    A head of another class count must not be restored whole: TF restores variables the
     model has not built yet when they are created, in the checkpoint's shape, so a whole-model
     restore would "succeed" and train a head with the old class count."""
     import tensorflow as tf
 
-    source = source_classes(prefix)
-    if num_classes is not None and source is not None and source != num_classes:
-        _log(f"the checkpoint has {source - 1} classes, this run {num_classes - 1}: "
-             "restoring backbone and decoder only")
-        return _restore_trunk(model, prefix, layout)
-    try:
-        whole = (tf.train.Checkpoint(model=model) if layout == "model"
-                 else tf.train.Checkpoint(**model.checkpoint_items))
-        whole.read(prefix).expect_partial().assert_existing_objects_matched()
-        return "all"
-    except (ValueError, AssertionError, tf.errors.InvalidArgumentError) as exc:
-        _log(f"whole model does not fit ({str(exc).splitlines()[0][:160]}); "
-             "restoring backbone and decoder only (the class count changed?)")
-    return _restore_trunk(model, prefix, layout)
+    num_classes = max(target.values(), default=0) + 1
+    old_classes = source_classes(prefix) or num_classes
+    source = source_label_map(prefix)
+    if source is None:  # ids are append-only: an id the source model had means the same class
+        source = {name: item_id for name, item_id in target.items() if item_id < old_classes}
+    if old_classes == num_classes and source == target:
+        try:
+            whole = (tf.train.Checkpoint(model=model) if layout == "model"
+                     else tf.train.Checkpoint(**model.checkpoint_items))
+            whole.read(prefix).expect_partial().assert_existing_objects_matched()
+            return {"modules": "all"}
+        except (ValueError, AssertionError, tf.errors.InvalidArgumentError) as exc:
+            _log(f"whole model does not fit ({str(exc).splitlines()[0][:160]}); "
+                 "restoring backbone and decoder only")
+            return {"modules": _restore_trunk(model, prefix, layout)}
+    kept = sorted(set(source) & set(target), key=target.get)
+    classes = {"kept": kept, "new": sorted(set(target) - set(source), key=target.get),
+               "dropped": sorted(set(source) - set(target), key=source.get)}
+    _log(f"the checkpoint has {old_classes - 1} classes, this run {num_classes - 1}: "
+         f"keeping {', '.join(kept) or 'none'} by name; new: {', '.join(classes['new']) or 'none'}")
+    if not class_transfer.is_retinanet_head(getattr(model, "head", None)):
+        _log("not a RetinaNet head: restoring backbone and decoder only")
+        return {"modules": _restore_trunk(model, prefix, layout), "classes": classes}
+    build(model)  # the classifier is assigned, not restored: its variables must exist
+    modules = _trunk(model)
+    head, stand_in = class_transfer.head_node(model.head, old_classes)
+    _checkpoint(layout, **modules, head=head).read(prefix).expect_partial() \
+        .assert_existing_objects_matched()
+    class_transfer.transfer_classifier(
+        model.head, stand_in, class_transfer.class_sources(source, target, num_classes),
+        old_classes)
+    return {"modules": ",".join([*modules, "head"]), "classes": classes}
+
+
+def _trunk(model) -> dict:
+    return {name: module for name in ("backbone", "decoder")
+            if (module := getattr(model, name, None)) is not None}  # some have no decoder
 
 
 def _restore_trunk(model, prefix: str, layout: str) -> str:
-    trunk = {name: module for name in ("backbone", "decoder")
-             if (module := getattr(model, name, None)) is not None}  # some have no decoder
+    trunk = _trunk(model)
     _checkpoint(layout, **trunk).read(prefix).expect_partial() \
         .assert_existing_objects_matched()
     return ",".join(trunk)
 
 
-def install(task, init_checkpoint: str | None) -> dict:
-    """Make `task.initialize` start from `init_checkpoint`; return what will be done."""
+def _builder(task, strategy):
+    """Builds backbone, decoder and head of a detector by running them once on zeros."""
+    def build(model) -> None:
+        import tensorflow as tf
+
+        with strategy.scope():
+            features = model.backbone(tf.zeros([1, *task.task_config.model.input_size]))
+            if getattr(model, "decoder", None) is not None:
+                features = model.decoder(features)
+            model.head(features)
+    return build
+
+
+def is_detector_checkpoint(init_checkpoint: str | None) -> bool:
+    """Whether a start point is a trained detector of ours (production, a model dir, an
+    export): a start from it refines that model rather than learning one."""
+    return bool(init_checkpoint) and _layout(checkpoint_prefix(init_checkpoint)) is not None
+
+
+def install(task, init_checkpoint: str | None, label_map: dict[str, int], strategy) -> dict:
+    """Make `task.initialize` start from `init_checkpoint`; return what will be done.
+    `label_map` is this run's: classes are carried over from our checkpoints by name."""
     if not init_checkpoint:
         return {"from": "scratch"}
     prefix = checkpoint_prefix(init_checkpoint)
@@ -144,7 +208,7 @@ def install(task, init_checkpoint: str | None) -> dict:
     info = {"from": prefix}
 
     def initialize(model) -> None:
-        info["modules"] = _restore(model, prefix, layout, task.task_config.model.num_classes)
+        info.update(_restore(model, prefix, layout, label_map, _builder(task, strategy)))
         _log(f"restored {info['modules']} from {prefix}")
 
     task.initialize = initialize
