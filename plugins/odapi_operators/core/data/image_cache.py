@@ -27,24 +27,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from odapi_operators.core import storage
+from odapi_operators.core.data.manifest import sorted_json
 from odapi_operators.core.data.resume import ResumeIndex
 
 SOURCES, VERIFIED = "sources.jsonl", "verified.jsonl"
 
 
-_ENCODE = json.JSONEncoder(sort_keys=True).encode  # json.dumps(..., sort_keys=True), made once
 
 
 def identity(*parts: Any) -> str:
     """A journal key: the hash of what makes two pieces of work the same."""
-    return hashlib.sha256(_ENCODE(parts).encode()).hexdigest()[:32]
+    return hashlib.sha256(sorted_json(parts).encode()).hexdigest()[:32]
 
 
 def place(source: str | Path, target: str | Path) -> bool:

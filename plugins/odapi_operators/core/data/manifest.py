@@ -20,7 +20,9 @@ from odapi_operators.core.external_sort import ExternalSorter, Spool
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # A path part that flattens reversibly: safe characters, no "__", no "_" at either end.
 _PLAIN_PART = re.compile(r"[A-Za-z0-9.-]+(?:_[A-Za-z0-9.-]+)*")
-_TO_JSON = json.JSONEncoder(sort_keys=True).encode  # json.dumps(..., sort_keys=True), made once
+# json.dumps(..., sort_keys=True), the encoder made once: manifests, journals and cache keys
+# write a line per image with it
+sorted_json = json.JSONEncoder(sort_keys=True).encode
 # A key names files (`files/<key>.jpeg` and its `.tmp-<name>-<host>-<pid>-<8 hex>` sibling, 255 bytes at most).
 MAX_KEY_LENGTH = 220
 
@@ -122,7 +124,7 @@ class ImageRecord:
         }
 
     def to_json(self) -> str:
-        return _TO_JSON(self.to_dict())
+        return sorted_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ImageRecord":

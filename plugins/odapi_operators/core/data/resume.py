@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from odapi_operators.core import storage
-
-_ENCODE = json.JSONEncoder(sort_keys=True).encode  # json.dumps(..., sort_keys=True), made once
+from odapi_operators.core.data.manifest import sorted_json
 
 
 class ResumeIndex:
@@ -46,7 +45,7 @@ class ResumeIndex:
         flushed one (or `close`): for work so cheap that redoing it after a kill costs less
         than a write per image."""
         self.entries[entry["key"]] = entry
-        self._out.write(_ENCODE(entry) + "\n")
+        self._out.write(sorted_json(entry) + "\n")
         if flush:
             self._out.flush()
         self.lines += 1
@@ -60,7 +59,7 @@ class ResumeIndex:
         self._out.close()
         with storage.atomic_write(self.path, "w") as fh:
             for entry in wanted.values():
-                fh.write(_ENCODE(entry) + "\n")
+                fh.write(sorted_json(entry) + "\n")
         self.entries = dict(wanted)
         self.lines = len(wanted)
         self._out = open(self.path, "a", encoding="utf-8")

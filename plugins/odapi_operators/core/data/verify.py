@@ -117,11 +117,7 @@ def _content_sha256(record: ImageRecord) -> str | None:
     content), else hashed here; None if unreadable (the worker reports it)."""
     if "fetched_from" in record.provenance and record.provenance.get("sha256"):
         return record.provenance["sha256"]
-    try:
-        with open(record.source.uri, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except OSError:
-        return None
+    return file_sha256(record.source.uri)
 
 
 # what a verify result holds besides where its output is: the same for the same inputs
