@@ -230,7 +230,7 @@ def goals(rows: list[tuple]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200, help="images per export")
-    parser.add_argument("--steps", type=int, default=600, help="steps of the first training")
+    parser.add_argument("--steps", type=int, default=800, help="steps of the first training")
     parser.add_argument("--warm-steps", type=int, default=150,
                         help="steps of each later (warm-started) training")
     parser.add_argument("--warm-lr-factor", type=float,
