@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ON_DEMAND = {"active_learning.py": "three trainings: ~15-20 min on 2 quiet cores",
-             "export.py": "a training and four exports: ~10 min on 2 quiet cores",
+             "export.py": "a short training and six exports (3 rounds): ~10 min on 2 quiet cores",
              "freshness.py": "an embedded Airflow, two trainings and exports: ~15-25 min",
              "continuous.py": "seven trainings, nine evaluations: ~25 min on 2 quiet cores (est.)",
              "ingest_openimages.py": "15M boxes (~2.5 GB generated once, cached under /tmp): "

@@ -150,7 +150,8 @@ def test_every_model_family_exports_the_od_api_contract(config, records, tfvisio
         "pre_nms_score_threshold": 0.0}}}})
     module = export_module(params)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)],
+                 autograph=False)  # as the export module's `answer` traces the model
     def both(images):
         own = DetectionModule.serve(module, images)
         return own, module.contract(dict(own))

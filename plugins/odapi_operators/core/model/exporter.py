@@ -30,7 +30,6 @@ from odapi_operators.core.model.saved_model import (
     BYTES_SIGNATURE,
     DETECTION_OUTPUTS,
     EXPORT_INFO,
-    INFERENCE_FUNCTIONS,
     INPUT_NAME,
     INPUT_TYPES,
     LABEL_MAP_FILE,
@@ -102,7 +101,10 @@ def check_export(saved_model_dir: Path, module, input_type: str, first_image: by
     loaded = tf.saved_model.load(str(saved_model_dir), tags=["serve"])
     _check_contract(saved_model_dir, loaded)
     signature = loaded.signatures[SERVING_SIGNATURE]
-    reference = getattr(module, INFERENCE_FUNCTIONS[input_type])
+    # The concrete function that was saved, with the checkpoint's weights in memory: called
+    # through the module's tf.function instead, it would be traced again (another context).
+    reference = module.get_inference_signatures({input_type: SERVING_SIGNATURE})[
+        SERVING_SIGNATURE]
     worst, detections = 0.0, 0
     arrays = read_warmup(saved_model_dir / ASSETS_EXTRA / WARMUP_FILE)
     for array in arrays:
@@ -131,7 +133,7 @@ def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         raise ValueError(f"input_type {input_type!r} not one of {INPUT_TYPES}")
     from official.vision.serving import export_saved_model_lib
 
-    from odapi_operators.core.model.export_module import export_module
+    from odapi_operators.core.model.export_module import export_module, save_options
     from odapi_operators.core.model.saved_model import encoded_image
 
     params = tfvision.load_params(model_dir)
@@ -145,6 +147,7 @@ def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
             export_saved_model_lib.export_inference_graph(
                 input_type=input_type, batch_size=None, input_image_size=size, params=params,
                 checkpoint_path=checkpoint, export_dir=str(tmp), export_module=module,
+                save_options=save_options(),
                 export_checkpoint_subdir="checkpoint", export_saved_model_subdir="saved_model")
         extra = tmp / "saved_model" / ASSETS_EXTRA
         extra.mkdir(parents=True, exist_ok=True)

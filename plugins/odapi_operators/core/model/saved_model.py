@@ -38,13 +38,8 @@ def extra_file(saved_model: str | Path, name: str) -> str:
     return f"{str(saved_model).rstrip('/')}/{ASSETS_EXTRA}/{name}"
 
 
-# The export module's inference function for each input type (TF-Vision's names).
-INFERENCE_FUNCTIONS = {"image_tensor": "inference_from_image_tensors",
-                       "image_bytes": "inference_from_image_bytes",
-                       "tf_example": "inference_from_tf_example"}
-
-
-INPUT_TYPES = tuple(INFERENCE_FUNCTIONS)
+# What `serving_default` may take (TF-Vision's export input types).
+INPUT_TYPES = ("image_tensor", "image_bytes", "tf_example")
 
 
 WARMUP_FILE = "tf_serving_warmup_requests"
