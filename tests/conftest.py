@@ -84,16 +84,25 @@ def odapi(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 SAMPLE_MODEL = ROOT / "include/configs/models/retinanet_mobile_sample.yaml"
+TINY_MODEL = ROOT / "tests/support/tiny_model.yaml"
 
 
-def keep_all_detections_config(folder: Path) -> Path:
-    """The sample model config, but keeping every detection (no score threshold): a model
-    trained for a few steps scores below the default 0.05, and tests need its detections."""
+def _merged(base: dict, overrides: dict) -> dict:
+    return {**base, **{key: _merged(base.get(key, {}), value) if isinstance(value, dict)
+                       else value for key, value in overrides.items()}}
+
+
+def tiny_model_config(folder: Path, **trainer: Any) -> Path:
+    """The model config of tests that check mechanics, not accuracy: the sample model's
+    recipe with tests/support/tiny_model.yaml's small network (which keeps every detection),
+    `trainer` settings on top (e.g. steps_per_loop); written to `folder`, its path."""
     import yaml
 
-    config = yaml.safe_load(SAMPLE_MODEL.read_text())
-    config["params"]["task"]["model"]["detection_generator"]["pre_nms_score_threshold"] = 0.0
-    path = folder / "retinanet_mobile_test.yaml"
+    config = _merged(yaml.safe_load(SAMPLE_MODEL.read_text()),
+                     yaml.safe_load(TINY_MODEL.read_text()))
+    config["params"]["trainer"].update(trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny_model.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -127,14 +136,9 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], dict[str, An
     return json.loads(done.read_text())
 
 
-def _train_sample_model(root: Path) -> dict[str, str]:
-    import yaml
-
+def _train_tiny_model(root: Path) -> dict[str, str]:
     records = prepare_records(root, count=24)
-    config = keep_all_detections_config(root)
-    params = yaml.safe_load(config.read_text())
-    params["params"]["trainer"].update(steps_per_loop=TRAINED_LOOP, summary_interval=TRAINED_LOOP)
-    config.write_text(yaml.safe_dump(params))
+    config = tiny_model_config(root, steps_per_loop=TRAINED_LOOP, summary_interval=TRAINED_LOOP)
     model_dir = root / "model"
     odapi("train", "--model-config", str(config), "--data", str(records), "--out",
           str(model_dir), "--steps", str(TRAINED_STEPS), "--batch-size", "4")
@@ -144,11 +148,11 @@ def _train_sample_model(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory) -> dict[str, Path]:
-    """A RetinaNet-mobile trained for 60 real steps in 10-step loops on tiny sample records,
-    shared by every test that needs a model: long enough for its loss to have fallen (the
-    warm-start test starts from it), and its first loop is a fresh start's. Read-only: a test
-    that changes it copies it first."""
-    built = built_once(tmp_path_factory, "trained", _train_sample_model)
+    """The tiny test model (`tiny_model_config`) trained for 60 real steps in 10-step loops
+    on tiny sample records, shared by every test that needs a model: long enough for its loss
+    to have fallen (the warm-start test starts from it), and its first loop is a fresh
+    start's. Read-only: a test that changes it copies it first."""
+    built = built_once(tmp_path_factory, "trained", _train_tiny_model)
     return {key: Path(value) for key, value in built.items()}
 
 

@@ -28,7 +28,7 @@ import yaml
 from odapi_operators.core.data.sample_data import MARKER, generate
 from odapi_operators.core.layout import RunLayout
 
-from conftest import ROOT, free_port, keep_all_detections_config
+from conftest import ROOT, free_port, tiny_model_config
 from support.production import (
     Processes,
     airflow,
@@ -70,7 +70,7 @@ def pipeline(tmp_path: Path) -> Path:
         "home": str(tmp_path),
         "exports": {"path": "exports"},
         "records": {"split": {"train": 0.6, "val": 0.4}},
-        "train": {"model_config": str(keep_all_detections_config(tmp_path)),
+        "train": {"model_config": str(tiny_model_config(tmp_path / "models")),
                   "steps": 3, "batch_size": 2, "warm_start": True,  # from what is served
                   "placement": {"where": "celery", "queue": "gpu", "pool": "gpu"}},
         "evaluate": {"missing_classes": "warn"},

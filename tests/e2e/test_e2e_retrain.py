@@ -23,7 +23,7 @@ import yaml
 
 from odapi_operators.core.data.sample_data import generate, voc_xml
 
-from conftest import ROOT, odapi
+from conftest import ROOT, odapi, tiny_model_config
 from support.fakes import asset_events as _asset_events
 
 pytestmark = pytest.mark.slow
@@ -47,9 +47,9 @@ def pipeline(tmp_path, monkeypatch):
     config = {
         "home": str(tmp_path),
         "exports": {"path": "exports"},
-        "train": {"model_config": str(ROOT / "include/configs/models/"
-                                           "retinanet_mobile_sample.yaml"),
-                  "steps": 10, "batch_size": 4},
+        # the session's exported model serves in run 2, which warm-starts from it
+        "train": {"model_config": str(tiny_model_config(tmp_path / "models")), "steps": 10,
+                  "batch_size": 4},
         "evaluate": {"missing_classes": "warn"},  # the second export is small
         "gate": {"min_ap50": 1.0},  # no 10-step model reaches it
         "serving": {"base": "serving", "model_name": "shapes"},

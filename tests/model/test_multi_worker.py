@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import yaml
 
 from odapi_operators.core.model import cluster
 
-from conftest import free_port, keep_all_detections_config, odapi
+from conftest import free_port, odapi, tiny_model_config
 
 # --- who is the chief (no TensorFlow) ---------------------------------------------------------
 
@@ -61,16 +60,6 @@ def test_a_job_pod_without_its_index_is_refused():
 
 # --- two real workers -------------------------------------------------------------------------
 
-
-
-def _model_config(folder: Path, loop: int) -> Path:
-    """The sample model (128 px), a checkpoint every `loop` steps."""
-    path = keep_all_detections_config(folder)
-    config = yaml.safe_load(path.read_text())
-    config["params"]["trainer"].update(steps_per_loop=loop, summary_interval=loop,
-                                       checkpoint_interval=loop)
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @contextlib.contextmanager
@@ -132,7 +121,8 @@ def test_two_workers_train_together_lose_one_resume_and_the_chiefs_checkpoint_ev
     of both resumes there, trains to the end in step, and only the chief wrote the model dir,
     whose checkpoint evaluates."""
     model_dir, steps = tmp_path / "model", 3
-    model_config = _model_config(tmp_path, 1)
+    model_config = tiny_model_config(tmp_path, steps_per_loop=1, summary_interval=1,
+                                     checkpoint_interval=1)
     args = (trained_model["records"], model_dir, model_config, steps, tmp_path / "scratch")
     with _workers(*args) as (chief, worker):
         deadline = time.monotonic() + FINISH_SECONDS

@@ -10,9 +10,8 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
-from conftest import ROOT, keep_all_detections_config, odapi
+from conftest import odapi, tiny_model_config
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +20,8 @@ def test_killed_training_resumes_from_its_checkpoint(trained_model, tmp_path):
     """A warm-started training killed mid-way: the retry (same arguments, so the same start
     point) resumes from its own newest checkpoint, not from the start point."""
     records = trained_model["records"]
-    config = yaml.safe_load((ROOT / "include/configs/models/"
-                                     "retinanet_mobile_sample.yaml").read_text())
-    config["params"]["trainer"].update(steps_per_loop=5, summary_interval=5,
-                                       checkpoint_interval=5)
-    model_config = tmp_path / "model.yaml"
-    model_config.write_text(yaml.safe_dump(config))
+    model_config = tiny_model_config(tmp_path, steps_per_loop=5, summary_interval=5,
+                                     checkpoint_interval=5)
     model_dir = tmp_path / "model"
     args = [sys.executable, "-u", "-m", "odapi_operators", "train", "--model-config",
             str(model_config), "--data", str(records), "--out", str(model_dir),
@@ -68,7 +63,7 @@ def test_a_rerun_on_a_finished_model_dir_returns_the_first_runs_summary(trained_
     first = json.loads((model_dir / "summary.json").read_text())
     checkpoints = {p.name: p.stat().st_mtime_ns for p in model_dir.glob("ckpt-*")}
 
-    done = odapi("train", "--model-config", str(keep_all_detections_config(tmp_path)),
+    done = odapi("train", "--model-config", str(tiny_model_config(tmp_path)),
                  "--data", str(trained_model["records"]), "--out", str(model_dir),
                  "--steps", str(first["steps"]), "--batch-size", "2", check=False)
     assert done.returncode == 0, done.stderr[-3000:]

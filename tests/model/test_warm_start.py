@@ -10,7 +10,8 @@ import pytest
 from odapi_operators.core.model import warm_start
 from odapi_operators.core.model.warm_start import StartPointError
 
-from conftest import SAMPLE_MODEL, TRAINED_LOOP, TRAINED_STEPS, odapi, prepare_records
+from conftest import (SAMPLE_MODEL, TRAINED_LOOP, TRAINED_STEPS, odapi, prepare_records,
+                      tiny_model_config)
 
 
 def test_both_start_points_at_once_are_refused():
@@ -56,7 +57,7 @@ def test_warm_start_begins_at_a_lower_loss_than_scratch(trained_model, tmp_path)
     print(f"first loop: scratch {scratch_loss:.3f}, warm {warm_loss:.3f}; "
           f"base after {TRAINED_STEPS} steps {trained_loss:.3f}")
     # It picks up where the base run ended (60 steps, still in the LR warmup: its loss fell
-    # from ~2.1 to ~1.9 here), clearly below a fresh start.
+    # from ~1.8 to ~1.6 here), clearly below a fresh start.
     assert warm_loss < scratch_loss - 0.1
     assert abs(warm_loss - trained_loss) < abs(warm_loss - scratch_loss)
     # (A retry of a warm-started run resumes from its own checkpoint, not the start point:
@@ -78,7 +79,7 @@ def test_a_new_class_keeps_the_whole_model_and_trains_on(trained_model, tmp_path
         "--out", str(tmp_path / "warm"), "--steps", "2", "--batch-size", "2",
         "--init-checkpoint", str(trained_model["model_dir"]),
     ).stdout.splitlines()[-1])
-    assert warm["start"]["modules"] == "backbone,head"  # this model has no decoder
+    assert warm["start"]["modules"] == "backbone,decoder,head"  # all of it, head remapped
     assert warm["start"]["classes"] == {"kept": ["circle", "square", "triangle"],
                                         "new": ["diamond"], "dropped": []}
     assert warm["start"]["learning_rate"]["warmup_steps"] == 0
@@ -97,8 +98,8 @@ def test_class_channels_move_by_anchor_and_class():
         source, target, sources, 3).tolist() == [0, 2, -9, 1, 3, 5, -9, 4]
 
 
-def _model(num_classes: int, seed: int):
-    """A RetinaNet of the sample config (untrained, random weights) with its task."""
+def _model(folder, num_classes: int, seed: int):
+    """A RetinaNet of the tiny test config (untrained, random weights) with its task."""
     import tensorflow as tf
     import yaml
     from official.core import exp_factory, task_factory
@@ -107,7 +108,8 @@ def _model(num_classes: int, seed: int):
 
     tfvision.setup_tensorflow()
     params = exp_factory.get_exp_config("retinanet_mobile_coco")
-    params.override(yaml.safe_load(SAMPLE_MODEL.read_text())["params"], is_strict=True)
+    params.override(yaml.safe_load(tiny_model_config(folder).read_text())["params"],
+                    is_strict=True)
     params.task.model.num_classes = num_classes
     tf.keras.utils.set_random_seed(seed)
     task = task_factory.get_task(params.task)
@@ -143,7 +145,7 @@ def test_new_classes_keep_old_scores_and_start_new_ones_at_the_prior(tmp_path, l
 
     old_map = {"circle": 1, "square": 2, "triangle": 3}
     new_map = {"square": 1, "diamond": 2, "circle": 3, "triangle": 4}
-    params, task, old = _model(4, seed=1)
+    params, task, old = _model(tmp_path, 4, seed=1)
     strategy = tf.distribute.get_strategy()
     warm_start._builder(task, strategy)(old)
     rng = np.random.default_rng(0)
@@ -162,14 +164,14 @@ def test_new_classes_keep_old_scores_and_start_new_ones_at_the_prior(tmp_path, l
     train_utils.serialize_config(params, str(folder))
     (folder / "label_map.pbtxt").write_text(format_label_map(old_map))
 
-    _, new_task, new = _model(5, seed=2)
+    _, new_task, new = _model(tmp_path, 5, seed=2)
     info = warm_start.install(new_task, str(prefix), new_map, strategy)
     new_task.initialize(new)
-    assert info["modules"] == "backbone,head"
+    assert info["modules"] == "backbone,decoder,head"
     assert info["classes"] == {"kept": ["square", "circle", "triangle"], "new": ["diamond"],
                                "dropped": []}
 
-    images = tf.constant(rng.uniform(-1, 1, (2, 128, 128, 3)), tf.float32)
+    images = tf.constant(rng.uniform(-1, 1, (2, *params.task.model.input_size)), tf.float32)
     (old_logits, old_boxes), (new_logits, new_boxes) = _logits(old, images), _logits(new, images)
     np.testing.assert_allclose(new_boxes, old_boxes, atol=1e-5)
     np.testing.assert_allclose(new_logits[..., 0], old_logits[..., 0], atol=1e-5)  # background
