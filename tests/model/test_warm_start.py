@@ -184,7 +184,7 @@ def test_new_classes_keep_old_scores_and_start_new_ones_at_the_prior(tmp_path, l
 
 
 def test_a_fine_tune_drops_the_warmup_and_scales_the_peak(tmp_path):
-    """A start from a trained detector: the sample config's 0.08 peak x 0.25, no warm-up,
+    """A start from a trained detector: the sample config's 0.002 peak x 0.25, no warm-up,
     cosine over the run's 150 steps (TF-Vision's own schedule builder reads it back)."""
     from official.modeling.optimization import optimizer_factory
 
@@ -197,13 +197,13 @@ def test_a_fine_tune_drops_the_warmup_and_scales_the_peak(tmp_path):
                    for split in ("train", "val")}}))
     params = tfvision.build_params(SAMPLE_MODEL, tmp_path, 150, 8)
     schedule = optimizer_factory.OptimizerFactory(params.trainer.optimizer_config)
-    assert float(schedule.build_learning_rate()(0)) == pytest.approx(0.0067)  # its warm-up
+    assert float(schedule.build_learning_rate()(0)) == pytest.approx(0.0001)  # its warm-up
     tfvision.fine_tune(params, 0.25)
     rate = optimizer_factory.OptimizerFactory(params.trainer.optimizer_config) \
         .build_learning_rate()
-    assert float(rate(0)) == pytest.approx(0.02)
-    assert float(rate(75)) == pytest.approx(0.01, rel=1e-3)
+    assert float(rate(0)) == pytest.approx(0.0005)
+    assert float(rate(75)) == pytest.approx(0.00025, rel=1e-3)
     assert float(rate(150)) == pytest.approx(0.0, abs=1e-6)
     assert tfvision.learning_rate_record(params, 0.25) == {
-        "schedule": "cosine", "peak": pytest.approx(0.02), "warmup_steps": 0,
+        "schedule": "cosine", "peak": pytest.approx(0.0005), "warmup_steps": 0,
         "fine_tune_factor": 0.25}
