@@ -150,8 +150,10 @@ def _worker_loss_named(model_dir: str | Path, role: cluster.ClusterRole) -> Iter
             tf.errors.AbortedError, tf.errors.CancelledError) as exc:
         if role.workers == 1:
             raise
-        peer = re.search(r"/job:(\w+)/replica:\d+/task:(\d+)", exc.message or "")
-        lost = f"{peer[1]} {peer[2]}" if peer else "a peer"
+        # the message also names this worker's own devices: the lost one is another task
+        tasks = re.findall(r"/job:(\w+)(?:/replica:\d+)?/task:(\d+)", exc.message or "")
+        lost = next((f"{job} {task}" for job, task in tasks if f"{job} {task}" != role.name),
+                    "a peer")
         raise WorkerLost(
             f"{model_dir}: training worker lost: {lost} stopped answering {role.name} "
             f"(of {role.workers}; {type(exc).__name__}); a retry resumes from step "
