@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 import yaml
+from _demo_records import ROOT, SAMPLE_MODEL, demo_records
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_MODEL = ROOT / "include/configs/models/retinanet_mobile_sample.yaml"
 
 # The recipe of stop 23 (AP50 0.66-0.96 after 1800 steps), as overrides of today's file.
 BEFORE = {"batch_size": 8, "steps": 1800, "params": {
@@ -73,24 +72,6 @@ def recipe_config(name: str, recipe: dict, seed: int, every: int, folder: Path) 
     path = folder / f"{name}-{seed}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def prepare(work: Path) -> Path:
-    """The demo's records: 200 sample images, split 80/20 by image key as the pipeline does."""
-    from odapi_operators.core.data.ingest import ingest
-    from odapi_operators.core.data.label_map import build_label_map
-    from odapi_operators.core.data.prepare import fetch_and_verify
-    from odapi_operators.core.data.sample_data import generate
-    from odapi_operators.core.data.shard import write_shards
-
-    generate(work / "export", count=200, seed=0)
-    ingest([str(work / "export")], work / "ingest")
-    _, verified = fetch_and_verify(work / "ingest" / "manifest.jsonl", work / "prepared",
-                                   max_side=640)
-    build_label_map(verified["manifest"], work / "label_map")
-    write_shards(verified["manifest"], work / "label_map" / "label_map.pbtxt", work / "records",
-                 {"train": 0.8, "val": 0.2}, {"train": 1, "val": 1})
-    return work / "records"
 
 
 def train(config: Path, data: Path, out: Path, steps: int, batch_size: int, seed: int) -> float:
@@ -149,9 +130,7 @@ def seconds_of(model_dir: Path, step: int, launched: float) -> float:
 def run(args: argparse.Namespace) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="odapi-ttq-"))
     work.mkdir(parents=True, exist_ok=True)
-    data = work / "records"
-    if not (data / "summary.json").exists():
-        data = prepare(work)
+    data = demo_records(work)
     results: dict[str, dict[int, list[tuple[int, float, float]]]] = {}
     for name in args.recipes:
         recipe = RECIPES[name]
