@@ -231,7 +231,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200, help="images per export")
     parser.add_argument("--steps", type=int, default=800, help="steps of the first training")
-    parser.add_argument("--warm-steps", type=int, default=150,
+    parser.add_argument("--warm-steps", type=int, default=300,
                         help="steps of each later (warm-started) training")
     parser.add_argument("--warm-lr-factor", type=float,
                         help="train.warm_start_lr_factor (default: the pipeline's)")

@@ -245,9 +245,10 @@ class TrainConfig(_Strict):
         default=None, gt=0, description="step budget of a warm-started training (none: "
                                         "train.steps); a scratch training uses train.steps")
     warm_start_lr_factor: float = Field(
-        default=0.25, gt=0, le=1, description="a start from a trained detector of ours "
+        default=1.0, gt=0, le=1, description="a start from a trained detector of ours "
         "(production, or one of ours as train.init_checkpoint) fine-tunes: the model config's "
-        "peak learning rate times this, no warm-up, decaying over the run's steps")
+        "peak learning rate times this, no warm-up, decaying over the run's steps (1 suits "
+        "Adam, whose steps are ~lr whatever the gradients; an SGD recipe may want ~0.25)")
     placement: TrainPlacement = TrainPlacement()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
