@@ -10,6 +10,7 @@ target, and the worst seed per recipe (the goal: <= --budget seconds on every se
 
     .venv/bin/python bench/time_to_quality.py                      # before vs now, 3 seeds
     .venv/bin/python bench/time_to_quality.py --recipes now --seeds 0 --steps 600
+    .venv/bin/python bench/time_to_quality.py --before-seeds 0     # one seed of the old recipe
 
 Seeds vary the shuffling and the augmentation (task.train_data.seed) and TensorFlow's global
 seed (the weights' initialisation), so the three runs differ the way repeated demos do.
@@ -135,7 +136,8 @@ def run(args: argparse.Namespace) -> None:
     for name in args.recipes:
         recipe = RECIPES[name]
         steps = args.steps or recipe["steps"] or default_steps()
-        for seed in args.seeds:
+        for seed in (args.before_seeds if name == "before" and args.before_seeds
+                     else args.seeds):
             model_dir = work / "models" / f"{name}-{seed}"
             config = recipe_config(name, recipe, seed, args.every, work)
             launched = train(config, data, model_dir, steps, recipe["batch_size"], seed)
@@ -152,8 +154,8 @@ def run(args: argparse.Namespace) -> None:
 
 def report(results: dict, target: float, budget: float) -> None:
     print(f"\nseconds to AP50 >= {target} (training launch to checkpoint; '-': not reached)")
-    print(f"{'recipe':8} " + " ".join(f"{'seed ' + str(s):>9}" for s in next(
-        iter(results.values()))) + f" {'worst':>8} {'AP50 at ' + str(int(budget)) + ' s':>14}")
+    print(f"{'recipe':8} {'seeds: seconds':>30} {'worst':>8} "
+          f"{'AP50 at ' + str(int(budget)) + ' s':>14}")
     worst = {}
     for name, seeds in results.items():
         reached = [next((s for _, s, ap in points if ap >= target), None)
@@ -161,8 +163,10 @@ def report(results: dict, target: float, budget: float) -> None:
         at_budget = [max((ap for _, s, ap in points if s <= budget), default=0.0)
                      for points in seeds.values()]
         worst[name] = None if None in reached else max(reached)
-        cells = " ".join(f"{r:9.0f}" if r is not None else f"{'-':>9}" for r in reached)
-        print(f"{name:8} {cells} {worst[name] or float('nan'):8.0f} {min(at_budget):14.3f}")
+        cells = ", ".join(f"{seed}: {r:.0f}" if r is not None else f"{seed}: -"
+                          for seed, r in zip(seeds, reached))
+        print(f"{name:8} {cells:>30} {worst[name] or float('nan'):8.0f} "
+              f"{min(at_budget):14.3f}")
     names = list(results)
     if len(names) == 2 and all(worst.values()):
         print(f"\n{names[1]} / {names[0]}: {worst[names[1]] / worst[names[0]]:.2f}x the "
@@ -179,6 +183,8 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=["before", "now"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, help="default: each recipe's own")
+    parser.add_argument("--before-seeds", nargs="+", type=int,
+                        help="seeds of the `before` recipe (default: --seeds)")
     parser.add_argument("--every", type=int, default=100, help="checkpoint every N steps")
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--budget", type=float, default=300.0, help="seconds")

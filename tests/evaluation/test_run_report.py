@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from PIL import Image
 
 from odapi_operators.cli import build_parser
 from odapi_operators.core.evaluation import gate
-from odapi_operators.core.evaluation.report import build_report
+from odapi_operators.core.evaluation.report import build_report, read_losses
 from odapi_operators.core.model.tfvision import val_examples
 
 from conftest import prepare_records
@@ -222,3 +224,31 @@ def test_report_command(run, tmp_path):
     assert summary["report"] == str(out / "report.html") and summary["grid_images"] == 3
     assert summary["baseline"] is True and summary["classes"] == len(CLASSES)
     assert "no training loss curve" in (out / "report.html").read_text()  # no --model-dir
+
+
+def test_losses_are_read_without_tensorflow_from_cut_and_resumed_event_files(run, tmp_path):
+    """The report reads TF's event files itself (no TensorFlow import): every `*loss` tag,
+    a file cut mid-record keeps what came before the cut, and a resumed run's later file
+    wins for a step logged twice."""
+    model = tmp_path / "model"
+    _write_loss_events(model, steps=6)
+    (first,) = (model / "train").iterdir()
+    data = first.read_bytes()
+    first.write_bytes(data[:-7])  # killed mid-write: the last record is cut short
+    resumed = model / "train" / ("events.out.tfevents.9999999999." + first.name.split(".")[-1])
+    resumed.write_bytes(data)  # the resumed run's file (here: the same steps again, whole)
+    code = ("import json, sys; from odapi_operators.core.evaluation.report import read_losses; "
+            "print(json.dumps(read_losses(sys.argv[1]))); "
+            "print('tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(model)], check=True,
+                          capture_output=True, text=True)
+    losses, tensorflow_imported = done.stdout.splitlines()
+    assert tensorflow_imported == "False"
+    assert sorted(json.loads(losses)) == ["cls_loss", "total_loss"]
+    total = json.loads(losses)["total_loss"]
+    assert [step for step, _ in total] == [1, 2, 3, 4, 5, 6]
+    assert total[0][1] == pytest.approx(3.2) and total[5][1] == pytest.approx(0.7)
+    first.write_bytes(data[:len(data) // 2])
+    resumed.unlink()
+    cut = read_losses(model)["cls_loss"]  # the cut file alone: the steps before the cut
+    assert 1 <= len(cut) < 6 and cut[0] == (1, pytest.approx(2.0))
