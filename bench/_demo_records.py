@@ -44,6 +44,12 @@ def demo_records(work: Path) -> Path:
     return records
 
 
+def newest_checkpoint(model_dir: str | Path) -> str:
+    """The newest checkpoint prefix, from the `checkpoint` state file (no TensorFlow here)."""
+    state = (Path(model_dir) / "checkpoint").read_text()
+    return str(Path(model_dir) / state.split("model_checkpoint_path:", 1)[1].split('"')[1])
+
+
 def load() -> str:
     """The load average, printed beside every timing (2-core machines are noisy)."""
     return " ".join(f"{value:.2f}" for value in os.getloadavg())

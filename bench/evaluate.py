@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _demo_records import SAMPLE_MODEL, demo_records, load, use_this_tree
+from _demo_records import SAMPLE_MODEL, demo_records, load, newest_checkpoint, use_this_tree
 
 use_this_tree()
 
@@ -122,11 +122,6 @@ def timed(command: list[str]) -> tuple[float, str]:
     if done.returncode:
         sys.exit(f"{' '.join(command[:5])} ... failed:\n{done.stderr[-3000:]}")
     return time.monotonic() - started, done.stdout
-
-
-def newest_checkpoint(model_dir: Path) -> str:
-    state = (model_dir / "checkpoint").read_text()
-    return str(model_dir / state.split("model_checkpoint_path:", 1)[1].split('"')[1])
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,13 +27,9 @@ import time
 from pathlib import Path
 
 import yaml
+from _demo_records import SAMPLE_MODEL, load, newest_checkpoint, use_this_tree
 
-ROOT = Path(__file__).resolve().parents[1]
-# This tree's code, here and in every child (the virtualenv may point at another checkout).
-sys.path.insert(0, str(ROOT / "plugins"))
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    filter(None, [str(ROOT / "plugins"), os.environ.get("PYTHONPATH")]))
-SAMPLE_MODEL = ROOT / "include/configs/models/retinanet_mobile_sample.yaml"
+use_this_tree()
 
 # The baseline child: argv = experiment, params.yaml, checkpoint, input type, export dir.
 BARE_EXPORT = """
@@ -76,23 +71,12 @@ def sample_checkpoint(root: Path) -> tuple[str, str]:
     return str(root / "model"), data
 
 
-def newest_checkpoint(model_dir: str) -> str:
-    """The newest checkpoint prefix, from the `checkpoint` state file (no TensorFlow here)."""
-    state = (Path(model_dir) / "checkpoint").read_text()
-    name = state.split("model_checkpoint_path:", 1)[1].split('"')[1]
-    return str(Path(model_dir) / name)
-
-
 def timed(command: list[str]) -> float:
     started = time.monotonic()
     done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
         sys.exit(f"{' '.join(command[:4])} ... failed:\n{done.stderr[-3000:]}")
     return time.monotonic() - started
-
-
-def load() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def main() -> None:
