@@ -27,26 +27,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _demo_records import SAMPLE_MODEL, demo_records, load, newest_checkpoint, use_this_tree
+from _common import (BARE_PRELUDE, SAMPLE_MODEL, demo_records, load, newest_checkpoint, timed,
+                     use_this_tree)
 
 use_this_tree()
 
 # The baseline child: argv = experiment, params.yaml, checkpoint. Prints its AP50.
-BARE_EVAL = """
-import json, os, sys
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-import tensorflow as tf
-import official.vision.registry_imports
-from official.core import exp_factory, task_factory
-from official.modeling import hyperparams
+BARE_EVAL = BARE_PRELUDE + """
+import json
+from official.core import task_factory
 
 experiment, params_yaml, checkpoint = sys.argv[1:]
-params = hyperparams.override_params_dict(exp_factory.get_exp_config(experiment), params_yaml,
-                                          is_strict=True)
+params = bare_params(experiment, params_yaml)
 task = task_factory.get_task(params.task)
 model = task.build_model()
 tf.train.Checkpoint(model=model).read(checkpoint).expect_partial()
@@ -61,21 +55,14 @@ print(json.dumps({"AP50": float(task.reduce_aggregated_logs(logs)["AP50"])}))
 # The minimal baseline child: argv = experiment, params.yaml, checkpoint, val records pattern.
 # TF-Vision's serving module (no training graph, no losses), one image at a time, ground truth
 # read from the records, pycocotools' COCOeval. Prints its AP50.
-MINIMAL_EVAL = """
-import contextlib, io, json, os, sys
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-import tensorflow as tf
-import official.vision.registry_imports
-from official.core import exp_factory
-from official.modeling import hyperparams
+MINIMAL_EVAL = BARE_PRELUDE + """
+import contextlib, io, json
 from official.vision.serving import detection
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 experiment, params_yaml, checkpoint, pattern = sys.argv[1:]
-params = hyperparams.override_params_dict(exp_factory.get_exp_config(experiment), params_yaml,
-                                          is_strict=True)
+params = bare_params(experiment, params_yaml)
 params.task.export_config.output_normalized_coordinates = True
 module = detection.DetectionModule(params, batch_size=1,
                                    input_image_size=list(params.task.model.input_size[:2]))
@@ -114,14 +101,6 @@ with contextlib.redirect_stdout(io.StringIO()):
         ap50 = float(coco.stats[1])
 print(json.dumps({"AP50": ap50}))
 """
-
-
-def timed(command: list[str]) -> tuple[float, str]:
-    started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"{' '.join(command[:5])} ... failed:\n{done.stderr[-3000:]}")
-    return time.monotonic() - started, done.stdout
 
 
 def main() -> None:

@@ -20,30 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
-from _demo_records import SAMPLE_MODEL, load, newest_checkpoint, use_this_tree
+from _common import BARE_PRELUDE, SAMPLE_MODEL, load, newest_checkpoint, timed, use_this_tree
 
 use_this_tree()
 
 # The baseline child: argv = experiment, params.yaml, checkpoint, input type, export dir.
-BARE_EXPORT = """
-import os, sys
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-import official.vision.registry_imports
-from official.core import exp_factory
-from official.modeling import hyperparams
+BARE_EXPORT = BARE_PRELUDE + """
 from official.vision.serving import export_saved_model_lib
 
 experiment, params_yaml, checkpoint, input_type, export_dir = sys.argv[1:]
-params = hyperparams.override_params_dict(exp_factory.get_exp_config(experiment), params_yaml,
-                                          is_strict=True)
+params = bare_params(experiment, params_yaml)
 export_saved_model_lib.export_inference_graph(
     input_type=input_type, batch_size=None,
     input_image_size=list(params.task.model.input_size[:2]), params=params,
@@ -71,14 +62,6 @@ def sample_checkpoint(root: Path) -> tuple[str, str]:
     return str(root / "model"), data
 
 
-def timed(command: list[str]) -> float:
-    started = time.monotonic()
-    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode:
-        sys.exit(f"{' '.join(command[:4])} ... failed:\n{done.stderr[-3000:]}")
-    return time.monotonic() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir")
@@ -100,8 +83,8 @@ def main() -> None:
         print(f"load average before: {load()}", flush=True)
         times: dict[str, list[float]] = {"odapi export": [], "bare TF-Vision": []}
         for round_ in range(args.rounds):
-            times["odapi export"].append(timed([*odapi, str(root / f"odapi{round_}")]))
-            times["bare TF-Vision"].append(timed([*bare, str(root / f"bare{round_}")]))
+            times["odapi export"].append(timed([*odapi, str(root / f"odapi{round_}")])[0])
+            times["bare TF-Vision"].append(timed([*bare, str(root / f"bare{round_}")])[0])
             print(f"round {round_ + 1}: odapi {times['odapi export'][-1]:.1f} s, bare "
                   f"{times['bare TF-Vision'][-1]:.1f} s (load {load()})", flush=True)
         check = json.loads((root / "odapi0" / "summary.json").read_text())["check"]

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import yaml
-from _demo_records import ROOT, SAMPLE_MODEL, demo_records
+from _common import ROOT, SAMPLE_MODEL, demo_records
 
 
 # The recipe of stop 23 (AP50 0.66-0.96 after 1800 steps), as overrides of today's file.

@@ -1,6 +1,6 @@
 """Training throughput: `odapi train` against a bare TF-Vision `train_lib.run_experiment`.
 
-Same records (the demo's, see _demo_records.py), same config: the baseline reads the
+Same records (the demo's, see _common.py), same config: the baseline reads the
 params.yaml that `odapi train` wrote (the sample model with the pipeline's data, steps and
 batch filled in) and runs what TF-Vision's own driver (`official/vision/train.py`) does with
 it: the distribution strategy `params.runtime` asks for, `task_factory.get_task`,
@@ -27,25 +27,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from _demo_records import SAMPLE_MODEL, demo_records, load, use_this_tree
+from _common import BARE_PRELUDE, SAMPLE_MODEL, demo_records, load, use_this_tree
 
 use_this_tree()
 
 # The baseline child: argv = experiment, params.yaml, model dir, strategy ("driver"|"default").
 # One line per training loop (a train action, as TF-Vision's driver takes them).
-BARE_TRAIN = """
-import os, sys
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-import tensorflow as tf
-import official.vision.registry_imports
+BARE_TRAIN = BARE_PRELUDE + """
 from official.common import distribute_utils
-from official.core import exp_factory, task_factory, train_lib
-from official.modeling import hyperparams
+from official.core import task_factory, train_lib
 
 experiment, params_yaml, model_dir, strategy = sys.argv[1:]
-params = hyperparams.override_params_dict(exp_factory.get_exp_config(experiment), params_yaml,
-                                          is_strict=True)
+params = bare_params(experiment, params_yaml)
 if strategy == "driver":
     strategy = distribute_utils.get_distribution_strategy(
         distribution_strategy=params.runtime.distribution_strategy,

@@ -1,18 +1,39 @@
-"""The demo's records for benchmarks that train or evaluate the sample model.
+"""What the TensorFlow benchmarks share: the demo's records, the start of every bare TF-Vision
+baseline child, and timing a child process.
 
-`odapi sample --count 200 --seed 0`, ingested, fetched, verified at max side 640, and written as
-the pipeline does by default: 80/20 split by image key (39 val images), one shard per split.
-Made once per work folder and reused.
+The demo's records: `odapi sample --count 200 --seed 0`, ingested, fetched, verified at max side
+640, and written as the pipeline does by default: 80/20 split by image key (39 val images), one
+shard per split. Made once per work folder and reused.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_MODEL = ROOT / "include/configs/models/retinanet_mobile_sample.yaml"
+
+# The start of every bare TF-Vision baseline (a `python -c` child, no odapi code): TensorFlow
+# set up as TF-Vision's driver does, and `bare_params`, an experiment overridden by the
+# params.yaml odapi wrote into a model dir.
+BARE_PRELUDE = """
+import os, sys
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+import tensorflow as tf
+import official.vision.registry_imports
+from official.core import exp_factory
+from official.modeling import hyperparams
+
+
+def bare_params(experiment, params_yaml):
+    return hyperparams.override_params_dict(exp_factory.get_exp_config(experiment),
+                                            params_yaml, is_strict=True)
+"""
 
 
 def use_this_tree() -> None:
@@ -48,6 +69,16 @@ def newest_checkpoint(model_dir: str | Path) -> str:
     """The newest checkpoint prefix, from the `checkpoint` state file (no TensorFlow here)."""
     state = (Path(model_dir) / "checkpoint").read_text()
     return str(Path(model_dir) / state.split("model_checkpoint_path:", 1)[1].split('"')[1])
+
+
+def timed(command: list[str]) -> tuple[float, str]:
+    """Run `command` to its end: (seconds from launch to exit, its stdout); a failure ends the
+    benchmark with the command's stderr."""
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(command[:5])} ... failed:\n{done.stderr[-3000:]}")
+    return time.monotonic() - started, done.stdout
 
 
 def load() -> str:
