@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -228,3 +229,26 @@ def _tiny_manifest(tmp_path) -> Path:
     generate(tmp_path / "export", count=2, seed=1, max_side=64)
     ingest([str(tmp_path / "export")], tmp_path / "ingest")
     return tmp_path / "ingest" / "manifest.jsonl"
+
+
+def test_val_examples_stream_their_shards_in_order_and_name_a_broken_one(tmp_path):
+    """The val split read without TensorFlow: shards in name order, train shards left out,
+    the first `count` without reading further, and a broken file named in the error."""
+    from odapi_operators.core.data.tfrecord import write_record
+    from odapi_operators.core.model.tfvision import val_examples
+
+    records = [f"example {i}".encode() for i in range(5)]
+    for shard, part in (("val-00001-of-00002.tfrecord", records[3:]),
+                        ("val-00000-of-00002.tfrecord", records[:3]),
+                        ("train-00000-of-00001.tfrecord", [b"train"])):
+        with open(tmp_path / shard, "wb") as stream:
+            for record in part:
+                write_record(stream, record)
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"splits": {"val": {"pattern": f"{tmp_path}/val-*.tfrecord"}}}))
+    assert val_examples(tmp_path) == records
+    assert val_examples(tmp_path, 2) == records[:2]
+    (tmp_path / "val-00001-of-00002.tfrecord").write_bytes(b"not a TFRecord file")
+    assert val_examples(tmp_path, 3) == records[:3]  # stops before the broken shard
+    with pytest.raises(ValueError, match=r"val-00001-of-00002\.tfrecord: corrupt TFRecord"):
+        val_examples(tmp_path)

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -217,6 +218,14 @@ def read_bytes(path: PathLike) -> bytes:
 
 def write_bytes(path: PathLike, data: bytes) -> None:
     backend(path).write_bytes(os.fspath(path), data)
+
+
+def open_read(path: PathLike) -> IO[bytes]:
+    """`path` as a binary stream: a local file is read as the stream is consumed (a reader
+    that stops early reads no further); an object's bytes are fetched whole."""
+    if is_local(path):
+        return open(path, "rb")
+    return io.BytesIO(read_bytes(path))
 
 
 def read_text(path: PathLike) -> str:

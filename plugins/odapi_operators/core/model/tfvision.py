@@ -9,7 +9,6 @@ Only call these functions in a process that may hold TensorFlow (a stage child p
 from __future__ import annotations
 
 import fnmatch
-import io
 import json
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 
 from odapi_operators.core import storage
-from odapi_operators.core.data.tfrecord import read_records
+from odapi_operators.core.data.tfrecord import RecordFramingError, read_records
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.model import cluster
@@ -68,13 +67,17 @@ def val_examples(data_dir: str | Path, count: int | None = None) -> list[bytes]:
         head, base = path.rsplit("/", 1)
         if head.rstrip("/") != folder.rstrip("/") or not fnmatch.fnmatchcase(base, name):
             continue
-        for offset, data in read_records(io.BytesIO(storage.read_bytes(path))):
-            if data is None:
-                raise ValueError(f"{path}: corrupt TFRecord: data checksum mismatch at byte "
-                                 f"{offset}")
-            examples.append(data)
-            if count is not None and len(examples) >= count:
-                return examples
+        with storage.open_read(path) as stream:
+            try:
+                for offset, data in read_records(stream):
+                    if data is None:
+                        raise ValueError(f"{path}: corrupt TFRecord: data checksum mismatch "
+                                         f"at byte {offset}")
+                    examples.append(data)
+                    if count is not None and len(examples) >= count:
+                        return examples
+            except RecordFramingError as exc:
+                raise ValueError(f"{path}: {exc}") from None
     if not examples:
         raise ValueError(f"{pattern}: the val split has no image")
     return examples
