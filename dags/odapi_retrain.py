@@ -177,9 +177,11 @@ with DAG(
                            PIPELINE.notify, "not_promoted",
                            reason="{{ ti.xcom_pull(task_ids='promote.gate', key='reason') }}"),
                        ).set_upstream([rejected, report])
+        # Made by the evaluation (export.ahead) when it could: then only the extras are added.
         export = ExportSavedModelOperator(task_id="export", config=cfg,
                                           model_dir=train.output["model_dir"],
                                           data=records.output["data"],
+                                          exported_ahead=evaluate.output["export_ahead"],
                                           extras=[evaluate.output["metrics"],
                                                   gate.output["decision"]])
         push = PushToServingOperator(task_id="push", config=cfg,

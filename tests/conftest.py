@@ -74,10 +74,11 @@ def prepare_records(root: Path, count: int = 16, seed: int = 7, classes: tuple[s
     return root / "records"
 
 
-def odapi(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def odapi(*args: str, check: bool = True, env: dict[str, str] | None = None
+          ) -> subprocess.CompletedProcess:
     """Run `python -m odapi_operators ARGS` (a real child process, as the operators do)."""
     done = subprocess.run([sys.executable, "-m", "odapi_operators", *args],
-                          capture_output=True, text=True, env=os.environ)
+                          capture_output=True, text=True, env=env or os.environ)
     if check and done.returncode != 0:
         raise AssertionError(f"odapi {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return done

@@ -258,6 +258,12 @@ class EvaluateConfig(_Strict):
     min_images: int = Field(default=1, ge=1, description="fewer val images: evaluation fails")
     missing_classes: Literal["fail", "warn"] = Field(
         default="fail", description="a class of the label map without val boxes")
+    export_ahead: bool = Field(
+        default=True, json_schema_extra={"stages": ["evaluate"]},
+        description="in a pipeline run, export the candidate (export section's settings) in "
+                    "its evaluation's process, before the gate: one TensorFlow start-up and "
+                    "one trace of the model for both; the export task then only adds the "
+                    "run's metrics and decision. Wasted when the gate refuses")
 
 
 class ExportConfig(_Strict):

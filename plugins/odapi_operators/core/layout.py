@@ -4,6 +4,7 @@
     <runs>/<run_id>/<stage>/summary.json           each stage's folder and summary
     <runs>/<run_id>/partitions/part-00003-of-00008/  one partition's images (data/partitions.py)
     <runs>/<run_id>/evaluate/{candidate,production}/metrics.json
+    <runs>/<run_id>/export_ahead/saved_model/       the candidate, exported while evaluated
     <runs>/<run_id>/gate/decision.json
     <runs>/<run_id>/report/report.html
     <serving_base>/<model_name>/<version>/         the TF Serving model dir (serving_dir.py)
@@ -36,6 +37,7 @@ class Stage(str, Enum):
     GATE = "gate"
     REPORT = "report"
     EXPORT = "export"
+    EXPORT_AHEAD = "export_ahead"  # the candidate exported by its evaluation (export_ahead)
     PUSH = "push"
     CANARY = "canary"
 

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from odapi_operators.core import storage
 from odapi_operators.core.data.label_map import read_label_map
@@ -25,6 +25,9 @@ from odapi_operators.core.evaluation.slices import image_keys, read_diff, score_
 from odapi_operators.core.failures import Failure
 from odapi_operators.core.layout import MATCHES
 from odapi_operators.core.model import tfvision
+
+if TYPE_CHECKING:
+    from odapi_operators.core.model.detector import Detector
 
 __all__ = ["COCO_KEYS", "EvaluationError", "evaluate", "val_split"]
 
@@ -61,9 +64,10 @@ def _check_split(gt: dict, data_dir: str | Path, min_images: int,
 
 def evaluate(model: str | Path, data_dir: str | Path, out_file: str | Path, *,
              min_images: int = 1, missing_classes: Literal["fail", "warn"] = "fail",
-             diff: str | Path | None = None) -> dict:
+             diff: str | Path | None = None, detector: Detector | None = None) -> dict:
     """Evaluate `model` (model dir or SavedModel) on the val split of `data_dir`; with the
-    dataset version's `diff`, also on its `new` and `old` val images."""
+    dataset version's `diff`, also on its `new` and `old` val images. `detector`: `model`
+    already loaded (by a caller that goes on using it)."""
     from odapi_operators.core.model.detector import load_detector
 
     examples, label_map = val_split(data_dir)
@@ -73,7 +77,7 @@ def evaluate(model: str | Path, data_dir: str | Path, out_file: str | Path, *,
                           image_keys(data_dir) if diff is not None else None,
                           read_diff(diff) if diff is not None else None)
     started = time.monotonic()
-    detector = load_detector(model)
+    detector = detector or load_detector(model)
     detections: list[dict] = []
     for image, example in zip(gt["images"], examples, strict=True):
         found = detector.detect(example)

@@ -43,6 +43,9 @@ class Detector:
     input_type: str  # what `detect` is fed: image_tensor | image_bytes | tf_example
     normalized: bool | None  # pre-contract SavedModels only: boxes normalized (None: unknown)
     run: Callable  # batch-of-one inputs tensor -> output dict
+    # a checkpoint's export module, weights restored: an export in the same process reuses
+    # its trace (evaluation's export ahead, model/stages.py)
+    module: object | None = None
 
     def detect(self, example: bytes) -> Detections:
         """Detect on one serialized tf.train.Example (its `image/encoded` image)."""
@@ -139,26 +142,24 @@ def saved_model_dir(path: str | Path) -> Path | None:
     return None
 
 
-def _load_checkpoint(model_dir: str | Path) -> Detector:
+def _load_checkpoint(model_dir: str | Path, input_type: str = "image_tensor") -> Detector:
     import tensorflow as tf
 
-    from odapi_operators.core.model.export_module import export_module
+    from odapi_operators.core.model.export_module import export_module, image_tensor_function
 
     params = tfvision.load_params(model_dir)
     checkpoint = tfvision.latest_checkpoint(model_dir)
-    module = export_module(params)
+    module = export_module(params, input_type)
     tf.train.Checkpoint(model=module.model).read(checkpoint).expect_partial()
-
-    # One graph for every image size, as the export traces it: called as a tf.function, each
-    # new image shape would trace the whole model again (seconds per distinct size).
-    function = module.inference_from_image_tensors.get_concrete_function(
-        tf.TensorSpec([None, None, None, 3], tf.uint8))
+    # One graph for every image size, traced as the export traces it (so an export of this
+    # module reuses it): called as a tf.function, each new image shape would trace again.
+    function = image_tensor_function(module)
 
     def run(tensor):
         return function(tensor)
 
     run.module = module  # keep the module (and its variables) alive: the function holds it weakly
-    return Detector("checkpoint", checkpoint, "image_tensor", True, run)
+    return Detector("checkpoint", checkpoint, "image_tensor", True, run, module)
 
 
 def saved_model_info(saved_model: str | Path) -> tuple[str | None, bool | None]:
@@ -198,13 +199,17 @@ def _load_saved_model(saved_model: Path) -> Detector:
     return Detector("saved_model", str(saved_model), input_type, normalized, run)
 
 
-def load_detector(path: str | Path) -> Detector:
-    """A detector from a model dir (newest checkpoint) or a SavedModel/export/version dir."""
+def load_detector(path: str | Path, export_input_type: str = "image_tensor") -> Detector:
+    """A detector from a model dir (newest checkpoint) or a SavedModel/export/version dir.
+
+    A checkpoint's export module is built for `export_input_type`, the input type an export
+    of it in this process will serve (`Detector.module`); detection always feeds image
+    tensors."""
     tfvision.setup_tensorflow()
     saved_model = saved_model_dir(path)
     if saved_model is not None:
         return _load_saved_model(saved_model)
     if (Path(path) / tfvision.TRAIN_INFO).is_file():
-        return _load_checkpoint(path)
+        return _load_checkpoint(path, export_input_type)
     raise FileNotFoundError(f"{path}: neither a model dir written by `odapi train` nor a "
                             "SavedModel (no saved_model.pb)")

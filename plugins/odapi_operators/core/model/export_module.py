@@ -96,6 +96,15 @@ def save_options() -> tf.saved_model.SaveOptions:
     return tf.saved_model.SaveOptions(experimental_custom_gradients=False)
 
 
+def image_tensor_function(module: ODAPIDetectionModule):
+    """The module's answer for a batch of decoded images of any size, traced exactly as the
+    export traces its `image_tensor` signature (same spec, same save context): evaluation and
+    export in one process share this one trace of the model."""
+    with tracing_as_saved():
+        return module.inference_from_image_tensors.get_concrete_function(
+            tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_NAME))
+
+
 @contextlib.contextmanager
 def tracing_as_saved() -> Iterator[None]:
     """Trace functions in the context `tf.saved_model.save(..., options=save_options())`

@@ -10,6 +10,10 @@ replayed through `serving_default`, and its detections must match the checkpoint
 export module, weights restored in memory); every signature must answer exactly the contract's
 outputs, and `image_bytes` the same detections for the first image's encoded bytes. Only then
 is the folder renamed into place.
+
+The evaluate stage can export a candidate ahead of the gate, in its own process (one
+TensorFlow start-up and one trace of the model for both); the export stage then only copies
+that checked export and adds the run's metrics and decision (`ahead`).
 """
 
 from __future__ import annotations
@@ -66,6 +70,25 @@ def _serving_signatures_only() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _graph_optimization_off() -> Iterator[None]:
+    """Run functions first called in this block without Grappler's graph optimizations.
+
+    Grappler optimizes each function when it is first called (over a second each for this
+    small model), which pays off over many calls; the check calls each signature a few
+    times. The answers compared are the same (within float rounding, far below the check's
+    tolerance); Serving optimizes the graph it loads as it always does."""
+    import tensorflow as tf
+
+    before = tf.config.optimizer.get_experimental_options()
+    tf.config.optimizer.set_experimental_options({**before, "disable_meta_optimizer": True})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options(
+            {**before, "disable_meta_optimizer": before.get("disable_meta_optimizer", False)})
+
+
 def _difference(served: dict, expected: dict, what: str) -> float:
     """Largest difference between two answers' detections; ValueError if their counts differ."""
     served, expected = _top(served), _top(expected)
@@ -96,6 +119,11 @@ def _check_contract(saved_model_dir: Path, loaded) -> None:
 def check_export(saved_model_dir: Path, module, input_type: str, first_image: bytes) -> dict:
     """Replay the warmup requests through the loaded SavedModel and the in-memory module;
     `first_image` (the first warmup request's encoded image) through `image_bytes`."""
+    with _graph_optimization_off():
+        return _replay(saved_model_dir, module, input_type, first_image)
+
+
+def _replay(saved_model_dir: Path, module, input_type: str, first_image: bytes) -> dict:
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(saved_model_dir), tags=["serve"])
@@ -124,44 +152,88 @@ def check_export(saved_model_dir: Path, module, input_type: str, first_image: by
 
 def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
            input_type: str = "image_tensor", model_name: str = "model",
-           extras: list[str] | None = None, *, warmup_images: int) -> dict:
+           extras: list[str] | None = None, *, warmup_images: int, module=None,
+           ahead: str | Path | None = None, log=print) -> dict:
     """Export the newest checkpoint of `model_dir`; return the checked SavedModel's summary.
 
-    `extras` are files (config, metrics, decision) copied into `assets.extra/`.
+    `extras` are files (config, metrics, decision) copied into `assets.extra/`. `module` is
+    the checkpoint's export module already restored in this process (an evaluation's), whose
+    trace the export reuses. `ahead` is an export made earlier (evaluation's export ahead):
+    when it is of the same checkpoint with the same settings it is copied, extras added,
+    without TensorFlow; otherwise (`log` says why) the export runs here.
     """
     if input_type not in INPUT_TYPES:
         raise ValueError(f"input_type {input_type!r} not one of {INPUT_TYPES}")
+    settings = {"checkpoint": tfvision.newest_checkpoint(model_dir), "input_type": input_type,
+                "model_name": model_name, "warmup_images": warmup_images,
+                "data": str(data_dir)}
+    if ahead is not None:
+        summary = _from_ahead(Path(ahead), settings, out_dir, extras or [], log)
+        if summary is not None:
+            return summary
     from official.vision.serving import export_saved_model_lib
 
     from odapi_operators.core.model.export_module import export_module, save_options
     from odapi_operators.core.model.saved_model import encoded_image
 
     params = tfvision.load_params(model_dir)
-    checkpoint = tfvision.latest_checkpoint(model_dir)
     size = list(params.task.model.input_size[:2])
-    module = export_module(params, input_type)
+    if module is not None and module._input_type != input_type:
+        raise ValueError(f"the module given serves {module._input_type}, not {input_type}")
+    module = module or export_module(params, input_type)
     examples = tfvision.val_examples(data_dir, warmup_images)
     label_map = tfvision.read_data_summary(data_dir)["label_map"]
     with storage.atomic_directory(out_dir) as tmp:
         with _serving_signatures_only():
             export_saved_model_lib.export_inference_graph(
                 input_type=input_type, batch_size=None, input_image_size=size, params=params,
-                checkpoint_path=checkpoint, export_dir=str(tmp), export_module=module,
+                checkpoint_path=settings["checkpoint"], export_dir=str(tmp), export_module=module,
                 save_options=save_options(),
                 export_checkpoint_subdir="checkpoint", export_saved_model_subdir="saved_model")
         extra = tmp / "saved_model" / ASSETS_EXTRA
         extra.mkdir(parents=True, exist_ok=True)
         shutil.copy(label_map, extra / LABEL_MAP_FILE)
         shutil.copy(Path(model_dir) / PARAMS_FILE, extra / PARAMS_FILE)
-        for path in extras or []:
-            shutil.copy(path, extra / Path(path).name)
+        _copy_extras(extras or [], extra)
         storage.write_text(extra / EXPORT_INFO, json.dumps({"input_type": input_type,
                                                             "model_name": model_name}))
         write_warmup(extra / WARMUP_FILE, model_name,
                      [request_input(e, input_type) for e in examples])
         check = check_export(tmp / "saved_model", module, input_type,
                              encoded_image(examples[0]))
-        summary = {"saved_model": str(Path(out_dir) / "saved_model"), "checkpoint": checkpoint,
-                   "input_type": input_type, "check": check}
+        summary = {**settings, "saved_model": str(Path(out_dir) / "saved_model"), "check": check}
         storage.write_text(tmp / SUMMARY, json.dumps(summary, indent=2))
+    return summary
+
+
+def _copy_extras(extras: list[str], extra: Path) -> None:
+    for path in extras:
+        shutil.copy(path, extra / Path(path).name)
+
+
+def _from_ahead(ahead: Path, settings: dict, out_dir: str | Path, extras: list[str],
+                log) -> dict | None:
+    """`out_dir` as a copy of the checked export `ahead` plus `extras`, if `ahead` was made
+    with `settings` (the same checkpoint, input type, model name and warmup images); else
+    None. The copy replaces `out_dir` whole, as an export does."""
+    summary_file = ahead / SUMMARY
+    if not summary_file.is_file():
+        log(f"export ahead {ahead}: not there (no {SUMMARY}); exporting here")
+        return None
+    made = json.loads(summary_file.read_text())
+    stale = {key: (made.get(key), value) for key, value in settings.items()
+             if made.get(key) != value}
+    if stale:
+        differences = ", ".join(f"{key} {made!r}, not {wanted!r}"
+                                for key, (made, wanted) in stale.items())
+        log(f"export ahead {ahead} differs ({differences}); exporting here")
+        return None
+    with storage.atomic_directory(out_dir) as tmp:
+        shutil.copytree(ahead, tmp, dirs_exist_ok=True)
+        _copy_extras(extras, tmp / "saved_model" / ASSETS_EXTRA)
+        summary = {**made, "saved_model": str(Path(out_dir) / "saved_model"),
+                   "ahead": str(ahead)}
+        storage.write_text(tmp / SUMMARY, json.dumps(summary, indent=2))
+    log(f"export ahead {ahead}: same checkpoint and settings, copied with the run's "
+        f"{len(extras)} extra file(s)")
     return summary

@@ -6,6 +6,7 @@ never holds TensorFlow or GPU memory after the task.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -79,6 +80,8 @@ class Evaluated(Result):
     AP: float | None = None
     AP50: float | None = None
     version: int | None = None  # the production version evaluated (evaluate_production)
+    # the candidate's checked export, made in the evaluation's process (export_ahead)
+    export_ahead: str | None = None
 
     def log_line(self) -> str:
         if self.metrics is None:
@@ -92,18 +95,49 @@ class Evaluated(Result):
 
 
 def _evaluate(ctx: StageContext, model: str, data: str, diff: str | None,
-              options: EvaluateConfig, version: int | None = None) -> Evaluated:
+              options: EvaluateConfig, version: int | None = None,
+              detector: Any = None) -> Evaluated:
     from odapi_operators.core.evaluation.evaluate import evaluate as evaluate_model
 
     summary = evaluate_model(model, data, ctx.folder / METRICS, min_images=options.min_images,
-                             missing_classes=options.missing_classes, diff=diff)
+                             missing_classes=options.missing_classes, diff=diff,
+                             detector=detector)
     return Evaluated(**summary, version=version)
+
+
+def _ahead(ctx: StageContext, model: str, options: EvaluateConfig) -> ExportConfig | None:
+    """The export options if the candidate `model` is to be exported in its evaluation's
+    process (`evaluate.export_ahead`, a training model dir, a run folder to write it in)."""
+    from odapi_operators.core.model.tfvision import TRAIN_INFO
+
+    if not options.export_ahead or ctx.pipeline is None or ctx.layout is None:
+        return None
+    return ctx.pipeline.export if (Path(model) / TRAIN_INFO).is_file() else None
 
 
 def evaluate(ctx: StageContext, inputs: EvaluateInputs, options: EvaluateConfig) -> Evaluated:
     """COCO metrics of a model on the val split and its slices: metrics.json, detections,
-    ground truth, per-image matches."""
-    return _evaluate(ctx, inputs.model, inputs.data, inputs.diff, options)
+    ground truth, per-image matches. A candidate is then exported ahead (`export_ahead`)
+    with the model already in memory; a failed export ahead is logged, not fatal: the export
+    task exports on its own and reports."""
+    export = _ahead(ctx, inputs.model, options)
+    if export is None:
+        return _evaluate(ctx, inputs.model, inputs.data, inputs.diff, options)
+    from odapi_operators.core.model.detector import load_detector
+    from odapi_operators.core.model.exporter import export as export_model
+
+    detector = load_detector(inputs.model, export.input_type)
+    result = _evaluate(ctx, inputs.model, inputs.data, inputs.diff, options, detector=detector)
+    folder = ctx.layout.stage(Stage.EXPORT_AHEAD)
+    try:
+        export_model(inputs.model, inputs.data, folder, export.input_type,
+                     model_name=_model_name(ctx, None), warmup_images=export.warmup_images,
+                     module=detector.module, log=ctx.log)
+    except Exception as error:  # noqa: BLE001  (the export task repeats it and fails there)
+        ctx.log(f"export ahead failed; the export task will export on its own: {error!r}")
+        return result
+    ctx.log(f"exported ahead to {folder}")
+    return result.model_copy(update={"export_ahead": str(folder)})
 
 
 class ProductionInputs(Inputs):
@@ -145,6 +179,9 @@ class ExportInputs(Inputs):
                               "(config, metrics, decision)")
     model_name: str | None = Field(default=None, description="model name in the warmup "
                                    "requests (default: serving.model_name, else 'model')")
+    exported_ahead: str | None = Field(default=None, description="the candidate's export made by its "
+                              "evaluation (export_ahead): copied with the extras added when "
+                              "it is of the same checkpoint and settings, else exported anew")
 
 
 class Exported(Result):
@@ -153,19 +190,24 @@ class Exported(Result):
     saved_model: str
 
 
+def _model_name(ctx: StageContext, given: str | None) -> str:
+    """The model name in warmup requests: given, else serving.model_name, else 'model'."""
+    return given or (ctx.pipeline.serving.model_name if ctx.pipeline else None) or "model"
+
+
 def export(ctx: StageContext, inputs: ExportInputs, options: ExportConfig) -> Exported:
-    """Export and check a SavedModel; the run's frozen config rides along in assets.extra."""
+    """Export and check a SavedModel (or finish the one exported ahead); the run's frozen
+    config rides along in assets.extra."""
     from odapi_operators.core.model.exporter import export as export_model
 
     extras = list(inputs.extras)
-    name = inputs.model_name
-    if ctx.pipeline is not None:
-        name = name or ctx.pipeline.serving.model_name
-        if ctx.layout is not None and ctx.layout.file(RunFile.CONFIG).exists():
-            extras.insert(0, str(ctx.layout.file(RunFile.CONFIG)))
+    if ctx.layout is not None and ctx.layout.file(RunFile.CONFIG).exists():
+        extras.insert(0, str(ctx.layout.file(RunFile.CONFIG)))
     return Exported(**export_model(inputs.model_dir, inputs.data, ctx.folder,
-                                   options.input_type, model_name=name or "model",
-                                   extras=extras, warmup_images=options.warmup_images))
+                                   options.input_type,
+                                   model_name=_model_name(ctx, inputs.model_name),
+                                   extras=extras, warmup_images=options.warmup_images,
+                                   ahead=inputs.exported_ahead, log=ctx.log))
 
 
 EXPORT = StageSpec(name="export", help="export and check a SavedModel (with warmup requests)",

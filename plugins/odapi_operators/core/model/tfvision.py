@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,18 @@ def load_params(model_dir: str | Path):
 def checkpoint_step(checkpoint: str) -> int:
     """The training step a checkpoint path names (`.../ckpt-1500` -> 1500)."""
     return int(checkpoint.rsplit("-", 1)[-1])
+
+
+def newest_checkpoint(model_dir: str | Path) -> str:
+    """The newest checkpoint prefix, as `latest_checkpoint` names it, read from the
+    `checkpoint` state file (a text CheckpointState) without TensorFlow."""
+    state = Path(model_dir) / "checkpoint"
+    match = re.search(r'^model_checkpoint_path: "(.*)"$', state.read_text() if state.is_file()
+                      else "", re.MULTILINE)
+    if match is None:
+        raise FileNotFoundError(f"{model_dir}: no checkpoint found")
+    name = match.group(1)
+    return name if os.path.isabs(name) else str(Path(model_dir) / name)
 
 
 def latest_checkpoint(model_dir: str | Path) -> str:
