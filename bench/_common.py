@@ -65,10 +65,18 @@ def demo_records(work: Path) -> Path:
     return records
 
 
-def newest_checkpoint(model_dir: str | Path) -> str:
-    """The newest checkpoint prefix, from the `checkpoint` state file (no TensorFlow here)."""
-    state = (Path(model_dir) / "checkpoint").read_text()
-    return str(Path(model_dir) / state.split("model_checkpoint_path:", 1)[1].split('"')[1])
+def sample_model(work: Path, data: Path, model_dir: str | None) -> Path:
+    """`model_dir` if given, else the sample model trained 300 steps on `data` into
+    `work`/model (once per work folder)."""
+    if model_dir:
+        return Path(model_dir)
+    model = work / "model"
+    if not (model / "odapi_train.json").exists():
+        subprocess.run([sys.executable, "-m", "odapi_operators", "train", "--model-config",
+                        str(SAMPLE_MODEL), "--data", str(data), "--out", str(model),
+                        "--steps", "300", "--batch-size", "8", "--no-warm-start"],
+                       check=True, stdout=subprocess.DEVNULL)
+    return model
 
 
 def timed(command: list[str]) -> tuple[float, str]:

@@ -24,15 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import (BARE_PRELUDE, SAMPLE_MODEL, demo_records, load, newest_checkpoint, timed,
-                     use_this_tree)
+from _common import BARE_PRELUDE, demo_records, load, sample_model, timed, use_this_tree
 
 use_this_tree()
+
+from odapi_operators.core.model.tfvision import newest_checkpoint  # noqa: E402
 
 # The baseline child: argv = experiment, params.yaml, checkpoint. Prints its AP50.
 BARE_EVAL = BARE_PRELUDE + """
@@ -113,12 +113,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="odapi-bench-eval-"))
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else demo_records(work)
-    model_dir = Path(args.model_dir) if args.model_dir else work / "model"
-    if not args.model_dir and not (model_dir / "odapi_train.json").exists():
-        subprocess.run([sys.executable, "-m", "odapi_operators", "train", "--model-config",
-                        str(SAMPLE_MODEL), "--data", str(data), "--out", str(model_dir),
-                        "--steps", "300", "--batch-size", "8", "--no-warm-start"],
-                       check=True, stdout=subprocess.DEVNULL)
+    model_dir = sample_model(work, data, args.model_dir)
     experiment = json.loads((model_dir / "odapi_train.json").read_text())["experiment"]
     odapi = [sys.executable, "-m", "odapi_operators", "evaluate", "--model", str(model_dir),
              "--data", str(data), "--out"]

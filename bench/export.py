@@ -25,9 +25,11 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from _common import BARE_PRELUDE, SAMPLE_MODEL, load, newest_checkpoint, timed, use_this_tree
+from _common import BARE_PRELUDE, SAMPLE_MODEL, load, timed, use_this_tree
 
 use_this_tree()
+
+from odapi_operators.core.model.tfvision import newest_checkpoint  # noqa: E402
 
 # The baseline child: argv = experiment, params.yaml, checkpoint, input type, export dir.
 BARE_EXPORT = BARE_PRELUDE + """

@@ -17,6 +17,8 @@ ON_DEMAND = {"active_learning.py": "three trainings: ~15-20 min on 2 quiet cores
              "continuous.py": "seven trainings, nine evaluations: ~29 min on 2 quiet cores",
              "train.py": "six trainings of 200-300 steps: ~10-15 min on 2 quiet cores",
              "evaluate.py": "a 300-step training and nine evaluations: ~6 min on 2 quiet cores",
+             "evaluate_export.py": "a 300-step training, six evaluations and exports: "
+                                   "~7 min on 2 quiet cores",
              "ingest_openimages.py": "15M boxes (~2.5 GB generated once, cached under /tmp): "
                                      "see its docstring; --boxes 2000000 for a shorter run"}
 

@@ -212,8 +212,11 @@ def _check_gate(run_id: str, run_dir: Path, instances: Instances, served: dict[s
     assert not [p for p in version.parent.iterdir() if p.name.startswith(".tmp")]
     # the export replayed its warmup requests through the SavedModel's signature and
     # compared them with the checkpoint's detections
-    check = _read_json(run_dir / "export" / "summary.json")["check"]
+    exported = _read_json(run_dir / "export" / "summary.json")
+    check = exported["check"]
     assert check["warmup_requests"] >= 1 and check["max_difference"] <= 1e-3, check
+    # ... in the evaluation's process: the export task copied it and added the extras
+    assert exported["ahead"] == str(run_dir / "export_ahead"), exported
     return pushed["version"]
 
 
