@@ -7,7 +7,7 @@ never holds TensorFlow or GPU memory after the task.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -15,6 +15,9 @@ from odapi_operators.core.config import EvaluateConfig, ExportConfig, TrainConfi
 from odapi_operators.core.layout import METRICS, RunFile, Stage
 from odapi_operators.core.stages.contract import Inputs, Result, StageContext, StageSpec
 from odapi_operators.core.wording import setting
+
+if TYPE_CHECKING:
+    from odapi_operators.core.model.detector import Detector
 
 # --- train ----------------------------------------------------------------------------------
 
@@ -96,7 +99,7 @@ class Evaluated(Result):
 
 def _evaluate(ctx: StageContext, model: str, data: str, diff: str | None,
               options: EvaluateConfig, version: int | None = None,
-              detector: Any = None) -> Evaluated:
+              detector: Detector | None = None) -> Evaluated:
     from odapi_operators.core.evaluation.evaluate import evaluate as evaluate_model
 
     summary = evaluate_model(model, data, ctx.folder / METRICS, min_images=options.min_images,
@@ -179,9 +182,10 @@ class ExportInputs(Inputs):
                               "(config, metrics, decision)")
     model_name: str | None = Field(default=None, description="model name in the warmup "
                                    "requests (default: serving.model_name, else 'model')")
-    exported_ahead: str | None = Field(default=None, description="the candidate's export made by its "
-                              "evaluation (export_ahead): copied with the extras added when "
-                              "it is of the same checkpoint and settings, else exported anew")
+    exported_ahead: str | None = Field(
+        default=None, description="the candidate's export made by its evaluation "
+        "(export_ahead): copied with the extras added when it is of the same checkpoint and "
+        "settings, else exported anew")
 
 
 class Exported(Result):
