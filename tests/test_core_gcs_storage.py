@@ -130,3 +130,28 @@ def test_ledger_on_gcs_claims_once(prefix):
     assert ledger.claim("run-2", exports) == []
     assert ledger.claim("run-1", []) == [exports[0].path]
     assert [r["run_id"] for r in ledger.records()] == ["run-1"]
+
+
+def test_val_examples_of_a_records_folder_on_gcs(prefix):
+    """A gs:// records folder: its summary, then its val shards in order (the export's
+    warmup requests and the report read them so)."""
+    import io
+    import json
+
+    from odapi_operators.core.data.tfrecord import write_record
+    from odapi_operators.core.model import tfvision
+
+    records = f"{prefix}/records/"
+    for shard, examples in (("val-00000-of-00002", [b"a", b"b"]), ("val-00001-of-00002", [b"c"]),
+                            ("train-00000-of-00001", [b"t"])):
+        stream = io.BytesIO()
+        for example in examples:
+            write_record(stream, example)
+        storage.write_bytes(f"{records}{shard}.tfrecord", stream.getvalue())
+    storage.write_text(f"{records}summary.json", json.dumps({"splits": {"val": {
+        "pattern": f"{records}val-*.tfrecord"}}, "label_map": f"{records}label_map.pbtxt"}))
+    assert tfvision.read_data_summary(records)["label_map"].startswith("gs://")
+    assert tfvision.val_examples(records) == [b"a", b"b", b"c"]
+    assert tfvision.val_examples(records.rstrip("/"), 2) == [b"a", b"b"]
+    with pytest.raises(FileNotFoundError, match="not a records folder"):
+        tfvision.read_data_summary(f"{prefix}/elsewhere")

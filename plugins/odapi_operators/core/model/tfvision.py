@@ -50,9 +50,10 @@ def setup_tensorflow() -> None:
 
 
 def read_data_summary(data_dir: str | Path) -> dict:
-    """The records stage summary of `data_dir` (split patterns, label map, class count)."""
-    path = Path(data_dir) / SUMMARY
-    if not path.exists():
+    """The records stage summary of `data_dir` (split patterns, label map, class count); a
+    local folder or a gs:// one (joined as a string: a Path would fold its `//`)."""
+    path = f"{str(data_dir).rstrip('/')}/{SUMMARY}"
+    if not storage.exists(path):
         raise FileNotFoundError(f"{data_dir}: not a records folder (no summary.json)")
     return json.loads(storage.read_text(path))
 
