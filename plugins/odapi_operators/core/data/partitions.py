@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from odapi_operators.core import storage
 from odapi_operators.core.budget import DEFAULT_MAX_FAILED_SHARE
 from odapi_operators.core.data.manifest import ImageRecord, count_records, read_manifest
+from odapi_operators.core.data.resume import sha256_of
 from odapi_operators.core.layout import SUMMARY
 from odapi_operators.core.progress import Log
 from odapi_operators.core.rejections import StageError
@@ -72,11 +73,6 @@ def position_of(record: ImageRecord) -> int:
                          "plan_partitions") from None
 
 
-def _manifest_digest(path: str | Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def plan_partitions(manifest: str | Path, out_dir: str | Path, *,
                     partitions: int | None = None, partition_images: int | None = None,
                     max_images: int | None = None) -> dict:
@@ -92,7 +88,7 @@ def plan_partitions(manifest: str | Path, out_dir: str | Path, *,
         raise StageError(f"{manifest}: {images} images exceed the source-id space "
                          f"({max_images})")
     count = partition_count(images, partitions, partition_images)
-    tag = hashlib.sha256(f"{_manifest_digest(manifest)}:{count}".encode()).hexdigest()[:16]
+    tag = hashlib.sha256(f"{sha256_of(manifest)}:{count}".encode()).hexdigest()[:16]
     folders = [out / partition_name(index, count) for index in range(count)]
     kept = _current_plan(out, tag, folders)
     if kept:

@@ -68,11 +68,16 @@ class ResumeIndex:
         self._out.close()
 
 
+def sha256_of(path: str | Path) -> str:
+    """The sha256 of a local file's bytes (hex), read in blocks."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def file_sha256(path: str | Path) -> str | None:
     """The sha256 of a file's bytes; None if it cannot be read."""
     try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
+        return sha256_of(path)
     except OSError:
         return None
 

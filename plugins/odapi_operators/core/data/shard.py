@@ -47,6 +47,7 @@ from odapi_operators.core.data.examples import (
 from odapi_operators.core.data.label_map import read_label_map
 from odapi_operators.core.data.manifest import ImageRecord, read_manifest
 from odapi_operators.core.data.partitions import position_of
+from odapi_operators.core.data.resume import sha256_of
 from odapi_operators.core.data.split import split_of
 from odapi_operators.core.data.tfrecord import write_record
 from odapi_operators.core.failures import Failure
@@ -66,14 +67,6 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 
 # --- planning ----------------------------------------------------------------------------
-
-def _file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _content_of(record: ImageRecord) -> str:
     """The image's content hash from upstream stages; its file stamp otherwise."""
@@ -126,7 +119,7 @@ def _tag(manifest: str | Path, label_map_path: str | Path, ratios: dict[str, flo
     """Identity of one shard layout of one manifest: shards with another tag are stale."""
     settings = json.dumps([storage.read_text(label_map_path), sorted(ratios.items()),
                            sorted(counts.items())])
-    return hashlib.sha256((_file_digest(manifest) + settings).encode()).hexdigest()[:16]
+    return hashlib.sha256((sha256_of(manifest) + settings).encode()).hexdigest()[:16]
 
 
 # --- writing -----------------------------------------------------------------------------

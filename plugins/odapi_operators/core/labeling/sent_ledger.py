@@ -13,7 +13,6 @@ identities of every image in it, to skip those images and to count returns.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ from typing import Iterable
 
 from odapi_operators.core.append_log import AppendLog
 from odapi_operators.core.data.manifest import ImageRecord, read_manifest
+from odapi_operators.core.data.resume import sha256_of
 from odapi_operators.core.rejections import StageError
 
 REQUIRED = ("model", "key", "sha256")
@@ -95,21 +95,13 @@ def _is_manifest(path: Path) -> bool:
     return isinstance(record, dict) and {"key", "source", "boxes"} <= set(record)
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _record_identities(record: ImageRecord, sizes: set[int] | None) -> set[str]:
     uri = record.source.uri
     ids = identities(record.key, None, uri) | identities(None, None,
                                                           record.provenance.get("fetched_from"))
     if record.source.kind == "local" and os.path.isfile(uri):
         if sizes is None or os.path.getsize(uri) in sizes:  # hash only possible matches
-            ids.add(f"sha:{_file_sha256(uri)}")
+            ids.add(f"sha:{sha256_of(uri)}")
     return ids
 
 
