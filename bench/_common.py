@@ -8,9 +8,11 @@ shard per split. Made once per work folder and reused.
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,6 +65,23 @@ def demo_records(work: Path) -> Path:
     write_shards(verified["manifest"], work / "label_map" / "label_map.pbtxt", records,
                  {"train": 0.8, "val": 0.2}, {"train": 1, "val": 1})
     return records
+
+
+def model_inputs(doc: str, prefix: str) -> tuple[argparse.Namespace, Path, Path, Path]:
+    """The command line of a benchmark over one trained model (`--model-dir`, `--data`,
+    `--rounds`, `--work`): (its arguments, the work folder, the records, the model dir),
+    the demo's records and the sample model made in the work folder when not given."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model-dir", help="a trained model dir (default: train one)")
+    parser.add_argument("--data", help="its records (default: the demo's)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--work", help="keep the records, the model and what the rounds "
+                                       "write here")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data) if args.data else demo_records(work)
+    return args, work, data, sample_model(work, data, args.model_dir)
 
 
 def sample_model(work: Path, data: Path, model_dir: str | None) -> Path:

@@ -21,14 +21,11 @@ Without --model-dir it first trains the sample model 300 steps on the demo's rec
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 
-from _common import BARE_PRELUDE, demo_records, load, sample_model, timed, use_this_tree
+from _common import BARE_PRELUDE, load, model_inputs, timed, use_this_tree
 
 use_this_tree()
 
@@ -104,16 +101,7 @@ print(json.dumps({"AP50": ap50}))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", help="a trained model dir (default: train one)")
-    parser.add_argument("--data", help="its records (default: the demo's)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--work", help="keep records and the model here")
-    args = parser.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="odapi-bench-eval-"))
-    work.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data) if args.data else demo_records(work)
-    model_dir = sample_model(work, data, args.model_dir)
+    args, work, data, model_dir = model_inputs(__doc__, "odapi-bench-eval-")
     experiment = json.loads((model_dir / "odapi_train.json").read_text())["experiment"]
     odapi = [sys.executable, "-m", "odapi_operators", "evaluate", "--model", str(model_dir),
              "--data", str(data), "--out"]

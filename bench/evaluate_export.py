@@ -19,14 +19,12 @@ Without --model-dir it first trains the sample model 300 steps on the demo's rec
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-from _common import SAMPLE_MODEL, demo_records, load, sample_model, timed, use_this_tree
+from _common import SAMPLE_MODEL, load, model_inputs, timed, use_this_tree
 
 use_this_tree()
 
@@ -51,16 +49,7 @@ def one_way(model: Path, data: Path, pipeline: Path, run_id: str, ahead: bool
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", help="a trained model dir (default: train one)")
-    parser.add_argument("--data", help="its records (default: the demo's)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--work", help="keep records, the model and the runs here")
-    args = parser.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="odapi-bench-evex-"))
-    work.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data) if args.data else demo_records(work)
-    model = sample_model(work, data, args.model_dir)
+    args, work, data, model = model_inputs(__doc__, "odapi-bench-evex-")
     pipeline = work / "pipeline.yaml"
     pipeline.write_text(json.dumps({
         "home": str(work), "exports": {"path": "exports"},

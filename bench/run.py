@@ -13,7 +13,8 @@ from pathlib import Path
 ON_DEMAND = {"active_learning.py": "three trainings: ~15-20 min on 2 quiet cores",
              "export.py": "a short training and six exports (3 rounds): ~10 min on 2 quiet cores",
              "freshness.py": "an embedded Airflow, two trainings and exports: ~15-25 min",
-             "time_to_quality.py": "one training per recipe and seed (6 by default): ~30 min on 2 quiet cores",
+             "time_to_quality.py": "one training per recipe and seed (6 by default): ~30 min "
+                                   "on 2 quiet cores",
              "continuous.py": "seven trainings, nine evaluations: ~29 min on 2 quiet cores",
              "train.py": "six trainings of 200-300 steps: ~10-15 min on 2 quiet cores",
              "evaluate.py": "a 300-step training and nine evaluations: ~6 min on 2 quiet cores",

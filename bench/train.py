@@ -11,8 +11,9 @@ Runs alternate; every training starts from scratch in its own folder.
 Per run: the wall seconds from launch to exit, the steady rate in steps/s (from the end of the
 first training loop, which holds the graph tracing, to the end of the last), and start-up =
 launch to the end of the first loop minus that loop's steps at the steady rate (imports, model
-build, tracing); "after" = the last loop's end to the process's exit (final checkpoint). Prints medians and the ratio odapi / baseline of the steady rate
-(goal >= 0.95) and of start-up.
+build, tracing); "after" = the last loop's end to the process's exit (final checkpoint).
+Prints medians and the ratio odapi / baseline of the steady rate (goal >= 0.95) and of
+start-up.
 
     .venv/bin/python bench/train.py [--steps 300] [--rounds 2] [--work DIR]
 """
@@ -107,8 +108,8 @@ def main() -> None:
                 params.write_bytes((out / "params.yaml").read_bytes())
             last = found[-1]
             print(f"round {round_ + 1} {name}: {last['wall']:.1f} s wall, {last['rate']:.2f} "
-                  f"steps/s, start-up {last['startup']:.1f} s, after the last loop {last['tail']:.1f} s "
-                  f"(load {load()})", flush=True)
+                  f"steps/s, start-up {last['startup']:.1f} s, after the last loop "
+                  f"{last['tail']:.1f} s (load {load()})", flush=True)
     medians = {name: {key: statistics.median(r[key] for r in found) for key in found[0]}
                for name, found in runs.items()}
     print(f"\n{'':26} {'wall s':>8} {'steps/s':>8} {'start-up s':>11} {'after s':>8}")
