@@ -22,7 +22,7 @@ import contextlib
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -153,7 +153,7 @@ def _replay(saved_model_dir: Path, module, input_type: str, first_image: bytes) 
 def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
            input_type: str = "image_tensor", model_name: str = "model",
            extras: list[str] | None = None, *, warmup_images: int, module=None,
-           ahead: str | Path | None = None, log=print) -> dict:
+           ahead: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Export the newest checkpoint of `model_dir`; return the checked SavedModel's summary.
 
     `extras` are files (config, metrics, decision) copied into `assets.extra/`. `module` is
@@ -176,11 +176,12 @@ def export(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
     from odapi_operators.core.model.export_module import export_module, save_options
     from odapi_operators.core.model.saved_model import encoded_image
 
-    params = tfvision.load_params(model_dir)
-    size = list(params.task.model.input_size[:2])
-    if module is not None and module._input_type != input_type:
+    if module is None:
+        module = export_module(tfvision.load_params(model_dir), input_type)
+    elif module._input_type != input_type:
         raise ValueError(f"the module given serves {module._input_type}, not {input_type}")
-    module = module or export_module(params, input_type)
+    params = module.params
+    size = list(params.task.model.input_size[:2])
     examples = tfvision.val_examples(data_dir, warmup_images)
     label_map = tfvision.read_data_summary(data_dir)["label_map"]
     with storage.atomic_directory(out_dir) as tmp:
@@ -212,21 +213,19 @@ def _copy_extras(extras: list[str], extra: Path) -> None:
 
 
 def _from_ahead(ahead: Path, settings: dict, out_dir: str | Path, extras: list[str],
-                log) -> dict | None:
+                log: Callable[[str], None]) -> dict | None:
     """`out_dir` as a copy of the checked export `ahead` plus `extras`, if `ahead` was made
-    with `settings` (the same checkpoint, input type, model name and warmup images); else
-    None. The copy replaces `out_dir` whole, as an export does."""
+    with `settings` (the same checkpoint, input type, model name, warmup images and
+    records); else None. The copy replaces `out_dir` whole, as an export does."""
     summary_file = ahead / SUMMARY
     if not summary_file.is_file():
         log(f"export ahead {ahead}: not there (no {SUMMARY}); exporting here")
         return None
     made = json.loads(summary_file.read_text())
-    stale = {key: (made.get(key), value) for key, value in settings.items()
-             if made.get(key) != value}
-    if stale:
-        differences = ", ".join(f"{key} {made!r}, not {wanted!r}"
-                                for key, (made, wanted) in stale.items())
-        log(f"export ahead {ahead} differs ({differences}); exporting here")
+    differences = [f"{key} {made.get(key)!r}, not {wanted!r}"
+                   for key, wanted in settings.items() if made.get(key) != wanted]
+    if differences:
+        log(f"export ahead {ahead} differs ({', '.join(differences)}); exporting here")
         return None
     with storage.atomic_directory(out_dir) as tmp:
         shutil.copytree(ahead, tmp, dirs_exist_ok=True)
